@@ -1,0 +1,201 @@
+"""Runner: build a datastore's parts from webdataset shards (resumable, one rank per shard subset).
+
+Every rank of a ``torchrun`` launch (or every job of an array given ``rank``/``world_size``) takes
+input shards ``i`` with ``i % world_size == rank``; a shard becomes one part. Parts already marked
+done are skipped, so a killed build re-run continues where it stopped. After all parts exist,
+rank 0 runs :func:`datastore.merge.merge` (index + manifest).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datastore import layout
+from datastore.clip import ClipSpec, LoadedClip, describe_mismatch, load_clip, same_clip
+from datastore.index import IndexConfig
+from datastore.reader import ReaderConfig, ShardBatches, expand_shards
+from datastore.tags import TagParserConfig, build_tag_parser
+from datastore.utils import dist_env
+from datastore.writer import PartWriter
+
+logger = logging.getLogger(__name__)
+
+
+class BuildError(RuntimeError):
+    """The build cannot proceed (inconsistent output directory, missing parts ...)."""
+
+
+@dataclass
+class BuildConfig:
+    """Everything a datastore build needs.
+
+    Attributes:
+        inputs: webdataset shard patterns (brace expansion, globs, fsspec URLs).
+        out: output directory (local or shared filesystem).
+        clip: the image encoder.
+        reader: sample keys, batch size, decode workers.
+        tags: caption → tags parser.
+        index: FAISS index choice and recall target.
+        overwrite: delete an existing output directory first instead of resuming.
+        rank, world_size: override the torchrun environment (e.g. for SLURM job arrays).
+        merge: let rank 0 build the index and manifest once every part is done.
+        distributed_timeout_s: how long ranks wait for each other at the final barrier.
+    """
+
+    inputs: list[str]
+    out: str
+    clip: ClipSpec
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+    tags: TagParserConfig = field(default_factory=TagParserConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    overwrite: bool = False
+    rank: int | None = None
+    world_size: int | None = None
+    merge: bool = True
+    distributed_timeout_s: int = 24 * 3600
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ValueError("inputs: at least one shard pattern is required")
+        world = self.world_size if self.world_size is not None else dist_env()[1]
+        rank = self.rank if self.rank is not None else dist_env()[0]
+        if not 0 <= rank < world:
+            raise ValueError(f"rank={rank} out of range for world_size={world}")
+
+
+def build(config: BuildConfig, show_progress: bool = True) -> dict[str, Any] | None:
+    """Build (or resume) the datastore in ``config.out``.
+
+    Returns:
+        The manifest on the rank that merged, else None.
+
+    Raises:
+        BuildError: the output directory holds a build with another encoder, parser or input list.
+        ShardError: an input shard cannot be read.
+    """
+    rank, world = _rank_world(config)
+    group = _init_distributed(config, world)
+    try:
+        shards = expand_shards(config.inputs)
+        if config.overwrite and rank == 0 and Path(config.out).exists():
+            shutil.rmtree(config.out)
+        _barrier(group)
+        clip = load_clip(config.clip)
+        parser = build_tag_parser(config.tags)
+        _check_or_write_build_record(config, clip, parser.describe(), shards)
+        todo = [(i, s) for i, s in enumerate(shards) if i % world == rank
+                and not layout.marker_path(config.out, i).exists()]
+        logger.info("%d shards in total; this rank builds %d (%d already done)", len(shards), len(todo),
+                    len([i for i in range(len(shards)) if i % world == rank]) - len(todo))
+        encode_parts(config, clip, parser, todo, show_progress and rank == 0)
+        _barrier(group)
+        if config.merge and rank == 0 and (group or world == 1):
+            from datastore.merge import merge
+
+            return merge(config.out, config.index)
+        if config.merge and rank == 0:
+            logger.info("parts of rank 0 done; run `tuna-datastore merge --out %s` once every job finished",
+                        config.out)
+        return None
+    finally:
+        if group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _rank_world(config: BuildConfig) -> tuple[int, int]:
+    env_rank, env_world, _ = dist_env()
+    rank = config.rank if config.rank is not None else env_rank
+    world = config.world_size if config.world_size is not None else env_world
+    return rank, world
+
+
+def _init_distributed(config: BuildConfig, world: int) -> bool:
+    """Join a gloo group when launched by torchrun with several ranks (used for barriers only)."""
+    import os
+    from datetime import timedelta
+
+    if world == 1 or config.world_size is not None or "MASTER_ADDR" not in os.environ:
+        return False
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(seconds=config.distributed_timeout_s))
+    return True
+
+
+def _barrier(group: bool) -> None:
+    if group:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _build_record(config: BuildConfig, clip: LoadedClip, parser: dict, shards: list[str]) -> dict[str, Any]:
+    return {
+        "format_version": layout.FORMAT_VERSION,
+        "clip": {**clip.spec.to_dict(), **clip.identity},
+        "parser": parser,
+        "reader": {"image_key": config.reader.image_key, "caption_key": config.reader.caption_key},
+        "shards": shards,
+    }
+
+
+def _check_or_write_build_record(config: BuildConfig, clip: LoadedClip, parser: dict, shards: list[str]) -> None:
+    record = _build_record(config, clip, parser, shards)
+    path = layout.build_path(config.out)
+    if not path.exists():
+        layout.write_json_atomic(path, record)
+        return
+    old = layout.read_json(path)
+    hint = "use a new --out, or --overwrite to discard it"
+    if not same_clip(old["clip"], record["clip"]):
+        raise BuildError(f"{config.out} was built with a different CLIP model: "
+                         f"{describe_mismatch(old['clip'], record['clip'])}; {hint}")
+    for key in ("format_version", "parser", "reader", "shards"):
+        if old.get(key) != record[key]:
+            raise BuildError(f"{config.out} was built with a different {key} "
+                             f"({_short(old.get(key))} vs {_short(record[key])}); {hint}")
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def encode_parts(config: BuildConfig, clip: LoadedClip, parser, todo: list[tuple[int, str]],
+                 show_progress: bool = False) -> dict[str, float]:
+    """Decode/tag ``todo`` parts in DataLoader workers, encode here, write finished parts.
+
+    Returns:
+        {"images": images encoded, "seconds": wall time of the loop}.
+    """
+    import torch
+    from tqdm import tqdm
+
+    if not todo:
+        return {"images": 0, "seconds": 0.0}
+    writer = PartWriter(config.out, clip.embed_dim)
+    workers = min(config.reader.num_workers, len(todo))
+    loader = torch.utils.data.DataLoader(
+        ShardBatches(todo, config.reader, clip.preprocess, parser.parse_batch),
+        batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
+    bar = tqdm(total=len(todo), unit="part", desc="build", disable=not show_progress)
+    n_images, start = 0, time.perf_counter()
+    for batch in loader:
+        encode_start = time.perf_counter()
+        emb = clip.encode_images(batch.pixels).cpu().numpy() if batch.pixels is not None else None
+        n_images += len(batch.keys)
+        if writer.add(batch, emb, time.perf_counter() - encode_start) is not None:
+            bar.update(1)
+            bar.set_postfix(img_s=f"{n_images / (time.perf_counter() - start):.0f}")
+    bar.close()
+    seconds = time.perf_counter() - start
+    logger.info("encoded %d images in %.1fs (%.0f img/s)", n_images, seconds, n_images / max(seconds, 1e-9))
+    return {"images": n_images, "seconds": seconds}

@@ -1,0 +1,207 @@
+"""``tuna-datastore``: build, merge, query and cache an image→tags datastore (thin layer over the library)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from datastore.utils import dist_env, setup_logging
+
+logger = logging.getLogger("datastore.cli")
+
+EPILOG = """examples:
+  tuna-datastore build --input 'corpus/corpus-{000000..000099}.tar' --out ds \\
+      --model ViT-B-32 --pretrained laion2b_s34b_b79k
+  torchrun --nproc_per_node 8 $(which tuna-datastore) build --input ... --out ds --device auto
+  tuna-datastore query --datastore ds --image x.jpg -k 5
+  tuna-datastore cache --datastore ds --llava-json instruct.json --image-folder images --out cache.parquet
+"""
+
+
+def _add_clip_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("CLIP encoder (open_clip)")
+    g.add_argument("--model", help="open_clip architecture, e.g. ViT-B-32, ViT-L-14-336, tuna-tiny-clip")
+    g.add_argument("--pretrained", help="open_clip pretrained tag (e.g. laion2b_s34b_b79k) or a local checkpoint")
+    g.add_argument("--model-config", help="local open_clip model-config JSON for a custom architecture "
+                                          "(its file stem is the model name)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda:LOCAL_RANK if available)")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+
+
+def _clip_spec(args):
+    from datastore.clip import ClipSpec
+
+    return ClipSpec(model=args.model, pretrained=args.pretrained, model_config=args.model_config,
+                    device=_device(args.device), precision=args.precision)
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return f"cuda:{dist_env()[2]}" if torch.cuda.is_available() else "cpu"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tuna-datastore", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Build and query an image→tags datastore: CLIP image embeddings of webdataset "
+                    "image-caption pairs, tags parsed from the captions, and a FAISS index.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="embed, tag and index webdataset shards (resumable)",
+                       description="Build (or resume) a datastore. Re-running the same command continues "
+                                   "from completed parts. Under torchrun each rank takes every N-th shard "
+                                   "and rank 0 merges the index at the end.")
+    b.add_argument("--input", nargs="+", required=True, help="shard patterns: brace expansion, globs, fsspec URLs")
+    b.add_argument("--out", required=True, help="output datastore directory")
+    b.add_argument("--image-key", default="jpg;jpeg;png;webp", help="image extension(s), ';'-separated")
+    b.add_argument("--caption-key", default="txt", help="caption extension, or json:FIELD")
+    b.add_argument("--batch-size", type=int, default=256)
+    b.add_argument("--num-workers", type=int, default=2, help="decode/tag worker processes")
+    b.add_argument("--parser", default="rule", help="tag parser: rule (offline, default) or spacy")
+    b.add_argument("--tag-emit", default="both", choices=["phrases", "nouns", "both"])
+    b.add_argument("--vocabulary", help="text file of allowed tags, one per line")
+    b.add_argument("--index-factory", help="force a faiss index_factory string (e.g. 'IVF4096,SQ8')")
+    b.add_argument("--max-index-memory", default="4G", help="index memory budget for the automatic choice")
+    b.add_argument("--target-recall", type=float, default=0.95, help="recall@k the search params are tuned to")
+    b.add_argument("--overwrite", action="store_true", help="delete OUT first instead of resuming")
+    b.add_argument("--rank", type=int, help="this job's rank when not launched by torchrun (job arrays)")
+    b.add_argument("--world-size", type=int, help="number of jobs when not launched by torchrun")
+    b.add_argument("--no-merge", action="store_true", help="only build parts; run 'merge' later")
+    _add_clip_args(b)
+
+    m = sub.add_parser("merge", help="build the index and manifest once all parts exist")
+    m.add_argument("--out", required=True, help="datastore directory")
+    m.add_argument("--index-factory")
+    m.add_argument("--max-index-memory", default="4G")
+    m.add_argument("--target-recall", type=float, default=0.95)
+
+    q = sub.add_parser("query", help="print an image's nearest datastore images and retrieved tags")
+    q.add_argument("--datastore", required=True)
+    q.add_argument("--image", nargs="+", required=True, help="image file(s)")
+    q.add_argument("-k", "--k", type=int, default=5, help="neighbour images per query")
+    q.add_argument("--max-tags", type=int, default=20)
+    q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    q.add_argument("--device", default="auto")
+
+    c = sub.add_parser("cache", help="precompute retrieved tags for an instruction/eval set")
+    c.add_argument("--datastore", required=True)
+    c.add_argument("--out", required=True, help="output parquet file")
+    c.add_argument("--llava-json", nargs="*", default=[], help="LLaVA .json/.jsonl files (image ids = 'image')")
+    c.add_argument("--image-folder", help="folder LLaVA image paths are relative to")
+    c.add_argument("--shards", nargs="*", default=[], help="webdataset shard patterns (ids = sample keys)")
+    c.add_argument("--k-images", type=int, default=5)
+    c.add_argument("--max-tags", type=int, default=32)
+    c.add_argument("--aggregate", default="sum", choices=["sum", "max"])
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--num-workers", type=int, default=2)
+    c.add_argument("--on-error", default="error", choices=["error", "skip"],
+                   help="missing/corrupt image: stop naming it (default) or skip and count it")
+    c.add_argument("--device", default="auto")
+
+    i = sub.add_parser("info", help="print a datastore's manifest summary")
+    i.add_argument("--datastore", required=True)
+    return parser
+
+
+def _index_config(args):
+    from datastore.index import IndexConfig
+
+    return IndexConfig(factory=args.index_factory, max_index_memory=args.max_index_memory,
+                       target_recall=args.target_recall)
+
+
+def cmd_build(args) -> None:
+    from datastore.build import BuildConfig, build
+    from datastore.reader import ReaderConfig
+    from datastore.tags import TagParserConfig
+
+    config = BuildConfig(
+        inputs=args.input, out=args.out, clip=_clip_spec(args),
+        reader=ReaderConfig(image_key=args.image_key, caption_key=args.caption_key,
+                            batch_size=args.batch_size, num_workers=args.num_workers),
+        tags=TagParserConfig(name=args.parser, emit=args.tag_emit, vocabulary=args.vocabulary),
+        index=_index_config(args), overwrite=args.overwrite, rank=args.rank, world_size=args.world_size,
+        merge=not args.no_merge)
+    manifest = build(config)
+    if manifest is not None:
+        print(summarize(manifest, args.out))
+
+
+def summarize(manifest: dict, root: str) -> str:
+    """Human-readable summary of a manifest: counts, index, recall and per-stage timings."""
+    counts, index = manifest["counts"], manifest["index"]
+    skipped = ", ".join(f"{k} {v}" for k, v in counts["skipped"].items()) or "none"
+    timings = ", ".join(f"{k} {v:.2f}s" for k, v in manifest["timings_s"].items())
+    return (f"datastore {root}: {counts['written']} images written of {counts['read']} read "
+            f"(skipped: {skipped}); {len(manifest['parts'])} parts; dim {manifest['dim']}\n"
+            f"index {index['factory']} {index.get('search_params', {})}: "
+            f"recall@{index['k']} vs exact {index['recall_at_k']:.4f}\n"
+            f"stage seconds (summed over workers): {timings}")
+
+
+def cmd_merge(args) -> None:
+    from datastore.merge import merge
+
+    print(summarize(merge(args.out, _index_config(args)), args.out))
+
+
+def cmd_query(args) -> None:
+    from datastore.store import Datastore
+
+    store = Datastore.open(args.datastore, device=_device(args.device))
+    results = store.retrieve_tags(images=args.image, k_images=args.k, max_tags=args.max_tags)
+    if args.json:
+        print(json.dumps([{"image": img, **r.to_dict()} for img, r in zip(args.image, results)], indent=2))
+        return
+    for image, result in zip(args.image, results):
+        print(f"query {image}")
+        for rank, (key, score) in enumerate(zip(result.neighbours, result.neighbour_scores), 1):
+            print(f"  neighbour {rank}: {key}  cos {score:.4f}")
+        print("  tags: " + ", ".join(f"{t} ({s:.3f})" for t, s in zip(result.tags, result.scores)))
+
+
+def cmd_cache(args) -> None:
+    from datastore.cache import CacheConfig, build_cache
+
+    meta = build_cache(CacheConfig(
+        datastore=args.datastore, out=args.out, llava_json=args.llava_json, image_folder=args.image_folder,
+        shards=args.shards, k_images=args.k_images, max_tags=args.max_tags, aggregate=args.aggregate,
+        batch_size=args.batch_size, num_workers=args.num_workers, on_error=args.on_error,
+        device=_device(args.device)))
+    print(f"cache {args.out}: {meta['counts']['written']} images, skipped {meta['counts']['skipped'] or 'none'}, "
+          f"{meta['seconds']:.1f}s")
+
+
+def cmd_info(args) -> None:
+    from datastore.store import Datastore
+
+    store = Datastore.open(args.datastore)
+    print(summarize(store.manifest, args.datastore))
+
+
+COMMANDS = {"build": cmd_build, "merge": cmd_merge, "query": cmd_query, "cache": cmd_cache, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    start = time.perf_counter()
+    try:
+        COMMANDS[args.command](args)
+    except (ValueError, RuntimeError, OSError, KeyError) as exc:
+        logger.debug("traceback", exc_info=True)
+        print(f"tuna-datastore {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    logger.info("%s finished in %.1fs", args.command, time.perf_counter() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

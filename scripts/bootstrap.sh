@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Create or reuse the tuna virtualenv and install the package with the pinned versions in
+# constraints.txt. Idempotent: a second run only checks a stamp (and re-points the editable install
+# when the venv is shared between clones, as CI does). Venv: $TUNA_VENV, default <repo>/.venv.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${TUNA_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+STAMP="$VENV/.tuna-lock-sha256"
+LOCK_HASH="$(cat "$ROOT/constraints.txt" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$LOCK_HASH" ]; then
+    where="$("$VENV/bin/python" -c 'import datastore, os; print(os.path.dirname(os.path.dirname(datastore.__file__)))' 2>/dev/null || true)"
+    if [ "$where" != "$ROOT" ]; then
+        echo "[bootstrap] pointing $VENV at $ROOT" >&2
+        "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e "$ROOT" >&2
+    fi
+    exit 0
+fi
+
+"$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "tuna needs Python >= 3.10 (set PYTHON=...)")'
+echo "[bootstrap] creating virtualenv $VENV (first run: ~3 GB of wheels, a few minutes)" >&2
+start=$(date +%s)
+"$PYTHON" -m venv "$VENV"
+"$VENV/bin/pip" install -q --upgrade pip >&2
+"$VENV/bin/pip" install -q -c "$ROOT/constraints.txt" -e "$ROOT[test]" >&2
+echo "$LOCK_HASH" > "$STAMP"
+echo "[bootstrap] virtualenv ready in $(( $(date +%s) - start ))s" >&2

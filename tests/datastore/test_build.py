@@ -1,0 +1,190 @@
+"""Datastore build: counts, planted neighbours, resume, bad input, scale-out, encoder mismatch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from datastore import layout
+from tests.datastore.conftest import build_config, sample_image, write_shards
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def read_store(root: Path) -> tuple[list[str], list[list[str]], np.ndarray]:
+    """(keys, tags, embeddings) of a built datastore in index order."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    keys, tags, embs = [], [], []
+    for part in manifest["parts"]:
+        table = pq.read_table(root / part["metadata"]).to_pydict()
+        keys += table["key"]
+        tags += table["tags"]
+        embs.append(np.load(root / part["embeddings"], allow_pickle=False))
+    return keys, tags, np.concatenate(embs)
+
+
+def test_manifest_counts_and_layout(built):
+    root, manifest = built
+    assert manifest["counts"] == {"read": 120, "written": 120, "skipped": {}}
+    assert [p["part"] for p in manifest["parts"]] == [0, 1, 2, 3]
+    assert manifest["dim"] == 64 and manifest["normalized"] is True
+    assert manifest["clip"]["model"] == "tuna-tiny-clip" and len(manifest["clip"]["weights_sha256"]) == 64
+    assert manifest["parser"]["name"] == "rule" and manifest["parser"]["version"]
+    assert manifest["index"]["factory"] == "Flat" and manifest["index"]["recall_at_k"] == 1.0
+    assert set(manifest["timings_s"]) == {"read", "tag", "encode", "write", "index"}
+    keys, tags, emb = read_store(root)
+    assert keys == [f"s{i:06d}" for i in range(120)]
+    assert emb.dtype == np.float16 and emb.shape == (120, 64)
+    np.testing.assert_allclose(np.linalg.norm(emb.astype(np.float32), axis=1), 1.0, atol=2e-3)
+    assert tags[0] == ["red blorp", "blorp", "small zinnet", "zinnet"]
+    assert (root / "img_emb" / "img_emb_000003.npy").is_file()
+    assert (root / "metadata" / "metadata_000003.parquet").is_file()
+
+
+def test_query_returns_planted_neighbour_tags(built):
+    from datastore.store import Datastore
+
+    root, _ = built
+    store = Datastore.open(root)
+    top1 = store.retrieve_tags(images=[sample_image(37)], k_images=1)[0]
+    assert top1.neighbours == ["s000037"] and top1.neighbour_scores[0] > 0.99
+    assert top1.tags == ["green zinnet", "zinnet", "small quoffle", "quoffle"]
+
+    result = store.retrieve_tags(images=[sample_image(37)], k_images=3, max_tags=5)[0]
+    keys, tags, _ = read_store(root)
+    expected: dict[str, float] = {}
+    for key, sim in zip(result.neighbours, result.neighbour_scores):
+        for tag in tags[keys.index(key)]:
+            expected[tag] = expected.get(tag, 0.0) + sim
+    ranked = sorted(expected, key=lambda t: -expected[t])[:5]
+    assert result.tags == ranked
+    np.testing.assert_allclose(result.scores, [expected[t] for t in ranked], atol=1e-5)
+
+
+def test_unreadable_shard_is_a_one_line_error(tmp_path, corpus):
+    from datastore.build import build
+    from datastore.reader import ShardError
+
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(ShardError, match=r"cannot read shard .*broken\.tar"):
+        build(build_config([corpus[0], str(broken)], tmp_path / "out"), show_progress=False)
+    with pytest.raises(ShardError, match="input shard not found: .*nope.tar"):
+        build(build_config([str(tmp_path / "nope.tar")], tmp_path / "out2"), show_progress=False)
+
+
+def test_bad_samples_skipped_and_counted(tmp_path):
+    from datastore.build import build
+
+    bad = {1: "truncated_jpeg", 2: "garbage_jpeg", 3: "missing_image", 5: "missing_caption",
+           8: "empty_caption", 13: "undecodable_text", 21: "garbage_jpeg"}
+    shards = write_shards(tmp_path / "in", n_shards=2, per_shard=12, bad=bad)
+    manifest = build(build_config(shards, tmp_path / "out"), show_progress=False)
+    assert manifest["counts"]["read"] == 24
+    assert manifest["counts"]["written"] == 17
+    assert manifest["counts"]["skipped"] == {"corrupt_image": 3, "empty_caption": 1, "missing_caption": 1,
+                                             "missing_image": 1, "undecodable_text": 1}
+    keys, _, _ = read_store(tmp_path / "out")
+    assert not {f"s{i:06d}" for i in bad} & set(keys)
+
+
+def test_different_clip_in_same_out_dir_is_an_error(tmp_path, corpus):
+    from datastore.build import BuildError, build
+    from datastore.clip import ClipSpec
+
+    out = tmp_path / "out"
+    build(build_config(corpus[:1], out, merge=False), show_progress=False)
+    other = tmp_path / "tuna-tiny-clip.json"  # same architecture name, different width -> different weights
+    config = json.loads((REPO / "datastore/model_configs/tuna-tiny-clip.json").read_text())
+    config["vision_cfg"]["width"] = 32
+    other.write_text(json.dumps(config))
+    cfg = build_config(corpus[:1], out)
+    cfg.clip = ClipSpec(model_config=str(other))
+    with pytest.raises(BuildError, match="built with a different CLIP model"):
+        build(cfg, show_progress=False)
+
+
+def test_query_with_other_clip_is_an_error(built, tmp_path):
+    from datastore.clip import ClipSpec
+    from datastore.store import Datastore, DatastoreError
+
+    root, _ = built
+    other = tmp_path / "other-clip.json"
+    other.write_text((REPO / "datastore/model_configs/tuna-tiny-clip.json").read_text())
+    with pytest.raises(DatastoreError, match="different CLIP model: expected tuna-tiny-clip"):
+        Datastore.open(root, clip=ClipSpec(model_config=str(other)))
+
+
+def _cli_build(inputs, out, *extra):
+    return [sys.executable, "-m", "datastore.cli", "build", "--input", *inputs, "--out", str(out),
+            "--model", "tuna-tiny-clip", "--device", "cpu", "--batch-size", "8", "--num-workers", "1", *extra]
+
+
+def test_kill_and_resume_equals_clean_build(tmp_path):
+    from datastore.build import build
+
+    shards = write_shards(tmp_path / "in", n_shards=8, per_shard=24)
+    clean = tmp_path / "clean"
+    build(build_config(shards, clean), show_progress=False)
+
+    out = tmp_path / "resumed"
+    proc = subprocess.Popen(_cli_build(shards, out), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "parts").glob("part_*.json"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list((out / "parts").glob("part_*.json")))
+    assert 2 <= done_before < 8, "the kill should land in the middle of the build"
+    assert not (out / "manifest.json").exists()
+    result = subprocess.run(_cli_build(shards, out), cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "already done" in result.stderr
+    keys_a, tags_a, emb_a = read_store(clean)
+    keys_b, tags_b, emb_b = read_store(out)
+    assert keys_a == keys_b and len(set(keys_b)) == 8 * 24
+    assert tags_a == tags_b
+    np.testing.assert_array_equal(emb_a, emb_b)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"] == {"read": 192, "written": 192, "skipped": {}}
+
+
+def test_two_process_build_equals_one_process(tmp_path):
+    shards = write_shards(tmp_path / "in", n_shards=5, per_shard=10)
+    one, two = tmp_path / "one", tmp_path / "two"
+    result = subprocess.run(_cli_build(shards, one), cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    result = subprocess.run(torchrun + _cli_build(shards, two)[1:], cwd=REPO, capture_output=True, text=True,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    keys_a, tags_a, emb_a = read_store(one)
+    keys_b, tags_b, emb_b = read_store(two)
+    assert keys_a == keys_b and tags_a == tags_b
+    np.testing.assert_allclose(emb_a.astype(np.float32), emb_b.astype(np.float32), atol=2e-3)
+    markers = [json.loads(p.read_text()) for p in sorted((two / "parts").glob("*.json"))]
+    assert len(markers) == 5
+
+
+def test_merge_reports_missing_parts(tmp_path, corpus):
+    from datastore.build import build
+    from datastore.merge import MergeError, merge
+
+    out = tmp_path / "out"
+    build(build_config(corpus[:3], out, rank=0, world_size=2), show_progress=False)  # parts 0 and 2 only
+    assert layout.marker_path(out, 0).exists() and not layout.marker_path(out, 1).exists()
+    with pytest.raises(MergeError, match=r"1 of 3 parts are not built yet: 1 \("):
+        merge(out)
+    assert build(build_config(corpus[:3], out, rank=1, world_size=2), show_progress=False) is None
+    manifest = merge(out)
+    assert manifest["counts"]["written"] == 90

@@ -1,0 +1,1 @@
+"""tuna training entry points (DeepSpeed / torchrun)."""

@@ -112,12 +112,30 @@ def _byte_dtype():
     return torch.uint8
 
 
-def register_builtin_configs() -> None:
-    """Make tuna's bundled architectures (e.g. ``tuna-tiny-clip``) known to open_clip."""
+def register_model_config(path: str | Path) -> str:
+    """Register an open_clip model-config JSON under its file stem; returns the architecture name.
+
+    Raises:
+        ValueError: another, different config is already registered under that name (open_clip's
+            registry is process-global, so silently replacing it would change other models).
+    """
     import open_clip
 
-    if "tuna-tiny-clip" not in open_clip.list_models():
-        open_clip.add_model_config(BUILTIN_CONFIG_DIR)
+    name = Path(path).stem
+    config = json.loads(Path(path).read_text())
+    existing = open_clip.get_model_config(name)
+    if existing is None:
+        open_clip.add_model_config(path)
+    elif existing != config:
+        raise ValueError(f"model_config {str(path)!r} defines architecture {name!r}, but a different config "
+                         f"is already registered under that name; rename the file")
+    return name
+
+
+def register_builtin_configs() -> None:
+    """Make tuna's bundled architectures (e.g. ``tuna-tiny-clip``) known to open_clip."""
+    for path in sorted(BUILTIN_CONFIG_DIR.glob("*.json")):
+        register_model_config(path)
 
 
 def load_clip(spec: ClipSpec) -> LoadedClip:
@@ -136,7 +154,7 @@ def load_clip(spec: ClipSpec) -> LoadedClip:
 
     register_builtin_configs()
     if spec.model_config is not None:
-        open_clip.add_model_config(spec.model_config)
+        register_model_config(spec.model_config)
     if spec.model not in open_clip.list_models() and not spec.model.startswith(("hf-hub:", "local-dir:")):
         raise ValueError(
             f"unknown open_clip architecture {spec.model!r}: use a name from open_clip.list_models() "

@@ -103,14 +103,25 @@ def test_different_clip_in_same_out_dir_is_an_error(tmp_path, corpus):
 
     out = tmp_path / "out"
     build(build_config(corpus[:1], out, merge=False), show_progress=False)
-    other = tmp_path / "tuna-tiny-clip.json"  # same architecture name, different width -> different weights
+    other = tmp_path / "tuna-tiny-clip-narrow.json"  # a narrower tower -> different weights
     config = json.loads((REPO / "datastore/model_configs/tuna-tiny-clip.json").read_text())
     config["vision_cfg"]["width"] = 32
     other.write_text(json.dumps(config))
     cfg = build_config(corpus[:1], out)
     cfg.clip = ClipSpec(model_config=str(other))
-    with pytest.raises(BuildError, match="built with a different CLIP model"):
+    with pytest.raises(BuildError, match="built with a different CLIP model: expected tuna-tiny-clip"):
         build(cfg, show_progress=False)
+
+
+def test_model_config_cannot_shadow_a_registered_architecture(tmp_path):
+    from datastore.clip import ClipSpec, load_clip
+
+    clash = tmp_path / "tuna-tiny-clip.json"
+    config = json.loads((REPO / "datastore/model_configs/tuna-tiny-clip.json").read_text())
+    config["embed_dim"] = 32
+    clash.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="different config is already registered under that name"):
+        load_clip(ClipSpec(model_config=str(clash)))
 
 
 def test_query_with_other_clip_is_an_error(built, tmp_path):

@@ -1,0 +1,152 @@
+"""Synthetic world generator: determinism, layout, seen/novel separation, eval files, separability."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import inflect
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from datastore.synth.generate import SynthConfig, generate_world
+from datastore.synth.scene import render_sample
+from datastore.synth.world import NAMES, WorldCatalogue
+
+
+def _config(out, **kw) -> SynthConfig:
+    args = dict(out=str(out), seed=3, n_corpus=120, n_instruct=40, n_eval=40, shard_size=50, workers=2)
+    return SynthConfig(**{**args, **kw})
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("world") / "w"
+    generate_world(_config(out))
+    return out
+
+
+def test_deterministic_and_independent_of_workers(world_dir, tmp_path):
+    generate_world(_config(tmp_path / "again", workers=1))
+    assert _digest(tmp_path / "again") == _digest(world_dir)
+    generate_world(_config(tmp_path / "other", seed=4))
+    other, same = _digest(tmp_path / "other"), _digest(world_dir)
+    assert other["corpus/corpus-000000.tar"] != same["corpus/corpus-000000.tar"]
+
+
+def test_counts_and_corpus_shards(world_dir):
+    info = json.loads((world_dir / "world.json").read_text())
+    assert info["counts"]["corpus"] == 120 and info["counts"]["corpus_shards"] == 3
+    samples = list(wds.WebDataset(str(world_dir / "corpus" / "corpus-{000000..000002}.tar"), shardshuffle=False))
+    assert len(samples) == 120 and {"jpg", "txt", "json"} <= set(samples[0])
+    assert [s["__key__"] for s in samples] == [f"c{i:09d}" for i in range(120)]
+    for s in samples[:20]:
+        image = Image.open(__import__("io").BytesIO(s["jpg"]))
+        assert image.size == (96, 96) and image.mode == "RGB"
+        caption, truth = s["txt"].decode(), json.loads(s["json"])
+        assert truth["caption"] == caption and 1 <= len(truth["objects"]) <= 3
+        for obj in truth["objects"]:
+            assert obj["category"] in caption
+    categories = {o["category"] for s in samples for o in json.loads(s["json"])["objects"]}
+    assert categories == {c["name"] for c in info["categories"]}  # corpus covers every category
+
+
+def test_novel_names_never_in_instruction_data(world_dir):
+    world = WorldCatalogue()
+    novel = {c.name for c in world.novel}
+    text = (world_dir / "llava" / "pretrain.json").read_text() + (world_dir / "llava" / "instruct.json").read_text()
+    words = set(text.replace('"', " ").replace("\\n", " ").replace("?", " ").replace(",", " ").split())
+    assert not {w.rstrip("s") for w in words} & novel and not words & novel
+    instruct = json.loads((world_dir / "llava" / "instruct.json").read_text())
+    assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in instruct)
+    assert all(len(r["conversations"]) % 2 == 0 for r in instruct)
+    assert all((world_dir / "images" / r["image"]).is_file() for r in instruct)
+    novel_eval = [q["text"] for q in _jsonl(world_dir / "eval" / "pope" / "questions.jsonl") if q["novelty"] == "novel"]
+    assert any(name in t for t in novel_eval for name in novel)
+
+
+def test_category_offset_gives_disjoint_world():
+    a, b = WorldCatalogue(), WorldCatalogue(category_offset=24)
+    assert not {c.name for c in a.categories} & {c.name for c in b.categories}
+    assert not {(c.shape, c.pattern) for c in a.categories} & {(c.shape, c.pattern) for c in b.categories}
+    with pytest.raises(ValueError, match="exceeds the catalogue"):
+        WorldCatalogue(category_offset=100)
+
+
+def test_names_pluralise_regularly():
+    engine = inflect.engine()
+    assert len(set(NAMES)) == len(NAMES)
+    for name in NAMES:
+        assert engine.singular_noun(name + "s") == name
+
+
+def test_eval_files(world_dir):
+    world = WorldCatalogue()
+    for task, answers in (("open", "answers"), ("pope", "annotations"), ("mc", "answers")):
+        questions = _jsonl(world_dir / "eval" / task / "questions.jsonl")
+        labels = _jsonl(world_dir / "eval" / task / f"{answers}.jsonl")
+        assert [q["question_id"] for q in questions] == [a["question_id"] for a in labels]
+        assert {q["novelty"] for q in questions} == {"seen", "novel"}
+        assert all({"question_id", "image", "text", "category"} <= set(q) for q in questions)
+    pope = list(zip(_jsonl(world_dir / "eval/pope/questions.jsonl"), _jsonl(world_dir / "eval/pope/annotations.jsonl")))
+    for split in ("random", "popular", "adversarial"):
+        labels = Counter(a["label"] for q, a in pope if q["category"] == split)
+        assert labels["yes"] == labels["no"] > 0
+    truth = {}
+    for i in range(40):
+        sample = render_sample(world, 3, "eval", i)
+        truth[f"eval/{sample.key}.jpg"] = sample.scene
+    hits = 0
+    for q, a in pope:
+        present = set(truth[q["image"]].counts())
+        name = q["text"].removeprefix("Is there a ").removesuffix(" in the image?")
+        assert (name in present) == (a["label"] == "yes")
+        assert world.by_name(name).novelty == q["novelty"]
+        if q["category"] == "adversarial" and a["label"] == "no":
+            hits += any(world.by_name(p).confusable_with == name for p in present)
+    assert hits > 0
+    for q, a in zip(_jsonl(world_dir / "eval/mc/questions.jsonl"), _jsonl(world_dir / "eval/mc/answers.jsonl")):
+        answer = q["options"]["ABCD".index(a["answer"])]
+        assert answer in truth[q["image"]].counts() and f"{a['answer']}. {answer}" in q["text"]
+    letters = Counter(a["answer"] for a in _jsonl(world_dir / "eval/mc/answers.jsonl"))
+    assert set(letters) == set("ABCD")
+
+
+def test_out_dir_must_be_empty(world_dir):
+    with pytest.raises(ValueError, match="is not empty"):
+        generate_world(_config(world_dir))
+
+
+def _shape_feature(sample) -> np.ndarray:
+    """Colour-free shape/pattern feature: gradient magnitude of the object's crop, 16x16."""
+    x0, y0, x1, y1 = sample.scene.objects[0].bbox
+    grey = sample.image[y0:y1, x0:x1].astype(np.float32).mean(axis=2)
+    gy, gx = np.gradient(grey)
+    crop = Image.fromarray(np.hypot(gx, gy)).resize((16, 16), Image.BILINEAR)
+    feature = np.asarray(crop, dtype=np.float32).ravel()
+    return feature / (np.linalg.norm(feature) + 1e-6)
+
+
+def test_categories_are_visually_separable():
+    """1-NN on colour-free crops of single-object corpus images is far above chance (1/24)."""
+    world = WorldCatalogue()
+    samples = [s for s in (render_sample(world, 0, "corpus", i) for i in range(1500)) if len(s.scene.objects) == 1]
+    feats = np.stack([_shape_feature(s) for s in samples])
+    labels = np.array([s.scene.objects[0].category.name for s in samples])
+    sims = feats @ feats.T
+    np.fill_diagonal(sims, -np.inf)
+    accuracy = float((labels[sims.argmax(axis=1)] == labels).mean())
+    assert len(samples) > 300 and accuracy > 0.5, accuracy

@@ -63,7 +63,8 @@ def main() -> None:
         tagger = build_tag_parser(TagParserConfig())
         reader = ReaderConfig(batch_size=args.batch_size, num_workers=args.num_workers)
         todo = list(enumerate(shards))
-        batches = [b.pixels for b in ShardBatches(todo, reader, clip.preprocess, tagger.parse_batch)]
+        batches = [b.pixels for b in ShardBatches(todo, reader, clip.preprocess, tagger.parse_batch)
+                   if b.pixels is not None]
         base_before = encoder_only(clip, batches)
         config = BuildConfig(inputs=shards, out=str(work / "ds"), clip=clip.spec, reader=reader)
         stats = encode_parts(config, clip, tagger, todo)

@@ -209,5 +209,5 @@ class RetrievalCache:
         if row is None:
             raise CacheError(f"image {image_id!r} is not in retrieval cache {self.path}")
         c = self._columns
-        return RetrievedTags(tags=c["tags"][row], scores=[float(np.float32(s)) for s in c["scores"][row]],
+        return RetrievedTags(tags=c["tags"][row], scores=[float(s) for s in c["scores"][row]],
                              neighbours=c["neighbours"][row], neighbour_scores=list(c["neighbour_scores"][row]))

@@ -16,6 +16,16 @@ echo "== 2/3 build the datastore -> $OUT/datastore"
 tuna-datastore build --input "$OUT/world/corpus/corpus-*.tar" --out "$OUT/datastore" \
     --model tuna-tiny-clip --device cpu --overwrite
 echo "== 3/3 query it with an evaluation image"
-image="$(ls "$OUT"/world/images/eval/*.jpg | head -n 1)"
+images=("$OUT"/world/images/eval/*.jpg)
+image="${images[1]}"  # the second eval image: a novel-category one
 tuna-datastore query --datastore "$OUT/datastore" --image "$image" -k 5 --device cpu
-echo "ground truth of the query image: $(grep -h "\"$(basename "$image")\"" "$OUT"/world/eval/open/questions.jsonl | head -n 1)"
+python - "$OUT/world" "eval/$(basename "$image")" <<'PY'
+import json, sys
+root, image = sys.argv[1], sys.argv[2]
+rows = lambda f: [json.loads(line) for line in open(f"{root}/eval/open/{f}")]
+answers = {a["question_id"]: a for a in rows("answers.jsonl")}
+for q in rows("questions.jsonl"):
+    if q["image"] == image and q["category"] == "identification":
+        print(f"ground truth ({q['novelty']}): {q['text']} -> {answers[q['question_id']]['answers'][0]}")
+PY
+echo "outputs: $OUT/world (synthetic world), $OUT/datastore (datastore + manifest.json)"

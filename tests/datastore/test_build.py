@@ -199,3 +199,20 @@ def test_merge_reports_missing_parts(tmp_path, corpus):
     assert build(build_config(corpus[:3], out, rank=1, world_size=2), show_progress=False) is None
     manifest = merge(out)
     assert manifest["counts"]["written"] == 90
+
+
+def test_fsspec_urls_and_json_caption_key(tmp_path, corpus):
+    from datastore.build import build
+    from datastore.merge import MergeError
+    from datastore.reader import ReaderConfig
+
+    url = "file://" + str(Path(corpus[0]).parent) + "/shard-{000000..000001}.tar"
+    manifest = build(build_config([url], tmp_path / "out"), show_progress=False)
+    assert manifest["counts"] == {"read": 60, "written": 60, "skipped": {}}
+    assert manifest["parts"][1]["shard"].startswith("file://")
+    # captions from a JSON field: a non-string field is counted as undecodable, never dropped silently
+    reader = ReaderConfig(caption_key="json:i", batch_size=7, num_workers=0)
+    with pytest.raises(MergeError, match="no sample was written"):
+        build(build_config([url], tmp_path / "out2", reader=reader), show_progress=False)
+    markers = [json.loads(p.read_text()) for p in sorted((tmp_path / "out2" / "parts").glob("*.json"))]
+    assert [m["skipped"] for m in markers] == [{"undecodable_text": 30}] * 2

@@ -62,8 +62,7 @@ class BuildConfig:
     def __post_init__(self) -> None:
         if not self.inputs:
             raise ValueError("inputs: at least one shard pattern is required")
-        world = self.world_size if self.world_size is not None else dist_env()[1]
-        rank = self.rank if self.rank is not None else dist_env()[0]
+        rank, world = _rank_world(self)
         if not 0 <= rank < world:
             raise ValueError(f"rank={rank} out of range for world_size={world}")
 

@@ -10,6 +10,7 @@ import glob
 import io
 import json
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -68,18 +69,12 @@ def expand_shards(patterns: list[str] | str) -> list[str]:
                 shards.append(url)
                 continue
             matches = sorted(glob.glob(url)) if glob.has_magic(url) else [url]
-            if not matches or not all(_local_exists(m) for m in matches):
+            if not matches or not all(os.path.isfile(m) for m in matches):
                 raise ShardError(f"input shard not found: {url}")
             shards.extend(matches)
     if not shards:
         raise ShardError(f"no input shards match {patterns}")
     return shards
-
-
-def _local_exists(path: str) -> bool:
-    import os
-
-    return os.path.isfile(path)
 
 
 def iter_raw_samples(url: str) -> Iterator[dict[str, Any]]:

@@ -143,7 +143,7 @@ def _cli_build(inputs, out, *extra):
 def test_kill_and_resume_equals_clean_build(tmp_path):
     from datastore.build import build
 
-    shards = write_shards(tmp_path / "in", n_shards=8, per_shard=24)
+    shards = write_shards(tmp_path / "in", n_shards=8, per_shard=48)
     clean = tmp_path / "clean"
     build(build_config(shards, clean), show_progress=False)
 
@@ -151,7 +151,7 @@ def test_kill_and_resume_equals_clean_build(tmp_path):
     proc = subprocess.Popen(_cli_build(shards, out), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and len(list((out / "parts").glob("part_*.json"))) < 2:
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_before = len(list((out / "parts").glob("part_*.json")))
@@ -162,11 +162,19 @@ def test_kill_and_resume_equals_clean_build(tmp_path):
     assert "already done" in result.stderr
     keys_a, tags_a, emb_a = read_store(clean)
     keys_b, tags_b, emb_b = read_store(out)
-    assert keys_a == keys_b and len(set(keys_b)) == 8 * 24
+    assert keys_a == keys_b and len(set(keys_b)) == 8 * 48
     assert tags_a == tags_b
     np.testing.assert_array_equal(emb_a, emb_b)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["counts"] == {"read": 192, "written": 192, "skipped": {}}
+    assert manifest["counts"] == {"read": 384, "written": 384, "skipped": {}}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_two_process_build_equals_one_process(tmp_path):
@@ -175,7 +183,8 @@ def test_two_process_build_equals_one_process(tmp_path):
     result = subprocess.run(_cli_build(shards, one), cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(_free_port())]
     result = subprocess.run(torchrun + _cli_build(shards, two)[1:], cwd=REPO, capture_output=True, text=True,
                             env=env)
     assert result.returncode == 0, result.stderr[-3000:]

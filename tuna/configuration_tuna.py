@@ -1,0 +1,73 @@
+"""TunaConfig: the HF config of a TUNA model (LLM + frozen CLIP + connector + tag encoder + weighting)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig
+
+ABLATIONS = ("none", "no_tags", "random_tags", "uniform_weights", "no_image_aware", "text_tags")
+WEIGHT_SCALINGS = ("raw", "count")
+WEIGHT_MODES = ("scale", "scale_and_bias", "bias")
+
+
+class TunaConfig(PretrainedConfig):
+    """Configuration of :class:`tuna.TunaForCausalLM` (saved as ``config.json`` with the checkpoint).
+
+    Args:
+        text_config: the LLM's config (a dict or PretrainedConfig with ``model_type``), e.g. Llama/Qwen2.
+        clip: how to load the CLIP tower: {"model", "pretrained", "model_config"} (datastore.clip.ClipSpec).
+        clip_identity: the tower's identity (weights sha256 ...), checked against datastores.
+        vision_feature_layer: CLIP block whose patch tokens feed the connector (LLaVA-1.5: -2).
+        connector_type: "linear", "identity" or "mlp{N}x_gelu".
+        tag_hidden_dim, tag_num_heads, tag_num_layers, tag_queries: image-aware tag encoder shape.
+        max_tags: tags read per image.
+        tag_temperature: τ of the adaptive weight softmax over cos(tag text, image).
+        weight_scaling: "raw" (weights sum to 1) or "count" (× number of tags; uniform = 1).
+        weight_mode: how weights act on a tag's tokens: "scale" (multiply embeddings, the literal
+            TUNA rule), "bias" (additive attention bias log(w·n)), or both.
+        ablation: "none", "no_tags" (plain LLaVA), "random_tags", "uniform_weights",
+            "no_image_aware" (tag word embeddings only), "text_tags" (tags as plain prompt text).
+        template: conversation template name ("plain", "vicuna_v1", "chat_template").
+
+    Raises:
+        ValueError: an enum-like field has a value outside its allowed set (listed in the message).
+    """
+
+    model_type = "tuna"
+    sub_configs = {"text_config": AutoConfig}
+
+    def __init__(self, text_config: dict | PretrainedConfig | None = None, clip: dict | None = None,
+                 clip_identity: dict | None = None, vision_feature_layer: int = -2,
+                 connector_type: str = "mlp2x_gelu", tag_hidden_dim: int = 256, tag_num_heads: int = 4,
+                 tag_num_layers: int = 1, tag_queries: int = 1, max_tags: int = 10,
+                 tag_temperature: float = 0.1, weight_scaling: str = "count", weight_mode: str = "scale_and_bias",
+                 ablation: str = "none", template: str = "vicuna_v1", **kwargs: Any) -> None:
+        if isinstance(text_config, dict):
+            text_config = dict(text_config)
+            if "model_type" not in text_config:
+                raise ValueError("text_config needs a 'model_type' (e.g. 'llama', 'qwen2')")
+            text_config = AutoConfig.for_model(text_config.pop("model_type"), **text_config)
+        self.text_config = text_config
+        self.clip = clip or {}
+        self.clip_identity = clip_identity or {}
+        self.vision_feature_layer = vision_feature_layer
+        self.connector_type = connector_type
+        self.tag_hidden_dim, self.tag_num_heads = tag_hidden_dim, tag_num_heads
+        self.tag_num_layers, self.tag_queries = tag_num_layers, tag_queries
+        self.max_tags, self.tag_temperature = max_tags, tag_temperature
+        self.weight_scaling, self.weight_mode = weight_scaling, weight_mode
+        self.ablation, self.template = ablation, template
+        _check_choice("weight_scaling", weight_scaling, WEIGHT_SCALINGS)
+        _check_choice("weight_mode", weight_mode, WEIGHT_MODES)
+        _check_choice("ablation", ablation, ABLATIONS)
+        if tag_temperature <= 0:
+            raise ValueError(f"tag_temperature={tag_temperature}: must be > 0")
+        if max_tags < 0:
+            raise ValueError(f"max_tags={max_tags}: must be >= 0")
+        super().__init__(**kwargs)
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r}: expected one of {list(allowed)}")

@@ -45,3 +45,11 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path, capsys):
     assert main(["build", "--input", str(tmp_path / "missing-{0..1}.tar"), "--out", str(tmp_path / "o"),
                  "--model", "tuna-tiny-clip"]) == 1
     assert "input shard not found" in capsys.readouterr().err
+
+
+def test_info_prints_counts_index_and_timings(built, capsys):
+    root, _ = built
+    assert main(["info", "--datastore", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "120 images written of 120 read (skipped: none); 4 parts; dim 64" in out
+    assert "index Flat" in out and "recall@10 vs exact 1.0000" in out and "encode" in out

@@ -43,16 +43,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jpeg-quality", type=int, default=defaults.jpeg_quality)
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
+    from tqdm import tqdm
+
+    from datastore.synth.generate import generate_world
+
+    bars: list[tqdm] = []
+
+    def progress(n: int) -> None:  # the bar opens with the first image, after the argument checks
+        if not bars:
+            bars.append(tqdm(total=config.n_corpus + config.n_instruct + config.n_eval, unit="img",
+                             desc="tuna-synth"))
+        bars[0].update(n)
+
     try:
-        from tqdm import tqdm
-
-        from datastore.synth.generate import generate_world
-
-        config = SynthConfig(**{k: v for k, v in vars(args).items()})
+        config = SynthConfig(**vars(args))
         start = time.perf_counter()
-        with tqdm(total=config.n_corpus + config.n_instruct + config.n_eval, unit="img", desc="tuna-synth") as bar:
-            info = generate_world(config, progress=bar.update)
-    except (ValueError, OSError) as exc:
+        try:
+            info = generate_world(config, progress=progress)
+        finally:
+            for bar in bars:
+                bar.close()
+    except (ValueError, RuntimeError, OSError) as exc:  # the error stays the last line
         print(f"tuna-synth: error: {exc}", file=sys.stderr)
         return 1
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in info["seconds"].items())

@@ -124,23 +124,36 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
 
 
+# Everything the generator writes under ``out``; --overwrite removes exactly these (nothing else).
+OUTPUTS = ("world.json", "corpus", "images/instruct", "images/eval", "llava", "eval")
+
+
 def _prepare_out(config: SynthConfig) -> Path:
     out = Path(config.out)
     if out.exists() and any(out.iterdir()):
         if not config.overwrite:
             raise ValueError(f"output directory {out} is not empty (use --overwrite to replace it)")
-        shutil.rmtree(out)
+        for rel in OUTPUTS:
+            path = out / rel
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
     for sub in ("corpus", "images/instruct", "images/eval", "llava"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     return out
 
 
 def generate_world(config: SynthConfig, progress=None) -> dict:
-    """Generate every output of the world described by ``config``; returns the world.json content.
+    """Generate every output of the world described by ``config``.
 
     Args:
         config: what to generate.
         progress: optional callable(n_images) called as images are rendered (e.g. a tqdm update).
+
+    Returns:
+        The world.json content plus ``seconds``: wall-clock seconds per stage (corpus, instruct,
+        eval, questions), which world.json leaves out so that its bytes stay deterministic.
 
     Raises:
         ValueError: ``config.out`` is not empty and ``overwrite`` is false.

@@ -105,12 +105,17 @@ def _negatives(split: str, present: list[str], group: tuple[Category, ...], stat
 
 
 def _mc(scene: Scene, obj: SceneObject, group: tuple[Category, ...], slot: int, rng) -> tuple[list[str], str]:
-    """Four options (right name at position ``slot``, its confusable partner among the distractors)."""
+    """Four options (right name at position ``slot``, its confusable partner always among the distractors).
+
+    The other distractors prefer names absent from the image; in small groups present names fill up.
+    """
     present = set(scene.counts())
     partner = obj.category.confusable_with
-    others = [c.name for c in group if c.name not in present and c.name != partner]
-    distractors = ([partner] if partner and partner not in present else [])
-    distractors += [others[i] for i in rng.permutation(len(others))][: 3 - len(distractors)]
+    absent = [c.name for c in group if c.name not in present and c.name != partner]
+    shown = [c.name for c in group if c.name in present and c.name not in (obj.category.name, partner)]
+    distractors = [partner] if partner else []
+    distractors += [absent[i] for i in rng.permutation(len(absent))] + shown
+    distractors = distractors[:3]
     distractors = [distractors[i] for i in rng.permutation(len(distractors))]
     options = distractors[:slot] + [obj.category.name] + distractors[slot:]
     return options, LETTERS[slot]

@@ -86,11 +86,26 @@ def test_category_offset_gives_disjoint_world():
         WorldCatalogue(category_offset=100)
 
 
-def test_names_pluralise_regularly():
-    engine = inflect.engine()
-    assert len(set(NAMES)) == len(NAMES)
+def test_names_pluralise_regularly_and_are_not_words():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    engine, bpe = inflect.engine(), SimpleTokenizer()
+    assert len(set(NAMES)) == len(NAMES) == 112
     for name in NAMES:
+        assert name.isalpha() and name.islower()
         assert engine.singular_noun(name + "s") == name
+        assert len(bpe.encode(name)) >= 2, f"{name} is a single CLIP BPE word, i.e. a common word"
+
+
+def test_confusable_partners_stay_in_their_novelty_group():
+    for world in (WorldCatalogue(), WorldCatalogue(n_seen=5, n_novel=5, category_offset=3)):
+        for c in world.categories:
+            partner = world.by_name(c.confusable_with)
+            assert partner.novelty == c.novelty and partner.name != c.name
+    default = WorldCatalogue()
+    assert all(c.confusable_with == default.by_name(c.confusable_with).name for c in default.categories)
+    pairs = {(c.shape, default.by_name(c.confusable_with).shape) for c in default.categories}
+    assert all(a == b for a, b in pairs)  # default pairs: same shape, paired patterns
 
 
 def test_eval_files(world_dir):
@@ -118,16 +133,61 @@ def test_eval_files(world_dir):
         if q["category"] == "adversarial" and a["label"] == "no":
             hits += any(world.by_name(p).confusable_with == name for p in present)
     assert hits > 0
+    adversarial_no: dict[str, set[str]] = {}
+    for q, a in pope:
+        if q["category"] == "adversarial" and a["label"] == "no":
+            adversarial_no.setdefault(q["image"], set()).add(q["text"].split()[3])
+    for image, negatives in adversarial_no.items():
+        present = truth[image].counts()
+        partners = {world.by_name(p).confusable_with for p in present} - set(present)
+        assert partners <= negatives, (image, partners, negatives)  # absent partners always asked
     for q, a in zip(_jsonl(world_dir / "eval/mc/questions.jsonl"), _jsonl(world_dir / "eval/mc/answers.jsonl")):
         answer = q["options"]["ABCD".index(a["answer"])]
         assert answer in truth[q["image"]].counts() and f"{a['answer']}. {answer}" in q["text"]
+        assert len(set(q["options"])) == 4 and all(world.by_name(o).novelty == q["novelty"] for o in q["options"])
+        assert world.by_name(answer).confusable_with in q["options"]
     letters = Counter(a["answer"] for a in _jsonl(world_dir / "eval/mc/answers.jsonl"))
     assert set(letters) == set("ABCD")
+
+
+def test_small_groups_still_get_four_mc_options():
+    from datastore.synth.questions import eval_questions
+
+    world = WorldCatalogue(n_seen=4, n_novel=4)
+    records = []
+    for i in range(60):
+        sample = render_sample(world, 0, "eval", i)
+        records.append({"index": i, "key": sample.key, "image": f"eval/{sample.key}.jpg", "scene": sample.scene})
+    for q in eval_questions(records, world, 0)["mc/questions.jsonl"]:
+        assert len(set(q["options"])) == 4, q["options"]
 
 
 def test_out_dir_must_be_empty(world_dir):
     with pytest.raises(ValueError, match="is not empty"):
         generate_world(_config(world_dir))
+
+
+def test_overwrite_replaces_only_generator_outputs(tmp_path):
+    out = tmp_path / "w"
+    generate_world(_config(out, n_corpus=60, n_instruct=4, n_eval=4, workers=1))
+    (out / "notes.txt").write_text("keep me")
+    generate_world(_config(out, n_corpus=20, n_instruct=4, n_eval=4, workers=1, overwrite=True))
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in (out / "corpus").iterdir()) == ["corpus-000000.tar"]  # no stale shards
+
+
+def test_config_and_cli_errors(tmp_path, capsys):
+    from datastore.synth.cli import main
+
+    with pytest.raises(ValueError, match="image_size=200"):
+        _config(tmp_path, image_size=200)
+    with pytest.raises(ValueError, match="n_novel=2"):
+        _config(tmp_path, n_novel=2)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    assert main(["--out", str(tmp_path / "full"), "--n-corpus", "5"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tuna-synth: error:") and "not empty" in err and "\n" not in err
 
 
 def _shape_feature(sample) -> np.ndarray:
@@ -149,4 +209,4 @@ def test_categories_are_visually_separable():
     sims = feats @ feats.T
     np.fill_diagonal(sims, -np.inf)
     accuracy = float((labels[sims.argmax(axis=1)] == labels).mean())
-    assert len(samples) > 300 and accuracy > 0.5, accuracy
+    assert len(samples) > 300 and accuracy > 0.9, accuracy  # measured: 0.985 on 548 images

@@ -81,8 +81,8 @@ def build(config: BuildConfig, show_progress: bool = True) -> dict[str, Any] | N
     group = _init_distributed(config, world)
     try:
         shards = expand_shards(config.inputs)
-        if config.overwrite and rank == 0 and Path(config.out).exists():
-            shutil.rmtree(config.out)
+        if config.overwrite and rank == 0:
+            _remove_datastore(config.out)
         _barrier(group)
         clip = load_clip(config.clip)
         parser = build_tag_parser(config.tags)
@@ -106,6 +106,16 @@ def build(config: BuildConfig, show_progress: bool = True) -> dict[str, Any] | N
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _remove_datastore(out: str) -> None:
+    """Delete a previous build in ``out`` for --overwrite; refuse to delete anything else."""
+    path = Path(out)
+    if not path.exists() or not any(path.iterdir()):
+        return
+    if not layout.build_path(path).exists():
+        raise BuildError(f"refusing to --overwrite {out}: it is not empty and holds no tuna datastore (build.json)")
+    shutil.rmtree(path)
 
 
 def _rank_world(config: BuildConfig) -> tuple[int, int]:

@@ -113,6 +113,22 @@ def test_different_clip_in_same_out_dir_is_an_error(tmp_path, corpus):
         build(cfg, show_progress=False)
 
 
+def test_overwrite_refuses_a_directory_that_is_not_a_datastore(tmp_path, corpus):
+    from datastore.build import BuildError, build
+
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("keep me")
+    with pytest.raises(BuildError, match="refusing to --overwrite .*holds no tuna datastore"):
+        build(build_config(corpus[:1], precious, overwrite=True), show_progress=False)
+    assert (precious / "thesis.tex").read_text() == "keep me"
+    out = tmp_path / "ds"
+    build(build_config(corpus[:1], out, merge=False), show_progress=False)
+    (out / "stale.txt").write_text("old")
+    build(build_config(corpus[:1], out, overwrite=True), show_progress=False)
+    assert not (out / "stale.txt").exists() and (out / "manifest.json").exists()
+
+
 def test_model_config_cannot_shadow_a_registered_architecture(tmp_path):
     from datastore.clip import ClipSpec, load_clip
 

@@ -1,0 +1,54 @@
+"""TagSource: cache first, live retrieval on a miss, clear error otherwise; ablations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from datastore.cache import CacheConfig, RetrievalCache, build_cache
+from datastore.store import Datastore
+from tests.datastore.conftest import build_config, sample_image, write_shards
+from tuna.tag_source import MissingTagsError, TagSource
+
+
+@pytest.fixture(scope="module")
+def store_and_cache(tmp_path_factory):
+    from datastore.build import build
+
+    root = tmp_path_factory.mktemp("ts")
+    shards = write_shards(root / "in", n_shards=2, per_shard=20)
+    build(build_config(shards, root / "ds"), show_progress=False)
+    folder = root / "images"
+    folder.mkdir()
+    sample_image(5).save(folder / "a.jpg")
+    (root / "set.json").write_text(json.dumps([{"id": "x", "image": "a.jpg", "conversations": []}]))
+    build_cache(CacheConfig(datastore=str(root / "ds"), out=str(root / "c.parquet"), llava_json=[str(root / "set.json")],
+                            image_folder=str(folder), k_images=3, num_workers=0), show_progress=False)
+    return Datastore.open(root / "ds"), RetrievalCache(root / "c.parquet")
+
+
+def test_cache_hit_live_miss_and_error(store_and_cache):
+    store, cache = store_and_cache
+    source = TagSource(cache=cache, datastore=store, k_images=3, max_tags=3)
+    hit = source("a.jpg")
+    assert hit.tags == cache["a.jpg"].tags[:3] and len(hit.tags) == 3
+    live = source("unseen.jpg", image=sample_image(7))
+    assert live.neighbours[0] == "s000007" and len(live.tags) == 3
+    with pytest.raises(MissingTagsError, match="no tags for image 'unseen.jpg': not in retrieval cache"):
+        TagSource(cache=cache)("unseen.jpg")
+
+
+def test_ablations(store_and_cache):
+    store, cache = store_and_cache
+    assert TagSource(cache=cache, ablation="no_tags")("a.jpg").tags == []
+    rand = TagSource(cache=cache, datastore=store, ablation="random_tags", max_tags=4)
+    first, again = rand("a.jpg"), rand("a.jpg")
+    assert first.tags == again.tags and len(first.tags) == 4  # deterministic per image id and seed
+    assert set(first.tags) <= set(store.vocabulary())
+    other_seed = TagSource(cache=cache, datastore=store, ablation="random_tags", max_tags=4, seed=1)("a.jpg")
+    assert other_seed.tags != first.tags
+    with pytest.raises(ValueError, match="random_tags needs a vocabulary"):
+        TagSource(cache=cache, ablation="random_tags")
+    with pytest.raises(ValueError, match="ablation='x'"):
+        TagSource(ablation="x")

@@ -1,0 +1,80 @@
+"""Where a sample's tags come from: a precomputed retrieval cache, a live datastore, or an ablation."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Sequence
+
+import numpy as np
+
+from datastore.cache import RetrievalCache
+from datastore.store import Datastore, RetrievedTags
+
+TAG_ABLATIONS = ("none", "no_tags", "random_tags")
+
+
+class MissingTagsError(KeyError):
+    """An image has no cache entry and no datastore is available for live retrieval."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class TagSource:
+    """Tags for an image id: cache first, then live retrieval, truncated to ``max_tags``.
+
+    Args:
+        cache: a retrieval cache (``tuna-datastore cache`` output) keyed by image id.
+        datastore: for live retrieval of cache misses (needs the image itself) and for the
+            random-tags vocabulary.
+        k_images, max_tags: retrieval settings for live queries and the cut-off for all tags.
+        ablation: "none", "no_tags" (always empty) or "random_tags" (as many tags as retrieved,
+            drawn from ``vocabulary`` or the datastore's, deterministically per image id and seed).
+        vocabulary: tag vocabulary for random tags (defaults to the datastore's).
+        seed: seed of the random-tags draw.
+
+    Raises:
+        ValueError: unknown ablation, or random tags without any vocabulary.
+    """
+
+    def __init__(self, cache: RetrievalCache | None = None, datastore: Datastore | None = None,
+                 k_images: int = 5, max_tags: int = 10, ablation: str = "none",
+                 vocabulary: Sequence[str] | None = None, seed: int = 0) -> None:
+        if ablation not in TAG_ABLATIONS:
+            raise ValueError(f"ablation={ablation!r}: expected one of {list(TAG_ABLATIONS)}")
+        if ablation == "random_tags" and vocabulary is None and datastore is None:
+            raise ValueError("random_tags needs a vocabulary or a datastore to draw tags from")
+        self.cache, self.datastore = cache, datastore
+        self.k_images, self.max_tags, self.ablation, self.seed = k_images, max_tags, ablation, seed
+        self._vocabulary = list(vocabulary) if vocabulary is not None else None
+
+    @property
+    def vocabulary(self) -> list[str]:
+        if self._vocabulary is None:
+            self._vocabulary = self.datastore.vocabulary()
+        return self._vocabulary
+
+    def __call__(self, image_id: str, image: Any = None) -> RetrievedTags:
+        """Tags of ``image_id`` (``image``: a PIL image or path, used only for live retrieval)."""
+        if self.ablation == "no_tags":
+            return RetrievedTags(tags=[], scores=[], neighbours=[], neighbour_scores=[])
+        found = self._lookup(image_id, image)
+        n = min(len(found.tags), self.max_tags)
+        found = RetrievedTags(found.tags[:n], found.scores[:n], found.neighbours, found.neighbour_scores)
+        return self._randomise(image_id, found) if self.ablation == "random_tags" else found
+
+    def _lookup(self, image_id: str, image: Any) -> RetrievedTags:
+        if self.cache is not None and image_id in self.cache:
+            return self.cache[image_id]
+        if self.datastore is not None and image is not None:
+            return self.datastore.retrieve_tags(images=[image], k_images=self.k_images, max_tags=self.max_tags)[0]
+        where = f"retrieval cache {self.cache.path}" if self.cache is not None else "no retrieval cache"
+        raise MissingTagsError(f"no tags for image {image_id!r}: not in {where}, and no datastore "
+                               "(with the image) for live retrieval")
+
+    def _randomise(self, image_id: str, found: RetrievedTags) -> RetrievedTags:
+        digest = hashlib.sha256(f"{self.seed}:{image_id}".encode()).digest()
+        rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+        vocab = self.vocabulary
+        picks = rng.choice(len(vocab), size=min(len(found.tags), len(vocab)), replace=False)
+        return RetrievedTags([vocab[i] for i in picks], [0.0] * len(picks), [], [])

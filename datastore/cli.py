@@ -53,8 +53,9 @@ def _parser() -> argparse.ArgumentParser:
                     "image-caption pairs, tags parsed from the captions, and a FAISS index.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
 
-    b = sub.add_parser("build", help="embed, tag and index webdataset shards (resumable)",
+    b = sub.add_parser("build", **defaults, help="embed, tag and index webdataset shards (resumable)",
                        description="Build (or resume) a datastore. Re-running the same command continues "
                                    "from completed parts. Under torchrun each rank takes every N-th shard "
                                    "and rank 0 merges the index at the end.")
@@ -62,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="output datastore directory")
     b.add_argument("--image-key", default="jpg;jpeg;png;webp", help="image extension(s), ';'-separated")
     b.add_argument("--caption-key", default="txt", help="caption extension, or json:FIELD")
-    b.add_argument("--batch-size", type=int, default=256)
+    b.add_argument("--batch-size", type=int, default=256, help="images per encoder batch")
     b.add_argument("--num-workers", type=int, default=2, help="decode/tag worker processes")
     b.add_argument("--parser", default="rule", help="tag parser: rule (offline, default) or spacy")
     b.add_argument("--tag-emit", default="both", choices=["phrases", "nouns", "both"])
@@ -76,37 +77,38 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-merge", action="store_true", help="only build parts; run 'merge' later")
     _add_clip_args(b)
 
-    m = sub.add_parser("merge", help="build the index and manifest once all parts exist")
+    m = sub.add_parser("merge", **defaults, help="build the index and manifest once all parts exist")
     m.add_argument("--out", required=True, help="datastore directory")
-    m.add_argument("--index-factory")
-    m.add_argument("--max-index-memory", default="4G")
-    m.add_argument("--target-recall", type=float, default=0.95)
+    m.add_argument("--index-factory", help="force a faiss index_factory string")
+    m.add_argument("--max-index-memory", default="4G", help="index memory budget for the automatic choice")
+    m.add_argument("--target-recall", type=float, default=0.95, help="recall@k the search params are tuned to")
 
-    q = sub.add_parser("query", help="print an image's nearest datastore images and retrieved tags")
-    q.add_argument("--datastore", required=True)
+    q = sub.add_parser("query", **defaults, help="print an image's nearest datastore images and retrieved tags")
+    q.add_argument("--datastore", required=True, help="datastore directory")
     q.add_argument("--image", nargs="+", required=True, help="image file(s)")
     q.add_argument("-k", "--k", type=int, default=5, help="neighbour images per query")
-    q.add_argument("--max-tags", type=int, default=20)
+    q.add_argument("--max-tags", type=int, default=20, help="tags printed per query")
     q.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    q.add_argument("--device", default="auto")
+    q.add_argument("--device", default="auto", help="CLIP device: cpu, cuda, cuda:N or auto")
 
-    c = sub.add_parser("cache", help="precompute retrieved tags for an instruction/eval set")
-    c.add_argument("--datastore", required=True)
+    c = sub.add_parser("cache", **defaults, help="precompute retrieved tags for an instruction/eval set")
+    c.add_argument("--datastore", required=True, help="datastore directory")
     c.add_argument("--out", required=True, help="output parquet file")
     c.add_argument("--llava-json", nargs="*", default=[], help="LLaVA .json/.jsonl files (image ids = 'image')")
     c.add_argument("--image-folder", help="folder LLaVA image paths are relative to")
     c.add_argument("--shards", nargs="*", default=[], help="webdataset shard patterns (ids = sample keys)")
-    c.add_argument("--k-images", type=int, default=5)
-    c.add_argument("--max-tags", type=int, default=32)
-    c.add_argument("--aggregate", default="sum", choices=["sum", "max"])
-    c.add_argument("--batch-size", type=int, default=64)
-    c.add_argument("--num-workers", type=int, default=2)
+    c.add_argument("--k-images", type=int, default=5, help="neighbour images whose tags are pooled")
+    c.add_argument("--max-tags", type=int, default=32, help="tags kept per image")
+    c.add_argument("--aggregate", default="sum", choices=["sum", "max"],
+                   help="a tag's score: sum or max of the cosines of the neighbours that have it")
+    c.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")
+    c.add_argument("--num-workers", type=int, default=2, help="image decode worker processes")
     c.add_argument("--on-error", default="error", choices=["error", "skip"],
                    help="missing/corrupt image: stop naming it (default) or skip and count it")
-    c.add_argument("--device", default="auto")
+    c.add_argument("--device", default="auto", help="CLIP device: cpu, cuda, cuda:N or auto")
 
-    i = sub.add_parser("info", help="print a datastore's manifest summary")
-    i.add_argument("--datastore", required=True)
+    i = sub.add_parser("info", **defaults, help="print a datastore's manifest summary")
+    i.add_argument("--datastore", required=True, help="datastore directory")
     return parser
 
 

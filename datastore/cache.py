@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 
 from datastore.reader import decode_image, expand_shards, iter_raw_samples
 from datastore.store import Datastore, RetrievedTags

@@ -98,18 +98,14 @@ class LoadedClip:
 
 def weights_sha256(model) -> str:
     """sha256 over parameter/buffer names, dtypes, shapes and bytes, in state-dict order."""
+    import torch
+
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.view(-1).view(dtype=_byte_dtype()).numpy().tobytes())
+        digest.update(tensor.view(-1).view(dtype=torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def _byte_dtype():
-    import torch
-
-    return torch.uint8
 
 
 def register_model_config(path: str | Path) -> str:
@@ -251,6 +247,3 @@ def spec_from_dict(data: dict[str, Any], **overrides: Any) -> ClipSpec:
     fields = {f.name for f in dataclasses.fields(ClipSpec)}
     return ClipSpec(**{k: v for k, v in {**data, **overrides}.items() if k in fields})
 
-
-def dump_identity(identity: dict[str, Any]) -> str:
-    return json.dumps(identity, sort_keys=True)

@@ -51,7 +51,7 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON to a temporary sibling, then rename: readers never see a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = tmp_sibling(path)
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
 

@@ -241,3 +241,16 @@ def test_fsspec_urls_and_json_caption_key(tmp_path, corpus):
         build(build_config([url], tmp_path / "out2", reader=reader), show_progress=False)
     markers = [json.loads(p.read_text()) for p in sorted((tmp_path / "out2" / "parts").glob("*.json"))]
     assert [m["skipped"] for m in markers] == [{"undecodable_text": 30}] * 2
+
+
+def test_saved_checkpoint_loads_with_same_identity(tmp_path, tiny_clip):
+    from datastore.clip import ClipSpec, load_clip, same_clip, save_checkpoint
+    from datastore.utils import sha256_file
+
+    for name in ("clip.safetensors", "clip.pt"):
+        path = save_checkpoint(tiny_clip, str(tmp_path / name))
+        loaded = load_clip(ClipSpec(model="tuna-tiny-clip", pretrained=path))
+        assert same_clip(loaded.identity, tiny_clip.identity)
+        assert loaded.identity["checkpoint_sha256"] == sha256_file(path)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_clip(ClipSpec(model="tuna-tiny-clip", pretrained=str(tmp_path / "missing.pt")))

@@ -29,6 +29,11 @@ class TunaConfig(PretrainedConfig):
         ablation: "none", "no_tags" (plain LLaVA), "random_tags", "uniform_weights",
             "no_image_aware" (tag word embeddings only), "text_tags" (tags as plain prompt text).
         template: conversation template name ("plain", "vicuna_v1", "chat_template").
+        vision_hidden_size, clip_embed_dim, num_image_tokens: the CLIP tower's patch width, embedding
+            dimension and patch tokens per image (filled in by ``TunaForCausalLM.from_components``).
+        tag_prefix, tag_separator, tag_suffix: text delimiting the tag block ("Tags: a, b."), and their
+            token ids (``*_ids``, filled in from the tokenizer); max_tag_tokens: word tokens kept per tag.
+        stop_token_ids: tokens that end an answer (EOS and the template's end of turn).
 
     Raises:
         ValueError: an enum-like field has a value outside its allowed set (listed in the message).
@@ -42,7 +47,11 @@ class TunaConfig(PretrainedConfig):
                  connector_type: str = "mlp2x_gelu", tag_hidden_dim: int = 256, tag_num_heads: int = 4,
                  tag_num_layers: int = 1, tag_queries: int = 1, max_tags: int = 10,
                  tag_temperature: float = 0.1, weight_scaling: str = "count", weight_mode: str = "scale_and_bias",
-                 ablation: str = "none", template: str = "vicuna_v1", **kwargs: Any) -> None:
+                 ablation: str = "none", template: str = "vicuna_v1", vision_hidden_size: int = 0,
+                 clip_embed_dim: int = 0, num_image_tokens: int = 0, tag_prefix: str = " Tags:",
+                 tag_separator: str = ",", tag_suffix: str = ".", tag_prefix_ids: list[int] | None = None,
+                 tag_separator_ids: list[int] | None = None, tag_suffix_ids: list[int] | None = None,
+                 max_tag_tokens: int = 8, stop_token_ids: list[int] | None = None, **kwargs: Any) -> None:
         if isinstance(text_config, dict):
             text_config = dict(text_config)
             if "model_type" not in text_config:
@@ -58,11 +67,20 @@ class TunaConfig(PretrainedConfig):
         self.max_tags, self.tag_temperature = max_tags, tag_temperature
         self.weight_scaling, self.weight_mode = weight_scaling, weight_mode
         self.ablation, self.template = ablation, template
+        self.vision_hidden_size, self.clip_embed_dim = vision_hidden_size, clip_embed_dim
+        self.num_image_tokens, self.max_tag_tokens = num_image_tokens, max_tag_tokens
+        self.tag_prefix, self.tag_separator, self.tag_suffix = tag_prefix, tag_separator, tag_suffix
+        self.tag_prefix_ids = list(tag_prefix_ids or [])
+        self.tag_separator_ids = list(tag_separator_ids or [])
+        self.tag_suffix_ids = list(tag_suffix_ids or [])
+        self.stop_token_ids = list(stop_token_ids or [])
         _check_choice("weight_scaling", weight_scaling, WEIGHT_SCALINGS)
         _check_choice("weight_mode", weight_mode, WEIGHT_MODES)
         _check_choice("ablation", ablation, ABLATIONS)
         if tag_temperature <= 0:
             raise ValueError(f"tag_temperature={tag_temperature}: must be > 0")
+        if max_tag_tokens < 1:
+            raise ValueError(f"max_tag_tokens={max_tag_tokens}: must be >= 1")
         if max_tags < 0:
             raise ValueError(f"max_tags={max_tags}: must be >= 0")
         super().__init__(**kwargs)

@@ -396,3 +396,28 @@ def render_text(conversations: list[dict] | str, template: Template | str, token
     """
     segments = _render(conversations, _resolve(template), tokenizer, "?")
     return "".join(seg.text for seg in segments)
+
+
+def stop_token_ids(tokenizer: Any, template: Template | str) -> list[int]:
+    """Token ids that end an answer under ``template``: the tokenizer's EOS plus the template's end of turn.
+
+    ``separator`` templates end answers with ``sep2`` (``</s>`` for vicuna_v1), chat templates with the
+    special token found after a rendered answer (``<|im_end|>`` for ChatML); multi-token ends are not
+    stop tokens (generation then stops at EOS or the length limit).
+    """
+    template = _resolve(template)
+    ends = []
+    if template.style == "separator":
+        ends.append(template.sep2.strip())
+    elif template.style == "chat_template":
+        messages = [{"role": "user", "content": "q"}]
+        head = _apply_chat(tokenizer, messages, True, "stop tokens")
+        full = _apply_chat(tokenizer, messages + [{"role": "assistant", "content": "a"}], False, "stop tokens")
+        rest = full[len(head) + 1:]
+        ends.append(rest[:_end_of_turn(rest, template, tokenizer, "stop tokens")].strip())
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for end in ends:
+        encoded = _encode(tokenizer, end) if end else []
+        if len(encoded) == 1 and encoded[0] not in ids:
+            ids.append(encoded[0])
+    return ids

@@ -60,9 +60,10 @@ class VisionTower(nn.Module):
     def embed_tags(self, tags: list[str]) -> torch.Tensor:
         """CLIP text embeddings (N, D), L2-normalised, of tag strings (cached per tag)."""
         missing = [t for t in dict.fromkeys(tags) if t not in self._tag_cache]
-        if missing:
-            for tag, emb in zip(missing, self.clip.encode_texts(missing)):
-                self._tag_cache[tag] = emb.cpu()
+        if missing:  # on the tower's current device (the model may have been moved since loading)
+            tokens = self.clip.tokenizer(missing).to(next(self.model.parameters()).device)
+            embeds = self.model.encode_text(tokens, normalize=True).float().cpu()
+            self._tag_cache.update(zip(missing, embeds))
         if not tags:
             return torch.zeros(0, self.embed_dim)
         return torch.stack([self._tag_cache[t] for t in tags])

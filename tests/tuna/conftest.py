@@ -7,23 +7,7 @@ from pathlib import Path
 
 import pytest
 
-SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<pad>"]
-CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
-# Qwen2's pre-tokenizer split pattern (newline runs form their own pre-tokens, e.g. "\n\n").
-QWEN2_SPLIT = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
-# ChatML as Qwen2 uses it, including the default system prompt when none is given.
-CHATML_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if loop.first and m['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
-    "{% endif %}"
-    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+from tuna.tiny import save_hf_tokenizer, train_tokenizer
 
 _COLOURS = ["red", "blue", "green", "yellow", "purple", "small", "large", "old", "shiny"]
 _NOUNS = ["blorp", "zinnet", "cat", "dog", "table", "car", "tree", "house", "person", "image", "photo"]
@@ -54,55 +38,10 @@ def corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
     return lines
 
 
-def train_tokenizer(pre_tokenizer: str = "bytelevel", vocab_size: int = 1000):
-    """Train a BPE tokenizer in-process.
-
-    ``"bytelevel"`` mimics Qwen2 (byte-level BPE, no prefix space); ``"metaspace-first"`` /
-    ``"metaspace-always"`` mimic SentencePiece-converted Llama tokenizers (``▁`` word prefix, dummy
-    prefix at the start of the text / of every split between special tokens).
-    """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    special = SPECIAL_TOKENS + CHAT_TOKENS
-    if pre_tokenizer == "bytelevel":
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
-        tok.decoder = decoders.ByteLevel()
-        alphabet = pre_tokenizers.ByteLevel.alphabet()
-    else:
-        scheme = pre_tokenizer.split("-", 1)[1]
-        tok = Tokenizer(models.BPE(unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme)
-        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=scheme)
-        alphabet = sorted(set("".join(corpus())) | {"▁"})
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
-                                  initial_alphabet=alphabet, show_progress=False)
-    tok.train_from_iterator(corpus(), trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    return tok
-
-
-def save_hf_tokenizer(tok, out_dir: Path) -> Path:
-    """Wrap a ``tokenizers.Tokenizer`` as an HF fast tokenizer with a ChatML chat template and save it."""
-    from transformers import PreTrainedTokenizerFast
-
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        extra_special_tokens=CHAT_TOKENS, clean_up_tokenization_spaces=False,
-    )
-    hf.chat_template = CHATML_TEMPLATE
-    hf.save_pretrained(str(out_dir))
-    return out_dir
-
-
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     """Directory of a tiny Qwen2-like byte-level BPE tokenizer (vocab 1000, ChatML chat template)."""
-    return save_hf_tokenizer(train_tokenizer("bytelevel"), tmp_path_factory.mktemp("tiny_tokenizer"))
+    return save_hf_tokenizer(train_tokenizer(corpus(), "bytelevel"), tmp_path_factory.mktemp("tiny_tokenizer"))
 
 
 @pytest.fixture(scope="session")
@@ -119,4 +58,38 @@ def tiny_sp_tokenizer(request, tmp_path_factory):
     from transformers import AutoTokenizer
 
     out = tmp_path_factory.mktemp(f"tiny_{request.param}")
-    return AutoTokenizer.from_pretrained(str(save_hf_tokenizer(train_tokenizer(request.param), out)))
+    return AutoTokenizer.from_pretrained(str(save_hf_tokenizer(train_tokenizer(corpus(), request.param), out)))
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A random-init 2-layer Qwen2 saved with save_pretrained (vocab of the tiny tokenizer)."""
+    from tuna.tiny import save_tiny_llm
+
+    return save_tiny_llm(tmp_path_factory.mktemp("tiny_llm"), vocab_size=len(tiny_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def make_model(tiny_llm_dir, tiny_tokenizer):
+    """Factory: a TunaForCausalLM around the tiny LLM (from disk) and the tiny CLIP; kwargs -> TunaConfig."""
+    import torch
+
+    from datastore.clip import ClipSpec
+    from tuna.modeling_tuna import TunaForCausalLM
+
+    def make(seed: int = 0, **config):
+        torch.manual_seed(seed)
+        config = {"template": "chat_template", "tag_hidden_dim": 32, "tag_num_heads": 2, **config}
+        return TunaForCausalLM.from_components(str(tiny_llm_dir), ClipSpec(model="tuna-tiny-clip"),
+                                               tiny_tokenizer, **config)
+
+    return make
+
+
+def random_images(n: int, seed: int = 0, size: int = 64) -> list:
+    """``n`` distinct random RGB images."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]

@@ -1,0 +1,649 @@
+"""TunaForCausalLM: a frozen CLIP tower, a connector and retrieved-tag blocks spliced into any HF causal LM.
+
+Each ``IMAGE_TOKEN_INDEX`` sentinel in ``input_ids`` becomes the image's patch tokens (through the
+connector) followed by its tag block::
+
+    [P patch tokens] prefix  [v_1] w_1-tokens  sep  [v_2] w_2-tokens ... suffix      e.g. " Tags: [v] red cube, [v] ball."
+
+where ``[v_j]`` are the tag's image-aware visual tokens (its CLIP text embedding cross-attending over
+the patches, then the connector) and ``w_j-tokens`` the LLM word embeddings of the tag. The adaptive
+weight w_j (softmax over the image's tags of cos(tag text, image) / tau) acts on both, as configured by
+``weight_mode``: "scale" multiplies their embeddings by w_j, "bias" adds log(w_j) to the attention
+logits of every query on those key positions (a 4D float mask; survives the LLM's RMSNorm), or both.
+
+The CLIP tower is frozen and not part of the state dict: ``save_pretrained`` records how to load it
+(and copies local CLIP files into ``clip/``), ``from_pretrained`` loads it and checks its identity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from datastore.clip import ClipSpec, LoadedClip, describe_mismatch, load_clip, same_clip, spec_from_dict
+from tuna.configuration_tuna import TunaConfig
+from tuna.connector import build_connector
+from tuna.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX, stop_token_ids
+from tuna.tag_encoder import AdaptiveWeightTuner, ImageAwareTagEncoder, TagEncoderConfig, log_weight_bias
+from tuna.vision import VisionTower
+
+logger = logging.getLogger(__name__)
+
+CLIP_DIR = "clip"
+TRAINABLE_FILE = "tuna_trainable.safetensors"
+TRAINABLE_PREFIXES = ("connector.", "tag_encoder.")
+_PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass(frozen=True)
+class TagPolicy:
+    """What the tag block holds under an ablation."""
+
+    use_tags: bool = True
+    image_aware: bool = True  # image-aware visual tokens next to the word tokens
+    weighting: str = "adaptive"  # "adaptive", "uniform" or "none" (unweighted plain text)
+
+
+TAG_POLICIES = {
+    "none": TagPolicy(),
+    "random_tags": TagPolicy(),  # the tags themselves are drawn at random by tuna.tag_source.TagSource
+    "no_tags": TagPolicy(use_tags=False),
+    "uniform_weights": TagPolicy(weighting="uniform"),
+    "no_image_aware": TagPolicy(image_aware=False),
+    "text_tags": TagPolicy(image_aware=False, weighting="none"),
+}
+
+
+@dataclass
+class TunaCausalLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus ``tag_weights`` (N_images, T), the weights the tag block used."""
+
+    tag_weights: Tensor | None = None
+
+
+@dataclass
+class MultimodalInputs:
+    """The LLM's inputs after splicing: (B, L) masks/labels/positions, (B, L, H) embeddings.
+
+    ``key_bias`` (B, L) is the additive attention bias per key position (log w on tag tokens), or None
+    when no bias applies; ``tag_weights`` (N_images, T) or None; ``tag_index`` (B, L) the tag each
+    position belongs to, as ``image * T + tag`` (-1 outside tag tokens; delimiters are -1 too).
+    """
+
+    inputs_embeds: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    labels: Tensor | None
+    key_bias: Tensor | None
+    tag_weights: Tensor | None
+    tag_index: Tensor | None = None
+
+
+@dataclass
+class ScoreOutput:
+    """Log-likelihoods of the labelled (answer) tokens: ``sum`` (B,), ``n_tokens`` (B,), ``per_token`` list of (n_b,)."""
+
+    sum: Tensor
+    n_tokens: Tensor
+    per_token: list[Tensor]
+
+    @property
+    def mean(self) -> Tensor:
+        return self.sum / self.n_tokens.clamp_min(1)
+
+
+class TunaForCausalLM(PreTrainedModel):
+    """LLaVA-style multimodal causal LM reading retrieved, image-grounded and weighted tags.
+
+    Build one with :meth:`from_components` (an LLM, a CLIP spec and the tokenizer), reload with
+    :meth:`from_pretrained`. Batches come from :class:`tuna.processing_tuna.TunaProcessor`.
+    """
+
+    config_class = TunaConfig
+    base_model_prefix = "tuna"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: TunaConfig, language_model: PreTrainedModel | None = None) -> None:
+        super().__init__(config)
+        if not config.vision_hidden_size or not config.clip_embed_dim:
+            raise ValueError("TunaConfig needs vision_hidden_size and clip_embed_dim (use "
+                             "TunaForCausalLM.from_components to fill them from the CLIP tower)")
+        self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
+        hidden = config.text_config.hidden_size
+        self.connector = build_connector(config.connector_type, config.vision_hidden_size, hidden)
+        self.tag_encoder = ImageAwareTagEncoder(TagEncoderConfig(
+            text_dim=config.clip_embed_dim, vision_dim=config.vision_hidden_size, hidden_dim=config.tag_hidden_dim,
+            num_heads=config.tag_num_heads, num_layers=config.tag_num_layers,
+            num_queries_per_tag=config.tag_queries))
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialise the connector and tag encoder (the LLM keeps its own or its loaded weights)."""
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, ImageAwareTagEncoder):
+            nn.init.normal_(module.query_offsets, std=0.02)
+
+    # ----------------------------------------------------------------------------------- building
+    @classmethod
+    def from_components(cls, llm: str | os.PathLike | PreTrainedModel, clip: ClipSpec | LoadedClip, tokenizer: Any,
+                        dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+                        **config_kwargs: Any) -> "TunaForCausalLM":
+        """A new TUNA model around a pretrained (or given) LLM and a CLIP tower.
+
+        Args:
+            llm: an ``AutoModelForCausalLM`` hub name or local path, or an already built model.
+            clip: how to load the CLIP tower (or the loaded tower); its identity is stored in the config.
+            tokenizer: the LLM's tokenizer (tag delimiters are tokenized with it).
+            dtype: parameter dtype of the LLM, connector and tag encoder (bf16 for real training).
+            attn_implementation: "sdpa", "eager" or "flash_attention_2" (no attention bias: use
+                ``weight_mode="scale"`` with flash attention).
+            **config_kwargs: further :class:`TunaConfig` fields (connector_type, tag_*, weight_mode, ...).
+        """
+        if not isinstance(llm, PreTrainedModel):
+            llm = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype, attn_implementation=attn_implementation)
+        loaded = clip if isinstance(clip, LoadedClip) else load_clip(clip)
+        tower = VisionTower(loaded, feature_layer=config_kwargs.get("vision_feature_layer", -2))
+        config = TunaConfig(text_config=llm.config, clip=loaded.spec.to_dict(), clip_identity=loaded.identity,
+                            vision_hidden_size=tower.hidden_size, clip_embed_dim=tower.embed_dim,
+                            num_image_tokens=tower.num_patches, **config_kwargs)
+        encode = lambda text: list(tokenizer.encode(text, add_special_tokens=False)) if text else []  # noqa: E731
+        config.tag_prefix_ids = encode(config.tag_prefix)
+        config.tag_separator_ids = encode(config.tag_separator)
+        config.tag_suffix_ids = encode(config.tag_suffix)
+        if not config.stop_token_ids:
+            config.stop_token_ids = stop_token_ids(tokenizer, config.template)
+        model = cls(config, language_model=llm)
+        model.set_attn_implementation(attn_implementation)
+        model.connector.to(dtype)
+        model.tag_encoder.to(dtype)
+        model.attach_vision(tower)
+        return model.eval()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any,
+                        clip_precision: str | None = None, **kwargs: Any) -> "TunaForCausalLM":
+        """Load a saved TUNA model and its CLIP tower (checked against the saved identity).
+
+        ``clip_precision`` ("fp32", "bf16", "fp16") defaults to the model's dtype.
+        """
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        spec = _resolve_clip_spec(model.config.clip, Path(pretrained_model_name_or_path))
+        spec.precision = clip_precision or _PRECISION.get(model.dtype, "fp32")
+        model.attach_vision(load_clip(spec))
+        return model
+
+    def attach_vision(self, clip: LoadedClip | VisionTower) -> None:
+        """Give the model its frozen CLIP tower (kept outside the state dict), checking identity and sizes.
+
+        Raises:
+            ValueError: a different CLIP than the config records, or mismatched dimensions.
+        """
+        tower = clip if isinstance(clip, VisionTower) else VisionTower(clip, self.config.vision_feature_layer)
+        expected = self.config.clip_identity
+        if expected and not same_clip(expected, tower.clip.identity):
+            raise ValueError(f"CLIP tower does not match this model: {describe_mismatch(expected, tower.clip.identity)}")
+        got = (tower.hidden_size, tower.embed_dim)
+        if got != (self.config.vision_hidden_size, self.config.clip_embed_dim):
+            raise ValueError(f"CLIP tower has (patch width, embed dim) {got}, the model expects "
+                             f"{(self.config.vision_hidden_size, self.config.clip_embed_dim)}")
+        self.__dict__["_vision"] = tower  # plain attribute: not a submodule, so not saved or partitioned
+
+    @property
+    def vision(self) -> VisionTower:
+        tower = self.__dict__.get("_vision")
+        if tower is None:
+            raise RuntimeError("this TunaForCausalLM has no CLIP tower: load it with from_pretrained / "
+                               "from_components, or call attach_vision()")
+        return tower
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """Save config + weights (safetensors) and the CLIP tower's recipe; local CLIP files go to ``clip/``."""
+        save_directory = Path(save_directory)
+        if kwargs.get("is_main_process", True):
+            save_directory.mkdir(parents=True, exist_ok=True)
+            self.config.clip = _save_clip_files(self.vision.clip.spec, save_directory)
+        super().save_pretrained(save_directory, *args, **kwargs)
+
+    # ------------------------------------------------------------------------ trainable parts
+    def set_llm_trainable(self, trainable: bool) -> None:
+        """Stage 1 (connector pretraining): False; stage 2 (instruction tuning): True."""
+        self.language_model.requires_grad_(trainable)
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """Connector + tag encoder weights on CPU, gathered from ZeRO-3 partitions when partitioned."""
+        params = [(n, p) for n, p in self.named_parameters() if n.startswith(TRAINABLE_PREFIXES)]
+        with _gathered([p for _, p in params]):
+            return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in params}
+
+    def save_trainable(self, directory: str | os.PathLike) -> Path:
+        """Write the stage-1 checkpoint (connector + tag encoder) as ``tuna_trainable.safetensors``."""
+        from safetensors.torch import save_file
+
+        path = Path(directory) / TRAINABLE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"connector_type": self.config.connector_type, "weights_of": "connector+tag_encoder"}
+        save_file(self.trainable_state_dict(), str(path), metadata=meta)
+        return path
+
+    def load_trainable(self, path: str | os.PathLike) -> None:
+        """Load a stage-1 checkpoint (file or directory holding it) into this model, ZeRO-3-safe.
+
+        Raises:
+            FileNotFoundError: no checkpoint there.
+            ValueError: missing/unexpected keys or shape mismatches (all listed).
+        """
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        path = path / TRAINABLE_FILE if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"no stage-1 checkpoint at {path} (expected {TRAINABLE_FILE})")
+        state = load_file(str(path))
+        params = dict((n, p) for n, p in self.named_parameters() if n.startswith(TRAINABLE_PREFIXES))
+        with _gathered(list(params.values()), modifier_rank=0):
+            problems = [f"missing {k}" for k in params if k not in state]
+            problems += [f"unexpected {k}" for k in state if k not in params]
+            problems += [f"{k}: shape {tuple(state[k].shape)} vs {tuple(p.shape)}" for k, p in params.items()
+                         if k in state and state[k].shape != p.shape]
+            if problems:
+                raise ValueError(f"stage-1 checkpoint {path} does not fit this model: " + "; ".join(problems))
+            with torch.no_grad():
+                for name, param in params.items():
+                    param.copy_(state[name].to(param.dtype))
+
+    def enable_lora(self, r: int = 128, alpha: int = 256, dropout: float = 0.05,
+                    target_modules: str | list[str] = "all-linear") -> None:
+        """Wrap the LLM with peft LoRA adapters (LLM base weights frozen; connector/tag encoder untouched)."""
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                            task_type="CAUSAL_LM")
+        self.language_model = get_peft_model(self.language_model, config)
+
+    def merge_lora(self) -> None:
+        """Fold LoRA adapters into the LLM weights (for export as a plain TUNA checkpoint)."""
+        from peft import PeftModel
+
+        if isinstance(self.language_model, PeftModel):
+            self.language_model = self.language_model.merge_and_unload()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    # ------------------------------------------------------------------------------ splicing
+    def tag_weights(self, image_embeds: Tensor, tag_text: Tensor, tag_mask: Tensor) -> Tensor | None:
+        """(N, T) weights of the tags under the configured ablation; None for unweighted text tags."""
+        weighting = TAG_POLICIES[self.config.ablation].weighting
+        if weighting == "adaptive":
+            return AdaptiveWeightTuner.tag_weights(tag_text, image_embeds, tag_mask, self.config.tag_temperature,
+                                                   self.config.weight_scaling)
+        if weighting == "uniform":
+            return AdaptiveWeightTuner.uniform_weights(tag_mask, self.config.weight_scaling)
+        return None
+
+    def _tag_text_embeddings(self, tags: list[list[str]], tag_mask: Tensor) -> Tensor:
+        counts = tag_mask.sum(-1).tolist()
+        if len(tags) != len(counts) or [len(t) for t in tags] != counts:
+            raise ValueError(f"tags per image {[len(t) for t in tags]} do not match tag_attention_mask {counts}")
+        out = torch.zeros(*tag_mask.shape, self.config.clip_embed_dim)  # (N, T, D)
+        flat = self.vision.embed_tags([t for row in tags for t in row])  # (M, D)
+        out[tag_mask.cpu()] = flat
+        return out.to(tag_mask.device)
+
+    def _tag_blocks(self, patches: Tensor, image_embeds: Tensor, tags: list[list[str]] | None,
+                    tag_input_ids: Tensor | None, tag_attention_mask: Tensor | None
+                    ) -> tuple[list[tuple[Tensor, Tensor, Tensor] | None], Tensor | None]:
+        """Per image its tag block (embeddings (Lb, H), key bias (Lb,), tag index (Lb,)) or None; the (N, T) weights."""
+        n_images = patches.shape[0]
+        policy = TAG_POLICIES[self.config.ablation]
+        if not policy.use_tags or tag_input_ids is None or tag_input_ids.shape[1] == 0:
+            return [None] * n_images, None
+        if tag_attention_mask is None or tags is None:
+            raise ValueError("tag_input_ids need tag_attention_mask and the tag strings (tags)")
+        embed = self.get_input_embeddings()
+        token_mask = tag_attention_mask.bool()  # (N, T, Lt)
+        tag_mask = token_mask.any(-1)  # (N, T)
+        tag_text = self._tag_text_embeddings(tags, tag_mask)  # (N, T, D)
+        weights = self.tag_weights(image_embeds, tag_text, tag_mask)  # (N, T) or None
+        tokens = embed(tag_input_ids.clamp_min(0))  # (N, T, Lt, H)
+        if policy.image_aware:
+            dtype = self.connector_dtype
+            visual = self.tag_encoder(tag_text.to(dtype), patches.to(dtype), tag_mask)  # (N, T, nq, Dv)
+            visual = self.connector(visual).to(tokens.dtype)  # (N, T, nq, H)
+            tokens = torch.cat([visual, tokens], dim=2)  # (N, T, nq + Lt, H)
+            nq = visual.shape[2]
+            token_mask = torch.cat([tag_mask[..., None].expand(-1, -1, nq), token_mask], dim=2)
+        bias = torch.zeros(tag_mask.shape, device=tokens.device)  # (N, T)
+        if weights is not None:
+            mode = self.config.weight_mode
+            if mode in ("scale", "scale_and_bias"):
+                tokens = tokens * weights[..., None, None].to(tokens.dtype)
+            if mode in ("bias", "scale_and_bias"):
+                bias = log_weight_bias(weights, self.config.weight_scaling, tag_mask)
+        delims = [torch.tensor(ids, dtype=torch.long, device=tokens.device) for ids in
+                  (self.config.tag_prefix_ids, self.config.tag_separator_ids, self.config.tag_suffix_ids)]
+        delim_embeds = embed(torch.cat(delims))  # (Ld, H)
+        hidden = tokens.shape[-1]
+        table = torch.cat([delim_embeds, tokens.reshape(-1, hidden)])  # rows a block gathers from
+        table_bias = torch.cat([bias.new_zeros(len(delim_embeds)),
+                                bias[..., None].expand(token_mask.shape).reshape(-1)])
+        table_tag = torch.cat([torch.full((len(delim_embeds),), -1, device=tokens.device),
+                               torch.arange(tag_mask.numel(), device=tokens.device)[:, None]
+                               .expand(-1, token_mask.shape[-1]).reshape(-1)])
+        index = _block_indices(tag_mask.cpu(), token_mask.cpu(), [len(d) for d in delims])
+        blocks = [None if idx is None else tuple(t[idx.to(table.device)] for t in (table, table_bias, table_tag))
+                  for idx in index]
+        return blocks, weights
+
+    @property
+    def connector_dtype(self) -> torch.dtype:
+        return next(self.connector.parameters(), next(self.tag_encoder.parameters())).dtype
+
+    def prepare_inputs(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
+                       pixel_values: Tensor | None = None, tags: list[list[str]] | None = None,
+                       tag_input_ids: Tensor | None = None, tag_attention_mask: Tensor | None = None,
+                       padding_side: str = "right") -> MultimodalInputs:
+        """Replace every image sentinel by patch tokens + tag block; re-pad on ``padding_side``.
+
+        Args:
+            input_ids: (B, L) with ``IMAGE_TOKEN_INDEX`` sentinels, padded on either side.
+            attention_mask: (B, L), 1 for real tokens (default: all real).
+            labels: (B, L) or None; image and tag positions get ``IGNORE_INDEX``.
+            pixel_values: (N, 3, H, W), the images in sentinel order (row by row).
+            tags: N lists of tag strings; tag_input_ids / tag_attention_mask: (N, T, Lt) their
+                LLM token ids and mask (from the processor).
+            padding_side: "right" (training) or "left" (generation).
+
+        Raises:
+            ValueError: sentinel count != number of images, or inconsistent tag inputs.
+        """
+        device = input_ids.device
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        n_sentinels = int((input_ids[attention_mask.bool()] == IMAGE_TOKEN_INDEX).sum())
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if n_sentinels != n_images:
+            raise ValueError(f"the batch has {n_sentinels} image markers but {n_images} images")
+        embed = self.get_input_embeddings()
+        text = embed(input_ids.clamp_min(0))  # (B, L, H)
+        images, blocks, weights = [], [], None
+        if n_images:
+            vision = self._vision_on(device)
+            out = vision(pixel_values)
+            images = self.connector(out.patches.to(self.connector_dtype)).to(text.dtype)  # (N, P, H)
+            blocks, weights = self._tag_blocks(out.patches, out.image_embeds.to(device), tags, tag_input_ids,
+                                               tag_attention_mask)
+        rows, image_i = [], 0
+        for b in range(input_ids.shape[0]):
+            keep = attention_mask[b].bool()
+            ids, emb = input_ids[b][keep], text[b][keep]
+            lab = labels[b][keep] if labels is not None else None
+            pieces, start = [], 0
+            for pos in (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist() + [len(ids)]:
+                pieces.append((emb[start:pos], None if lab is None else lab[start:pos], None, None))
+                if pos < len(ids):
+                    pieces.append((images[image_i], None, None, None))
+                    if blocks[image_i] is not None:
+                        block_embeds, block_bias, block_tags = blocks[image_i]
+                        pieces.append((block_embeds.to(text.dtype), None, block_bias, block_tags))
+                    image_i += 1
+                start = pos + 1
+            rows.append(pieces)
+        has_bias = weights is not None and self.config.weight_mode in ("bias", "scale_and_bias")
+        return _pad_rows(rows, padding_side, has_bias, labels is not None, weights)
+
+    def _vision_on(self, device: torch.device) -> VisionTower:
+        vision = self.vision
+        if next(vision.model.parameters()).device != device:
+            vision.model.to(device)
+        return vision
+
+    def attention_inputs(self, prepared: MultimodalInputs, query_start: int = 0) -> Tensor:
+        """2D mask, or the 4D float mask (B, 1, Lq, L) with causal + padding masking and the tag key bias."""
+        if prepared.key_bias is None:
+            return prepared.attention_mask
+        return bias_attention_mask(prepared.attention_mask, prepared.key_bias, prepared.inputs_embeds.dtype,
+                                   query_start)
+
+    # ------------------------------------------------------------------------------- forward
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                labels: Tensor | None = None, pixel_values: Tensor | None = None,
+                tags: list[list[str]] | None = None, tag_input_ids: Tensor | None = None,
+                tag_attention_mask: Tensor | None = None, **kwargs: Any) -> TunaCausalLMOutput:
+        """Training / scoring forward pass; the loss covers only labelled (answer) tokens.
+
+        Raises:
+            ValueError: ``labels`` without a single answer token (a zero-loss batch), or bad inputs.
+        """
+        prepared = self.prepare_inputs(input_ids, attention_mask, labels, pixel_values, tags, tag_input_ids,
+                                       tag_attention_mask, padding_side="right")
+        if prepared.labels is not None and not bool((prepared.labels != IGNORE_INDEX).any()):
+            raise ValueError("every label in this batch is IGNORE_INDEX: the batch would train on nothing")
+        kwargs.pop("position_ids", None)
+        out = self.language_model(inputs_embeds=prepared.inputs_embeds, attention_mask=self.attention_inputs(prepared),
+                                  position_ids=prepared.position_ids, labels=prepared.labels, use_cache=False,
+                                  **kwargs)
+        return TunaCausalLMOutput(loss=out.loss, logits=out.logits, tag_weights=prepared.tag_weights)
+
+    @torch.no_grad()
+    def score(self, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None,
+              pixel_values: Tensor | None = None, tags: list[list[str]] | None = None,
+              tag_input_ids: Tensor | None = None, tag_attention_mask: Tensor | None = None) -> ScoreOutput:
+        """Log-likelihood of the labelled tokens of each row (answers), per token and summed.
+
+        Computes the LM head only at labelled positions, so long prompts with large vocabularies fit.
+        """
+        prepared = self.prepare_inputs(input_ids, attention_mask, labels, pixel_values, tags, tag_input_ids,
+                                       tag_attention_mask, padding_side="right")
+        hidden = self.language_model.get_decoder()(
+            inputs_embeds=prepared.inputs_embeds, attention_mask=self.attention_inputs(prepared),
+            position_ids=prepared.position_ids, use_cache=False).last_hidden_state  # (B, L, H)
+        target = prepared.labels[:, 1:]  # (B, L-1): token t+1 is predicted at position t
+        valid = target != IGNORE_INDEX
+        logits = self.get_output_embeddings()(hidden[:, :-1][valid]).float()  # (M, V)
+        cap = getattr(self.config.text_config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        token_logp = torch.log_softmax(logits, -1).gather(-1, target[valid][:, None]).squeeze(-1)  # (M,)
+        counts = valid.sum(-1)
+        per_token = list(token_logp.split(counts.tolist()))
+        sums = torch.stack([t.sum() for t in per_token]) if per_token else token_logp.new_zeros(0)
+        return ScoreOutput(sum=sums, n_tokens=counts, per_token=per_token)
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,
+                 tags: list[list[str]] | None = None, tag_input_ids: Tensor | None = None,
+                 tag_attention_mask: Tensor | None = None, max_new_tokens: int = 64, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, stop_token_ids: list[int] | None = None,
+                 pad_token_id: int = 0, generator: torch.Generator | None = None) -> Tensor:
+        """Decode answers for a batch (any padding; re-padded on the left), with a KV cache.
+
+        The tag key bias stays in the attention mask at every step, so cached and uncached decoding
+        agree. Greedy decoding gives the same tokens whatever the batch size.
+
+        Returns:
+            (B, n) new token ids; positions after a stop token hold ``pad_token_id``.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        stops = torch.tensor(stop_token_ids if stop_token_ids is not None else self.config.stop_token_ids,
+                             dtype=torch.long, device=input_ids.device)
+        prepared = self.prepare_inputs(input_ids, attention_mask, None, pixel_values, tags, tag_input_ids,
+                                       tag_attention_mask, padding_side="left")
+        lm = self.language_model
+        cache = DynamicCache(config=lm.config)
+        out = lm(inputs_embeds=prepared.inputs_embeds, attention_mask=self.attention_inputs(prepared),
+                 position_ids=prepared.position_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        batch = input_ids.shape[0]
+        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        positions = prepared.position_ids[:, -1:]  # (B, 1)
+        new_tokens = []
+        for step in range(max_new_tokens):
+            picked = _pick(out.logits[:, -1].float(), do_sample, temperature, top_p, generator)  # (B,)
+            token = picked.masked_fill(finished, pad_token_id)
+            new_tokens.append(token)
+            finished |= torch.isin(token, stops)
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            prepared = _extend(prepared)
+            positions = positions + 1
+            # finished rows are fed any valid id (their outputs are discarded)
+            out = lm(input_ids=picked[:, None], position_ids=positions, past_key_values=out.past_key_values,
+                     attention_mask=self.attention_inputs(prepared, prepared.attention_mask.shape[1] - 1),
+                     use_cache=True)
+        return torch.stack(new_tokens, dim=1)
+
+
+# ------------------------------------------------------------------------------------ helpers
+def bias_attention_mask(attention_mask: Tensor, key_bias: Tensor, dtype: torch.dtype, query_start: int = 0) -> Tensor:
+    """(B, 1, Lq, L) additive mask: ``key_bias`` where causal and not padding, the dtype's minimum elsewhere.
+
+    Args:
+        attention_mask: (B, L) 1 for real tokens.
+        key_bias: (B, L) additive bias per key position (0 = plain attention).
+        dtype: the attention dtype.
+        query_start: first query position (L - 1 for one decoding step with a KV cache).
+    """
+    length = attention_mask.shape[1]
+    query = torch.arange(query_start, length, device=attention_mask.device)[:, None]  # (Lq, 1)
+    key = torch.arange(length, device=attention_mask.device)[None, :]  # (1, L)
+    allowed = (key <= query)[None] & attention_mask.bool()[:, None, :]  # (B, Lq, L)
+    minimum = torch.finfo(dtype).min
+    return torch.where(allowed, key_bias[:, None, :].to(dtype), torch.tensor(minimum, dtype=dtype,
+                                                                             device=key_bias.device))[:, None]
+
+
+def _block_indices(tag_mask: Tensor, token_mask: Tensor, delim_lengths: list[int]) -> list[Tensor | None]:
+    """Per image the rows of [delimiters; all tag tokens flat] forming its block (None: no tags)."""
+    n_prefix, n_sep, n_suffix = delim_lengths
+    prefix = list(range(n_prefix))
+    sep = list(range(n_prefix, n_prefix + n_sep))
+    suffix = list(range(n_prefix + n_sep, n_prefix + n_sep + n_suffix))
+    base = n_prefix + n_sep + n_suffix
+    n_tags, width = token_mask.shape[1], token_mask.shape[2]
+    out = []
+    for n in range(tag_mask.shape[0]):
+        real = tag_mask[n].nonzero().flatten().tolist()
+        if not real:
+            out.append(None)
+            continue
+        rows = list(prefix)
+        for k, j in enumerate(real):
+            rows += sep if k else []
+            rows += (token_mask[n, j].nonzero().flatten() + base + (n * n_tags + j) * width).tolist()
+        out.append(torch.tensor(rows + suffix, dtype=torch.long))
+    return out
+
+
+def _pad_rows(rows: list[list[tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]]], side: str,
+              has_bias: bool, has_labels: bool, weights: Tensor | None) -> MultimodalInputs:
+    """Concatenate each row's (embeddings, labels, bias, tag index) pieces and pad the batch on ``side``."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+    lengths = [sum(p[0].shape[0] for p in row) for row in rows]
+    batch, length = len(rows), max(lengths)
+    some = rows[0][0][0]
+    embeds = some.new_zeros(batch, length, some.shape[-1])
+    mask = torch.zeros(batch, length, dtype=torch.long, device=some.device)
+    labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long, device=some.device)
+    bias = torch.zeros(batch, length, device=some.device)
+    tag_index = torch.full((batch, length), -1, dtype=torch.long, device=some.device)
+    for b, row in enumerate(rows):
+        at = length - lengths[b] if side == "left" else 0
+        mask[b, at:at + lengths[b]] = 1
+        for emb, lab, key_bias, tags in row:
+            n = emb.shape[0]
+            embeds[b, at:at + n] = emb
+            if lab is not None:
+                labels[b, at:at + n] = lab
+            if key_bias is not None:
+                bias[b, at:at + n] = key_bias
+            if tags is not None:
+                tag_index[b, at:at + n] = tags
+            at += n
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    return MultimodalInputs(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                            labels=labels if has_labels else None, key_bias=bias if has_bias else None,
+                            tag_weights=weights, tag_index=tag_index)
+
+
+def _extend(prepared: MultimodalInputs) -> MultimodalInputs:
+    """Append one real key position (a generated token, bias 0) to the masks."""
+    ones = prepared.attention_mask.new_ones(prepared.attention_mask.shape[0], 1)
+    bias = None if prepared.key_bias is None else torch.cat([prepared.key_bias, prepared.key_bias.new_zeros(ones.shape)], 1)
+    return MultimodalInputs(inputs_embeds=prepared.inputs_embeds, attention_mask=torch.cat([prepared.attention_mask, ones], 1),
+                            position_ids=prepared.position_ids, labels=None, key_bias=bias,
+                            tag_weights=prepared.tag_weights)
+
+
+def _pick(logits: Tensor, do_sample: bool, temperature: float, top_p: float,
+          generator: torch.Generator | None) -> Tensor:
+    """Next token per row: argmax, or a nucleus sample at ``temperature``."""
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / max(temperature, 1e-5), -1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@contextlib.contextmanager
+def _gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+    """Gather ZeRO-3 partitioned parameters (a no-op for ordinary ones)."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+            yield
+    else:
+        yield
+
+
+def _save_clip_files(spec: ClipSpec, directory: Path) -> dict[str, Any]:
+    """Copy local CLIP files (checkpoint, model config) into ``directory/clip``; return the portable spec."""
+    portable = spec.to_dict()
+    for key in ("pretrained", "model_config"):
+        source = portable[key]
+        if source and os.path.isfile(source):
+            target = directory / CLIP_DIR / Path(source).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if Path(source).resolve() != target.resolve():
+                shutil.copyfile(source, target)
+            portable[key] = f"{CLIP_DIR}/{target.name}"
+    return portable
+
+
+def _resolve_clip_spec(clip: dict[str, Any], directory: Path) -> ClipSpec:
+    """The saved CLIP recipe with ``clip/...`` paths resolved inside the model directory."""
+    if not clip:
+        raise ValueError(f"{directory}: config.json has no 'clip' entry; cannot load the CLIP tower")
+    resolved = dict(clip)
+    for key in ("pretrained", "model_config"):
+        value = resolved.get(key)
+        if value and value.startswith(f"{CLIP_DIR}/"):
+            resolved[key] = str(directory / value)
+    return spec_from_dict(resolved)

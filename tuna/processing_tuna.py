@@ -1,0 +1,192 @@
+"""TunaProcessor: (conversations or questions, images, tags / a tag source) -> model inputs.
+
+One sample may hold several images at ``<image>`` markers, each with its own tags. Tags come from the
+caller, else from a :class:`tuna.tag_source.TagSource` (retrieval cache, live datastore, ablations).
+A batch holds ``input_ids``/``attention_mask`` (and ``labels`` when answers are given) plus, for the N
+images in sentinel order: ``pixel_values`` (N, 3, H, W), ``tags`` (N lists of strings) and their LLM
+token ids ``tag_input_ids`` / ``tag_attention_mask`` (N, T, Lt).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from tuna.conversation import (IGNORE_INDEX, IMAGE_MARKER, TokenizationError, _encode_after, build_generation_prompt,
+                               tokenize_conversation)
+from tuna.tag_source import TagSource
+
+
+@dataclass
+class TunaProcessor:
+    """Turns samples into :class:`tuna.TunaForCausalLM` inputs.
+
+    Args:
+        tokenizer: the LLM tokenizer.
+        image_processor: PIL image -> (3, H, W) tensor (the CLIP preprocess).
+        template: conversation template name.
+        max_tags: tags kept per image; max_tag_tokens: word tokens kept per tag.
+        tag_prefix: the text before the first tag (tags are tokenized in its context).
+        tag_source: where tags come from when the caller gives none (None: no tags).
+        max_length: longest sequence after splicing (None: unlimited); longer samples raise
+            :class:`tuna.conversation.SequenceTooLongError`.
+        tokens_per_image: positions one image takes after splicing (patches + tag block), for max_length.
+    """
+
+    tokenizer: Any
+    image_processor: Callable
+    template: str = "vicuna_v1"
+    max_tags: int = 10
+    max_tag_tokens: int = 8
+    tag_prefix: str = " Tags:"
+    tag_source: TagSource | None = None
+    max_length: int | None = None
+    tokens_per_image: int = 1
+    _tag_ids: dict[str, list[int]] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, tag_source: TagSource | None = None,
+                   max_length: int | None = None) -> "TunaProcessor":
+        """A processor matching ``model``'s template, tag limits and CLIP preprocessing."""
+        cfg = model.config
+        per_tag = cfg.tag_queries + cfg.max_tag_tokens + len(cfg.tag_separator_ids)
+        block = len(cfg.tag_prefix_ids) + len(cfg.tag_suffix_ids) + cfg.max_tags * per_tag
+        return cls(tokenizer=tokenizer, image_processor=model.vision.clip.preprocess, template=cfg.template,
+                   max_tags=cfg.max_tags, max_tag_tokens=cfg.max_tag_tokens, tag_prefix=cfg.tag_prefix,
+                   tag_source=tag_source, max_length=max_length, tokens_per_image=cfg.num_image_tokens + block)
+
+    # ------------------------------------------------------------------------------ samples
+    def encode(self, conversation: list[dict] | str, images: Sequence[Any] = (), image_ids: Sequence[str] | None = None,
+               tags: Sequence[Sequence[str]] | None = None, sample_id: str = "?") -> dict[str, Any]:
+        """One sample, unpadded.
+
+        Args:
+            conversation: LLaVA turns (ending with a gpt answer -> ``labels``; with a human turn -> a
+                generation prompt) or a question string. Without ``<image>`` markers, one marker per
+                image is put in front of the first human turn (LLaVA's convention).
+            images: PIL images or image file paths, in marker order.
+            image_ids: ids for the tag lookup (default: the path, or ``"{sample_id}:{i}"``).
+            tags: tags per image; None = ask ``tag_source``.
+            sample_id: named in errors.
+
+        Raises:
+            ValueError: marker/image count mismatch, unreadable image, bad conversation.
+            tuna.tag_source.MissingTagsError: no tags for an image and no way to retrieve them.
+        """
+        images = list(images)
+        conversation = _with_markers(conversation, len(images))
+        if isinstance(conversation, list) and conversation and conversation[-1].get("from") in ("gpt", "assistant"):
+            out = tokenize_conversation(conversation, self.tokenizer, self.template, sample_id=sample_id,
+                                        max_length=self.max_length, tokens_per_image=self.tokens_per_image)
+        else:
+            out = build_generation_prompt(conversation, self.tokenizer, self.template, sample_id=sample_id)
+        if out["n_images"] != len(images):
+            raise ValueError(f"sample {sample_id!r}: {out['n_images']} {IMAGE_MARKER} markers but {len(images)} images")
+        ids = list(image_ids) if image_ids is not None else [
+            str(im) if isinstance(im, (str, Path)) else f"{sample_id}:{i}" for i, im in enumerate(images)]
+        pil = [_open_image(im, sample_id) for im in images]
+        if tags is None:
+            tags = [self.tag_source(i, im).tags if self.tag_source is not None else [] for i, im in zip(ids, pil)]
+        if len(tags) != len(images):
+            raise ValueError(f"sample {sample_id!r}: tags for {len(tags)} images, but {len(images)} images")
+        out["pixel_values"] = torch.stack([self.image_processor(im) for im in pil]) if pil else None
+        out["tags"] = [list(t)[:self.max_tags] for t in tags]
+        out["sample_id"] = sample_id
+        return out
+
+    def tag_token_ids(self, tag: str) -> list[int]:
+        """LLM token ids of one tag as it reads after the tag prefix (cached), at most ``max_tag_tokens``."""
+        if tag not in self._tag_ids:
+            try:
+                ids = _encode_after(self.tag_prefix, " " + tag, self.tokenizer, f"tag {tag!r}")
+            except TokenizationError:  # tag tokens are inputs only, never labels: plain encoding is fine
+                ids = list(self.tokenizer.encode(" " + tag, add_special_tokens=False))
+            if not ids:
+                raise ValueError(f"tag {tag!r} tokenizes to nothing")
+            self._tag_ids[tag] = ids[:self.max_tag_tokens]
+        return self._tag_ids[tag]
+
+    # ------------------------------------------------------------------------------ batches
+    def collate(self, samples: list[dict[str, Any]], padding_side: str = "right") -> dict[str, Any]:
+        """Pad encoded samples into a batch (``padding_side``: "right" for training, "left" to generate)."""
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        length = max(len(s["input_ids"]) for s in samples)
+        batch = len(samples)
+        input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch, length), dtype=torch.long)
+        with_labels = all("labels" in s for s in samples)
+        labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
+        for b, s in enumerate(samples):
+            n = len(s["input_ids"])
+            span = slice(length - n, length) if padding_side == "left" else slice(0, n)
+            input_ids[b, span] = s["input_ids"]
+            attention_mask[b, span] = 1
+            if with_labels:
+                labels[b, span] = s["labels"]
+        pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+        tags = [t for s in samples for t in s["tags"]]
+        out = {"input_ids": input_ids, "attention_mask": attention_mask,
+               "pixel_values": torch.cat(pixels) if pixels else None, "tags": tags}
+        out["tag_input_ids"], out["tag_attention_mask"] = self._tag_tensors(tags, pad_id)
+        if with_labels:
+            out["labels"] = labels
+        return out
+
+    def __call__(self, conversations: Sequence[list[dict] | str], images: Sequence[Sequence[Any]] | None = None,
+                 image_ids: Sequence[Sequence[str] | None] | None = None,
+                 tags: Sequence[Sequence[Sequence[str]] | None] | None = None,
+                 padding_side: str = "left") -> dict[str, Any]:
+        """Encode and collate several samples (per sample: its images, image ids and tags)."""
+        n = len(conversations)
+        images = images if images is not None else [()] * n
+        image_ids = image_ids if image_ids is not None else [None] * n
+        tags = tags if tags is not None else [None] * n
+        samples = [self.encode(c, im, ids, t, sample_id=str(i))
+                   for i, (c, im, ids, t) in enumerate(zip(conversations, images, image_ids, tags))]
+        return self.collate(samples, padding_side)
+
+    def _tag_tensors(self, tags: list[list[str]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n_tags = max((len(t) for t in tags), default=0)
+        encoded = [[self.tag_token_ids(tag) for tag in row] for row in tags]
+        width = max((len(ids) for row in encoded for ids in row), default=0)
+        ids = torch.full((len(tags), n_tags, width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(tags), n_tags, width), dtype=torch.bool)
+        for n, row in enumerate(encoded):
+            for j, tok in enumerate(row):
+                ids[n, j, :len(tok)] = torch.tensor(tok)
+                mask[n, j, :len(tok)] = True
+        return ids, mask
+
+
+def _with_markers(conversation: list[dict] | str, n_images: int) -> list[dict] | str:
+    """Put one ``<image>`` marker per image before the first human turn when none are present."""
+    if n_images == 0:
+        return conversation
+    prefix = (IMAGE_MARKER + "\n") * n_images
+    if isinstance(conversation, str):
+        return conversation if IMAGE_MARKER in conversation else prefix + conversation
+    if any(IMAGE_MARKER in turn.get("value", "") for turn in conversation):
+        return conversation
+    turns = [dict(t) for t in conversation]
+    for turn in turns:
+        if turn.get("from") in ("human", "user"):
+            turn["value"] = prefix + turn["value"]
+            break
+    return turns
+
+
+def _open_image(image: Any, sample_id: str) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, (str, Path)):
+        try:
+            with Image.open(image) as im:
+                return im.convert("RGB")
+        except (OSError, UnidentifiedImageError) as exc:
+            raise ValueError(f"sample {sample_id!r}: cannot read image {str(image)!r}: {exc}") from exc
+    return image.convert("RGB") if hasattr(image, "convert") else image

@@ -34,6 +34,8 @@ class TunaConfig(PretrainedConfig):
         tag_prefix, tag_separator, tag_suffix: text delimiting the tag block ("Tags: a, b."), and their
             token ids (``*_ids``, filled in from the tokenizer); max_tag_tokens: word tokens kept per tag.
         stop_token_ids: tokens that end an answer (EOS and the template's end of turn).
+        lora: peft LoRA settings {"r", "alpha", "dropout", "target_modules"} while adapters are active
+            (set by ``enable_lora``, cleared by ``merge_lora``), else None.
 
     Raises:
         ValueError: an enum-like field has a value outside its allowed set (listed in the message).
@@ -51,7 +53,8 @@ class TunaConfig(PretrainedConfig):
                  clip_embed_dim: int = 0, num_image_tokens: int = 0, tag_prefix: str = " Tags:",
                  tag_separator: str = ",", tag_suffix: str = ".", tag_prefix_ids: list[int] | None = None,
                  tag_separator_ids: list[int] | None = None, tag_suffix_ids: list[int] | None = None,
-                 max_tag_tokens: int = 8, stop_token_ids: list[int] | None = None, **kwargs: Any) -> None:
+                 max_tag_tokens: int = 8, stop_token_ids: list[int] | None = None,
+                 lora: dict | None = None, **kwargs: Any) -> None:
         if isinstance(text_config, dict):
             text_config = dict(text_config)
             if "model_type" not in text_config:
@@ -74,6 +77,7 @@ class TunaConfig(PretrainedConfig):
         self.tag_separator_ids = list(tag_separator_ids or [])
         self.tag_suffix_ids = list(tag_suffix_ids or [])
         self.stop_token_ids = list(stop_token_ids or [])
+        self.lora = lora
         _check_choice("weight_scaling", weight_scaling, WEIGHT_SCALINGS)
         _check_choice("weight_mode", weight_mode, WEIGHT_MODES)
         _check_choice("ablation", ablation, ABLATIONS)
@@ -89,3 +93,6 @@ class TunaConfig(PretrainedConfig):
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r}: expected one of {list(allowed)}")
+
+
+AutoConfig.register("tuna", TunaConfig, exist_ok=True)

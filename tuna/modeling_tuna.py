@@ -43,7 +43,6 @@ logger = logging.getLogger(__name__)
 CLIP_DIR = "clip"
 TRAINABLE_FILE = "tuna_trainable.safetensors"
 TRAINABLE_PREFIXES = ("connector.", "tag_encoder.")
-_PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclass(frozen=True)
@@ -91,6 +90,18 @@ class MultimodalInputs:
 
 
 @dataclass
+class _Tags:
+    """A batch's tags as the model reads them: ids/token_mask (N, T, Lt), tag_mask (N, T), CLIP text (N, T, D)."""
+
+    ids: Tensor
+    token_mask: Tensor
+    tag_mask: Tensor
+    text: Tensor
+    weights: Tensor | None
+    image_aware: bool
+
+
+@dataclass
 class ScoreOutput:
     """Log-likelihoods of the labelled (answer) tokens: ``sum`` (B,), ``n_tokens`` (B,), ``per_token`` list of (n_b,)."""
 
@@ -129,6 +140,8 @@ class TunaForCausalLM(PreTrainedModel):
             text_dim=config.clip_embed_dim, vision_dim=config.vision_hidden_size, hidden_dim=config.tag_hidden_dim,
             num_heads=config.tag_num_heads, num_layers=config.tag_num_layers,
             num_queries_per_tag=config.tag_queries))
+        if config.lora:  # a checkpoint saved with LoRA active: rebuild the adapters so its keys load
+            self.language_model = _wrap_lora(self.language_model, config.lora)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -163,7 +176,7 @@ class TunaForCausalLM(PreTrainedModel):
             llm = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype, attn_implementation=attn_implementation)
         loaded = clip if isinstance(clip, LoadedClip) else load_clip(clip)
         tower = VisionTower(loaded, feature_layer=config_kwargs.get("vision_feature_layer", -2))
-        config = TunaConfig(text_config=llm.config, clip=loaded.spec.to_dict(), clip_identity=loaded.identity,
+        config = TunaConfig(text_config=llm.config, clip=_clip_recipe(loaded.spec), clip_identity=loaded.identity,
                             vision_hidden_size=tower.hidden_size, clip_embed_dim=tower.embed_dim,
                             num_image_tokens=tower.num_patches, **config_kwargs)
         encode = lambda text: list(tokenizer.encode(text, add_special_tokens=False)) if text else []  # noqa: E731
@@ -184,11 +197,12 @@ class TunaForCausalLM(PreTrainedModel):
                         clip_precision: str | None = None, **kwargs: Any) -> "TunaForCausalLM":
         """Load a saved TUNA model and its CLIP tower (checked against the saved identity).
 
-        ``clip_precision`` ("fp32", "bf16", "fp16") defaults to the model's dtype.
+        ``clip_precision`` ("fp32", "bf16", "fp16") overrides the tower precision saved with the model
+        (tag weights come from CLIP similarities, so they shift slightly with precision).
         """
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         spec = _resolve_clip_spec(model.config.clip, Path(pretrained_model_name_or_path))
-        spec.precision = clip_precision or _PRECISION.get(model.dtype, "fp32")
+        spec.precision = clip_precision or spec.precision
         model.attach_vision(load_clip(spec))
         return model
 
@@ -240,9 +254,11 @@ class TunaForCausalLM(PreTrainedModel):
         from safetensors.torch import save_file
 
         path = Path(directory) / TRAINABLE_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"connector_type": self.config.connector_type, "weights_of": "connector+tag_encoder"}
-        save_file(self.trainable_state_dict(), str(path), metadata=meta)
+        state = self.trainable_state_dict()  # collective under ZeRO-3: every rank takes part
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            meta = {"connector_type": self.config.connector_type, "weights_of": "connector+tag_encoder"}
+            save_file(state, str(path), metadata=meta)
         return path
 
     def load_trainable(self, path: str | os.PathLike) -> None:
@@ -273,12 +289,15 @@ class TunaForCausalLM(PreTrainedModel):
 
     def enable_lora(self, r: int = 128, alpha: int = 256, dropout: float = 0.05,
                     target_modules: str | list[str] = "all-linear") -> None:
-        """Wrap the LLM with peft LoRA adapters (LLM base weights frozen; connector/tag encoder untouched)."""
-        from peft import LoraConfig, get_peft_model
+        """Wrap the LLM with peft LoRA adapters (LLM base weights frozen; connector/tag encoder untouched).
 
-        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                            task_type="CAUSAL_LM")
-        self.language_model = get_peft_model(self.language_model, config)
+        The settings go into ``config.lora``, so ``save_pretrained`` checkpoints (e.g. mid-training)
+        reload with the adapters in place; :meth:`merge_lora` before the final export.
+        """
+        if self.config.lora:
+            raise ValueError("LoRA is already enabled on this model")
+        self.config.lora = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": target_modules}
+        self.language_model = _wrap_lora(self.language_model, self.config.lora)
 
     def merge_lora(self) -> None:
         """Fold LoRA adapters into the LLM weights (for export as a plain TUNA checkpoint)."""
@@ -286,6 +305,7 @@ class TunaForCausalLM(PreTrainedModel):
 
         if isinstance(self.language_model, PeftModel):
             self.language_model = self.language_model.merge_and_unload()
+        self.config.lora = None
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -304,6 +324,17 @@ class TunaForCausalLM(PreTrainedModel):
             return AdaptiveWeightTuner.uniform_weights(tag_mask, self.config.weight_scaling)
         return None
 
+    @torch.no_grad()
+    def weights_for(self, pixel_values: Tensor, tags: list[list[str]]) -> list[list[float]]:
+        """The weights each image's tags get under the configured ablation (empty lists when unweighted)."""
+        width = max((len(t) for t in tags), default=0)
+        tag_mask = torch.tensor([[j < len(t) for j in range(width)] for t in tags], dtype=torch.bool)
+        if width == 0 or not TAG_POLICIES[self.config.ablation].use_tags:
+            return [[] for _ in tags]
+        image_embeds = self._vision_on(self.device)(pixel_values).image_embeds.cpu()
+        weights = self.tag_weights(image_embeds, self._tag_text_embeddings(tags, tag_mask), tag_mask)
+        return [[] if weights is None else weights[n, :len(t)].tolist() for n, t in enumerate(tags)]
+
     def _tag_text_embeddings(self, tags: list[list[str]], tag_mask: Tensor) -> Tensor:
         counts = tag_mask.sum(-1).tolist()
         if len(tags) != len(counts) or [len(t) for t in tags] != counts:
@@ -313,29 +344,67 @@ class TunaForCausalLM(PreTrainedModel):
         out[tag_mask.cpu()] = flat
         return out.to(tag_mask.device)
 
-    def _tag_blocks(self, patches: Tensor, image_embeds: Tensor, tags: list[list[str]] | None,
-                    tag_input_ids: Tensor | None, tag_attention_mask: Tensor | None
-                    ) -> tuple[list[tuple[Tensor, Tensor, Tensor] | None], Tensor | None]:
-        """Per image its tag block (embeddings (Lb, H), key bias (Lb,), tag index (Lb,)) or None; the (N, T) weights."""
-        n_images = patches.shape[0]
+    def _tag_inputs(self, image_embeds: Tensor | None, tags: list[list[str]] | None, tag_input_ids: Tensor | None,
+                    tag_attention_mask: Tensor | None) -> _Tags | None:
+        """The batch's tags, their CLIP text embeddings and weights; None when the block is off or empty."""
+        if tag_input_ids is None or tag_attention_mask is None:
+            if tags is not None and any(len(t) for t in tags):
+                raise ValueError("tags were given without tag_input_ids / tag_attention_mask (build batches "
+                                 "with TunaProcessor)")
+            return None
         policy = TAG_POLICIES[self.config.ablation]
-        if not policy.use_tags or tag_input_ids is None or tag_input_ids.shape[1] == 0:
-            return [None] * n_images, None
-        if tag_attention_mask is None or tags is None:
-            raise ValueError("tag_input_ids need tag_attention_mask and the tag strings (tags)")
-        embed = self.get_input_embeddings()
+        if not policy.use_tags or image_embeds is None or tag_input_ids.shape[1] == 0:
+            return None
+        if tags is None:
+            raise ValueError("tag_input_ids need the tag strings (tags) for their CLIP text embeddings")
         token_mask = tag_attention_mask.bool()  # (N, T, Lt)
         tag_mask = token_mask.any(-1)  # (N, T)
-        tag_text = self._tag_text_embeddings(tags, tag_mask)  # (N, T, D)
-        weights = self.tag_weights(image_embeds, tag_text, tag_mask)  # (N, T) or None
-        tokens = embed(tag_input_ids.clamp_min(0))  # (N, T, Lt, H)
-        if policy.image_aware:
-            dtype = self.connector_dtype
-            visual = self.tag_encoder(tag_text.to(dtype), patches.to(dtype), tag_mask)  # (N, T, nq, Dv)
-            visual = self.connector(visual).to(tokens.dtype)  # (N, T, nq, H)
-            tokens = torch.cat([visual, tokens], dim=2)  # (N, T, nq + Lt, H)
-            nq = visual.shape[2]
-            token_mask = torch.cat([tag_mask[..., None].expand(-1, -1, nq), token_mask], dim=2)
+        text = self._tag_text_embeddings(tags, tag_mask)  # (N, T, D)
+        weights = self.tag_weights(image_embeds, text, tag_mask)  # (N, T) or None
+        return _Tags(ids=tag_input_ids, token_mask=token_mask, tag_mask=tag_mask, text=text, weights=weights,
+                     image_aware=policy.image_aware)
+
+    def _visual_tokens(self, patches: Tensor | None, tags: _Tags | None, hidden_dtype: torch.dtype
+                       ) -> tuple[Tensor | None, Tensor | None, Tensor]:
+        """Patch tokens (N, P, H) and image-aware tag tokens (N, T, nq, H) through one connector call.
+
+        The tag encoder and the connector run exactly once per forward, on a zero probe when the batch
+        does not need them (no images, no tags, an ablation without image-aware tokens); the probe
+        enters the output as ``0 * sum`` (the returned anchor). DDP and ZeRO-3 need every rank to use
+        the same modules at every step, otherwise reductions and parameter gathers fall out of step.
+        """
+        dtype, width = self.connector_dtype, self.config.vision_hidden_size
+        device = self.connector_device
+        probes = []
+        encoded = None
+        if tags is not None and tags.image_aware:
+            encoded = self.tag_encoder(tags.text.to(dtype), patches, tags.tag_mask)  # (N, T, nq, Dv)
+        else:
+            probes.append(self.tag_encoder(torch.zeros(1, 1, self.config.clip_embed_dim, dtype=dtype, device=device),
+                                           torch.zeros(1, 1, width, dtype=dtype, device=device),
+                                           torch.ones(1, 1, dtype=torch.bool, device=device)))
+        rows = [x.reshape(-1, width) for x in (patches, encoded) if x is not None]
+        projected = self.connector(torch.cat(rows) if rows else torch.zeros(1, width, dtype=dtype, device=device))
+        if not rows:
+            probes.append(projected)
+        projected = projected.to(hidden_dtype)
+        n_patch_rows = 0 if patches is None else patches.shape[0] * patches.shape[1]
+        images = None if patches is None else projected[:n_patch_rows].view(*patches.shape[:2], -1)
+        visual = None if encoded is None else projected[n_patch_rows:].view(*encoded.shape[:3], -1)
+        anchor = sum(p.float().sum() for p in probes) * 0.0 if probes else torch.zeros((), device=device)
+        return images, visual, anchor.to(hidden_dtype)
+
+    def _tag_blocks(self, tags: _Tags | None, visual: Tensor | None, n_images: int
+                    ) -> list[tuple[Tensor, Tensor, Tensor] | None]:
+        """Per image its tag block (embeddings (Lb, H), key bias (Lb,), tag index (Lb,)), or None."""
+        if tags is None:
+            return [None] * n_images
+        embed = self.get_input_embeddings()
+        tokens = embed(tags.ids.clamp_min(0))  # (N, T, Lt, H)
+        token_mask, tag_mask, weights = tags.token_mask, tags.tag_mask, tags.weights
+        if visual is not None:
+            tokens = torch.cat([visual.to(tokens.dtype), tokens], dim=2)  # (N, T, nq + Lt, H)
+            token_mask = torch.cat([tag_mask[..., None].expand(-1, -1, visual.shape[2]), token_mask], dim=2)
         bias = torch.zeros(tag_mask.shape, device=tokens.device)  # (N, T)
         if weights is not None:
             mode = self.config.weight_mode
@@ -346,21 +415,23 @@ class TunaForCausalLM(PreTrainedModel):
         delims = [torch.tensor(ids, dtype=torch.long, device=tokens.device) for ids in
                   (self.config.tag_prefix_ids, self.config.tag_separator_ids, self.config.tag_suffix_ids)]
         delim_embeds = embed(torch.cat(delims))  # (Ld, H)
-        hidden = tokens.shape[-1]
-        table = torch.cat([delim_embeds, tokens.reshape(-1, hidden)])  # rows a block gathers from
+        table = torch.cat([delim_embeds, tokens.reshape(-1, tokens.shape[-1])])  # rows a block gathers from
         table_bias = torch.cat([bias.new_zeros(len(delim_embeds)),
                                 bias[..., None].expand(token_mask.shape).reshape(-1)])
         table_tag = torch.cat([torch.full((len(delim_embeds),), -1, device=tokens.device),
                                torch.arange(tag_mask.numel(), device=tokens.device)[:, None]
                                .expand(-1, token_mask.shape[-1]).reshape(-1)])
         index = _block_indices(tag_mask.cpu(), token_mask.cpu(), [len(d) for d in delims])
-        blocks = [None if idx is None else tuple(t[idx.to(table.device)] for t in (table, table_bias, table_tag))
-                  for idx in index]
-        return blocks, weights
+        return [None if idx is None else tuple(t[idx.to(table.device)] for t in (table, table_bias, table_tag))
+                for idx in index]
 
     @property
     def connector_dtype(self) -> torch.dtype:
-        return next(self.connector.parameters(), next(self.tag_encoder.parameters())).dtype
+        return next(self.tag_encoder.parameters()).dtype
+
+    @property
+    def connector_device(self) -> torch.device:
+        return next(self.tag_encoder.parameters()).device
 
     def prepare_inputs(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
                        pixel_values: Tensor | None = None, tags: list[list[str]] | None = None,
@@ -386,15 +457,16 @@ class TunaForCausalLM(PreTrainedModel):
         n_images = 0 if pixel_values is None else pixel_values.shape[0]
         if n_sentinels != n_images:
             raise ValueError(f"the batch has {n_sentinels} image markers but {n_images} images")
-        embed = self.get_input_embeddings()
-        text = embed(input_ids.clamp_min(0))  # (B, L, H)
-        images, blocks, weights = [], [], None
+        text = self.get_input_embeddings()(input_ids.clamp_min(0))  # (B, L, H)
+        patches = image_embeds = None
         if n_images:
-            vision = self._vision_on(device)
-            out = vision(pixel_values)
-            images = self.connector(out.patches.to(self.connector_dtype)).to(text.dtype)  # (N, P, H)
-            blocks, weights = self._tag_blocks(out.patches, out.image_embeds.to(device), tags, tag_input_ids,
-                                               tag_attention_mask)
+            out = self._vision_on(device)(pixel_values)
+            patches, image_embeds = out.patches.to(self.connector_dtype), out.image_embeds.to(device)
+        tag_inputs = self._tag_inputs(image_embeds, tags, tag_input_ids, tag_attention_mask)
+        images, visual, anchor = self._visual_tokens(patches, tag_inputs, text.dtype)
+        blocks = self._tag_blocks(tag_inputs, visual, n_images)
+        weights = None if tag_inputs is None else tag_inputs.weights
+        text = text + anchor  # exactly 0; keeps unused modules in the graph
         rows, image_i = [], 0
         for b in range(input_ids.shape[0]):
             keep = attention_mask[b].bool()
@@ -424,6 +496,10 @@ class TunaForCausalLM(PreTrainedModel):
         """2D mask, or the 4D float mask (B, 1, Lq, L) with causal + padding masking and the tag key bias."""
         if prepared.key_bias is None:
             return prepared.attention_mask
+        impl = self.language_model.config._attn_implementation or ""
+        if "flash" in impl:
+            raise ValueError(f"weight_mode={self.config.weight_mode!r} needs an attention bias, which "
+                             f"{impl} cannot take: use attn_implementation='sdpa' or weight_mode='scale'")
         return bias_attention_mask(prepared.attention_mask, prepared.key_bias, prepared.inputs_embeds.dtype,
                                    query_start)
 
@@ -441,11 +517,13 @@ class TunaForCausalLM(PreTrainedModel):
                                        tag_attention_mask, padding_side="right")
         if prepared.labels is not None and not bool((prepared.labels != IGNORE_INDEX).any()):
             raise ValueError("every label in this batch is IGNORE_INDEX: the batch would train on nothing")
-        kwargs.pop("position_ids", None)
+        for ignored in ("position_ids", "use_cache", "return_dict", "past_key_values"):
+            kwargs.pop(ignored, None)  # positions come from the splice; generation has its own loop
         out = self.language_model(inputs_embeds=prepared.inputs_embeds, attention_mask=self.attention_inputs(prepared),
                                   position_ids=prepared.position_ids, labels=prepared.labels, use_cache=False,
-                                  **kwargs)
-        return TunaCausalLMOutput(loss=out.loss, logits=out.logits, tag_weights=prepared.tag_weights)
+                                  return_dict=True, **kwargs)
+        return TunaCausalLMOutput(loss=out.loss, logits=out.logits, hidden_states=out.hidden_states,
+                                  attentions=out.attentions, tag_weights=prepared.tag_weights)
 
     @torch.no_grad()
     def score(self, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None,
@@ -463,9 +541,7 @@ class TunaForCausalLM(PreTrainedModel):
         target = prepared.labels[:, 1:]  # (B, L-1): token t+1 is predicted at position t
         valid = target != IGNORE_INDEX
         logits = self.get_output_embeddings()(hidden[:, :-1][valid]).float()  # (M, V)
-        cap = getattr(self.config.text_config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
+        logits = _postprocess_logits(logits, self.config.text_config)
         token_logp = torch.log_softmax(logits, -1).gather(-1, target[valid][:, None]).squeeze(-1)  # (M,)
         counts = valid.sum(-1)
         per_token = list(token_logp.split(counts.tolist()))
@@ -625,7 +701,7 @@ def _gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> I
 
 def _save_clip_files(spec: ClipSpec, directory: Path) -> dict[str, Any]:
     """Copy local CLIP files (checkpoint, model config) into ``directory/clip``; return the portable spec."""
-    portable = spec.to_dict()
+    portable = _clip_recipe(spec)
     for key in ("pretrained", "model_config"):
         source = portable[key]
         if source and os.path.isfile(source):
@@ -635,6 +711,32 @@ def _save_clip_files(spec: ClipSpec, directory: Path) -> dict[str, Any]:
                 shutil.copyfile(source, target)
             portable[key] = f"{CLIP_DIR}/{target.name}"
     return portable
+
+
+def _wrap_lora(language_model: PreTrainedModel, settings: dict[str, Any]) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
+                        target_modules=settings["target_modules"], task_type="CAUSAL_LM")
+    return get_peft_model(language_model, config)
+
+
+def _postprocess_logits(logits: Tensor, text_config: Any) -> Tensor:
+    """The LM-head post-processing some architectures apply inside their forward (for ``score``)."""
+    scale = getattr(text_config, "logit_scale", None)  # Cohere: multiply
+    if isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    divisor = getattr(text_config, "logits_scaling", None)  # Granite: divide
+    if isinstance(divisor, (int, float)) and divisor != 1:
+        logits = logits / divisor
+    cap = getattr(text_config, "final_logit_softcapping", None)  # Gemma 2/3: soft-cap
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _clip_recipe(spec: ClipSpec) -> dict[str, Any]:
+    return {**spec.to_dict(), "precision": spec.precision}
 
 
 def _resolve_clip_spec(clip: dict[str, Any], directory: Path) -> ClipSpec:
@@ -647,3 +749,6 @@ def _resolve_clip_spec(clip: dict[str, Any], directory: Path) -> ClipSpec:
         if value and value.startswith(f"{CLIP_DIR}/"):
             resolved[key] = str(directory / value)
     return spec_from_dict(resolved)
+
+
+AutoModelForCausalLM.register(TunaConfig, TunaForCausalLM, exist_ok=True)

@@ -120,6 +120,9 @@ class TunaProcessor:
         input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((batch, length), dtype=torch.long)
         with_labels = all("labels" in s for s in samples)
+        if not with_labels and any("labels" in s for s in samples):
+            raise ValueError("cannot batch training samples (with answers) together with generation prompts "
+                             f"(without): {[s['sample_id'] for s in samples if 'labels' not in s]}")
         labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
         for b, s in enumerate(samples):
             n = len(s["input_ids"])
@@ -140,14 +143,15 @@ class TunaProcessor:
     def __call__(self, conversations: Sequence[list[dict] | str], images: Sequence[Sequence[Any]] | None = None,
                  image_ids: Sequence[Sequence[str] | None] | None = None,
                  tags: Sequence[Sequence[Sequence[str]] | None] | None = None,
-                 padding_side: str = "left") -> dict[str, Any]:
-        """Encode and collate several samples (per sample: its images, image ids and tags)."""
+                 padding_side: str = "left", sample_ids: Sequence[str] | None = None) -> dict[str, Any]:
+        """Encode and collate several samples (per sample: its images, image ids, tags; ids for errors)."""
         n = len(conversations)
         images = images if images is not None else [()] * n
         image_ids = image_ids if image_ids is not None else [None] * n
         tags = tags if tags is not None else [None] * n
-        samples = [self.encode(c, im, ids, t, sample_id=str(i))
-                   for i, (c, im, ids, t) in enumerate(zip(conversations, images, image_ids, tags))]
+        sample_ids = sample_ids if sample_ids is not None else [str(i) for i in range(n)]
+        samples = [self.encode(c, im, ids, t, sample_id=sid)
+                   for c, im, ids, t, sid in zip(conversations, images, image_ids, tags, sample_ids)]
         return self.collate(samples, padding_side)
 
     def _tag_tensors(self, tags: list[list[str]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

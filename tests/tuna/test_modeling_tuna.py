@@ -351,7 +351,8 @@ def test_no_image_aware_and_text_tags_ablations(make_model, tiny_tokenizer):
     assert not torch.allclose(text.inputs_embeds, words_only.inputs_embeds)
     model.train()
     model(**train_batch(model, tiny_tokenizer)).loss.backward()
-    assert all(p.grad is None for p in model.tag_encoder.parameters())  # encoder not on the path
+    # the encoder is off the path: it runs on a zero probe only, so its gradients are exactly zero
+    assert all(p.grad is not None and not p.grad.any() for p in model.tag_encoder.parameters())
 
 
 def test_random_tags_ablation_keeps_the_model_path(make_model, tiny_tokenizer):
@@ -385,3 +386,102 @@ def test_multi_image_sample_puts_each_tag_block_after_its_image(make_model, tiny
     weight = prepared.tag_weights[0, 0]
     assert torch.allclose(prepared.inputs_embeds[0, cat_at:cat_at + len(cat_ids)],
                           model.get_input_embeddings()(cat_ids) * weight, atol=1e-6)
+
+
+def test_llama_with_sentencepiece_tokenizer_vicuna_template_bf16(tiny_sp_tokenizer, tmp_path):
+    from datastore.clip import ClipSpec
+    from tuna.tiny import save_tiny_llm
+
+    llm = save_tiny_llm(tmp_path / "llama", vocab_size=len(tiny_sp_tokenizer), model_type="llama")
+    model = TunaForCausalLM.from_components(str(llm), ClipSpec(model="tuna-tiny-clip"), tiny_sp_tokenizer,
+                                            dtype=torch.bfloat16, template="vicuna_v1", tag_hidden_dim=32,
+                                            tag_num_heads=2)
+    assert model.config.stop_token_ids == [tiny_sp_tokenizer.eos_token_id]
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    proc = processor(model, tiny_sp_tokenizer)
+    images = random_images(2)
+    batch = proc([QA, TWO_IMAGES], images=[images[:1], images], tags=[[TAGS], [["cat"], []]], padding_side="right")
+    loss = model(**batch).loss
+    assert torch.isfinite(loss)
+    scores = model.score(**batch)
+    assert torch.isfinite(scores.sum).all() and (scores.n_tokens > 0).all()
+    prompts = proc(["What is in the image?", "Which?"], images=[images[:1], images[1:]], tags=[[TAGS], [[]]])
+    assert model.generate(**prompts, max_new_tokens=3, stop_token_ids=[]).shape == (2, 3)
+    model.save_pretrained(tmp_path / "m")
+    loaded = TunaForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+
+
+def test_text_only_samples_mix_with_image_samples(model, tiny_tokenizer):
+    proc = processor(model, tiny_tokenizer)
+    text_only = [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi."}]
+    mixed = proc([text_only, QA], images=[[], random_images(1)], tags=[[], [TAGS]], padding_side="right")
+    alone = proc([text_only], padding_side="right")
+    assert alone["pixel_values"] is None
+    with torch.no_grad():
+        assert torch.isfinite(model(**alone).loss)
+        mixed_loss = model(**mixed).loss
+    assert torch.isfinite(mixed_loss)
+
+
+def test_flash_attention_with_attention_bias_is_refused(make_model, tiny_tokenizer):
+    model = make_model(weight_mode="bias")
+    model.language_model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="needs an attention bias"):
+        model(**train_batch(model, tiny_tokenizer))
+
+
+@pytest.mark.parametrize("kind", ["text_only", "no_tags", "tags"])
+def test_every_trainable_module_is_in_the_graph_of_every_batch(make_model, tiny_tokenizer, kind):
+    # DDP (find_unused_parameters=False) and ZeRO-3 need the same parameters used on every rank and step;
+    # stage 1 (LLM frozen) on a text-only batch must still give a loss with a graph.
+    model = make_model().train()
+    model.set_llm_trainable(False)
+    proc = processor(model, tiny_tokenizer)
+    text_only = [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi."}]
+    if kind == "text_only":
+        batch = proc([text_only], padding_side="right")
+    else:
+        batch = proc([QA], images=[random_images(1)], tags=[[[] if kind == "no_tags" else TAGS]],
+                     padding_side="right")
+    model(**batch).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    if kind == "tags":
+        assert all(p.grad.any() for p in model.tag_encoder.parameters())
+    else:
+        assert not any(p.grad.any() for p in model.tag_encoder.parameters())
+
+
+def test_checkpoint_with_active_lora_reloads_with_its_adapters(make_model, tiny_tokenizer, tmp_path):
+    model = make_model()
+    model.enable_lora(r=4, alpha=8, dropout=0.0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    batch = train_batch(model, tiny_tokenizer)
+    model.save_pretrained(tmp_path / "mid")  # e.g. a mid-training checkpoint
+    loaded = TunaForCausalLM.from_pretrained(tmp_path / "mid")
+    assert loaded.config.lora == {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+        loaded.merge_lora()
+        loaded.save_pretrained(tmp_path / "final")
+        final = TunaForCausalLM.from_pretrained(tmp_path / "final")
+        assert final.config.lora is None and not any("lora_" in k for k in final.state_dict())
+        assert torch.allclose(final(**batch).logits, model(**batch).logits, atol=1e-5)
+
+
+def test_tags_without_token_ids_and_mixed_batches_raise(model, tiny_tokenizer):
+    batch = train_batch(model, tiny_tokenizer)
+    with pytest.raises(ValueError, match="tags were given without tag_input_ids"):
+        model(**{k: v for k, v in batch.items() if not k.startswith("tag_")})
+    proc = processor(model, tiny_tokenizer)
+    prompt = proc.encode("What?", sample_id="p1")
+    answered = proc.encode(QA, sample_id="a1")
+    with pytest.raises(ValueError, match=r"with answers\) together with generation prompts \(without\): \['p1'\]"):
+        proc.collate([answered, prompt])
+    with pytest.raises(ValueError, match="sample 'img-7': 1 <image> markers but 0 images"):
+        proc(["<image> What?"], sample_ids=["img-7"])
+    out = model(**batch, use_cache=True, return_dict=False, output_hidden_states=True)
+    assert out.loss is not None and len(out.hidden_states) == model.config.text_config.num_hidden_layers + 1

@@ -1,0 +1,59 @@
+"""``tuna ask``: answer + retrieved tags with weights, from a saved model directory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from datastore.store import Datastore
+from tests.datastore.conftest import build_config, sample_image, write_shards
+from tuna.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(make_model, tiny_tokenizer, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ask") / "model"
+    make_model().save_pretrained(out)
+    tiny_tokenizer.save_pretrained(out)
+    return out
+
+
+def run(capsys, *argv):
+    code = main(["ask", *map(str, argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_ask_with_given_tags_prints_answer_and_weights(model_dir, tmp_path, capsys):
+    sample_image(3).save(tmp_path / "x.jpg")
+    code, out, _ = run(capsys, "--model", model_dir, "--image", tmp_path / "x.jpg", "--question", "What is it?",
+                       "--tags", "red blorp, cat", "--max-new-tokens", 4, "--json")
+    assert code == 0
+    record = json.loads(out)
+    assert [t["tag"] for t in record["tags"]] == ["red blorp", "cat"]
+    assert sum(t["weight"] for t in record["tags"]) == pytest.approx(2.0)  # "count" scaling: mean weight 1
+    assert isinstance(record["answer"], str) and set(record["timings"]) == {"load_s", "retrieve_s", "generate_s"}
+    code, out, _ = run(capsys, "--model", model_dir, "--image", tmp_path / "x.jpg", "--question", "What is it?",
+                       "--tags", "red blorp, cat", "--max-new-tokens", 4)
+    assert code == 0
+    assert out.startswith("tags (none):\n") and "red blorp" in out and "\nanswer: " in out
+
+
+def test_ask_retrieves_live_from_a_datastore(model_dir, tmp_path, capsys):
+    from datastore.build import build
+
+    shards = write_shards(tmp_path / "in", n_shards=1, per_shard=20)
+    build(build_config(shards, tmp_path / "ds"), show_progress=False)
+    sample_image(7).save(tmp_path / "q.jpg")
+    expected = Datastore.open(tmp_path / "ds").retrieve_tags(images=[sample_image(7)], k_images=2, max_tags=10)[0]
+    code, out, _ = run(capsys, "--model", model_dir, "--image", tmp_path / "q.jpg", "--question", "What?",
+                       "--datastore", tmp_path / "ds", "--k-images", 2, "--max-new-tokens", 2, "--json")
+    assert code == 0
+    assert [t["tag"] for t in json.loads(out)["tags"]] == expected.tags
+
+
+def test_ask_fails_with_one_line_reason(model_dir, tmp_path, capsys):
+    code, out, err = run(capsys, "--model", model_dir, "--image", tmp_path / "missing.jpg", "--question", "Q?")
+    assert code == 1 and out == ""
+    assert err == f"tuna ask: error: image '{tmp_path / 'missing.jpg'}' is not a file\n"

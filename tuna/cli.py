@@ -1,0 +1,141 @@
+"""``tuna``: one-off inference with a TUNA model (``tuna ask``), printing the answer and the tags it read."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from datastore.utils import setup_logging
+
+logger = logging.getLogger("tuna.cli")
+
+EPILOG = """examples:
+  tuna ask --model runs/tuna --image cat.jpg --question "What is this animal?" --datastore ds
+  tuna ask --model runs/tuna --image cat.jpg --question "What is it?" --tags "cat,red sofa"
+  tuna ask --model runs/tuna --image images/0001.jpg --question "..." --retrieval-cache cache.parquet \\
+      --image-id 0001.jpg
+  tuna ask --model runs/tuna --image cat.jpg --question "..." --datastore ds --ablation uniform_weights --json
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    from tuna.configuration_tuna import ABLATIONS
+
+    parser = argparse.ArgumentParser(
+        prog="tuna", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="TUNA: a multimodal LLM that reads tags retrieved for each image from an image→tags datastore.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("ask", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help="answer one question about one image",
+                       description="Load a saved TUNA model (a from_pretrained directory holding the tokenizer "
+                                   "too), retrieve tags for the image, generate an answer and print it with the "
+                                   "tags and their adaptive weights.")
+    a.add_argument("--model", required=True, help="TUNA model directory (save_pretrained output + tokenizer)")
+    a.add_argument("--image", required=True, help="image file")
+    a.add_argument("--question", required=True, help="the question; an <image> marker is added in front if absent")
+    tags = a.add_argument_group("tags (default: none, i.e. the plain-LLaVA behaviour)")
+    tags.add_argument("--datastore", help="datastore directory for live retrieval (same CLIP as the model)")
+    tags.add_argument("--retrieval-cache", help="retrieval cache parquet (tuna-datastore cache) to look the image up in")
+    tags.add_argument("--image-id", help="the image's key in the retrieval cache (default: the --image path)")
+    tags.add_argument("--tags", help="comma-separated tags to use instead of retrieval")
+    tags.add_argument("--k-images", type=int, default=5, help="neighbours retrieved per query image")
+    a.add_argument("--ablation", choices=ABLATIONS, help="override the model's ablation switch")
+    a.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit")
+    a.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    a.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return parser
+
+
+def _tag_source(args, model):
+    from tuna.tag_source import TagSource
+
+    if not (args.datastore or args.retrieval_cache):
+        return None
+    cache = datastore = None
+    if args.retrieval_cache:
+        from datastore.cache import RetrievalCache
+
+        cache = RetrievalCache(args.retrieval_cache)
+    if args.datastore:
+        from datastore.store import Datastore
+
+        datastore = Datastore.open(args.datastore, clip=model.vision.clip)
+    return TagSource(cache=cache, datastore=datastore, k_images=args.k_images, max_tags=model.config.max_tags)
+
+
+def ask(args) -> dict:
+    """Run ``tuna ask``; returns the printed record."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from tuna.modeling_tuna import TunaForCausalLM
+    from tuna.processing_tuna import TunaProcessor
+
+    if not os.path.isfile(args.image):
+        raise ValueError(f"image {args.image!r} is not a file")
+    timings = {}
+    start = time.perf_counter()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model = TunaForCausalLM.from_pretrained(args.model).to(device).eval()
+    if args.ablation:
+        model.config.ablation = args.ablation
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    processor = TunaProcessor.from_model(model, tokenizer, tag_source=_tag_source(args, model))
+    timings["load_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    given = [[t.strip() for t in args.tags.split(",") if t.strip()]] if args.tags else None
+    if given is None and processor.tag_source is None:
+        given = [[]]
+    sample = processor.encode(args.question, images=[args.image], image_ids=[args.image_id or args.image],
+                              tags=given, sample_id=args.image)
+    batch = processor.collate([sample], padding_side="left")
+    batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+    timings["retrieve_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tokens = model.generate(**batch, max_new_tokens=args.max_new_tokens, pad_token_id=pad)[0]
+    stops = set(model.config.stop_token_ids) | {pad}
+    answer = tokenizer.decode([t for t in tokens.tolist() if t not in stops], skip_special_tokens=True).strip()
+    weights = model.weights_for(batch["pixel_values"], batch["tags"])[0]
+    timings["generate_s"] = time.perf_counter() - start
+    tags = batch["tags"][0]
+    return {"answer": answer, "tags": [{"tag": t, "weight": w} for t, w in zip(tags, weights or [None] * len(tags))],
+            "ablation": model.config.ablation, "timings": {k: round(v, 3) for k, v in timings.items()}}
+
+
+def _print(record: dict) -> None:
+    if record["tags"]:
+        print(f"tags ({record['ablation']}):")
+        for item in record["tags"]:
+            weight = "   -  " if item["weight"] is None else f"{item['weight']:.3f}"
+            print(f"  {weight}  {item['tag']}")
+    else:
+        print("tags: none")
+    print(f"answer: {record['answer']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        record = ask(args)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        print(f"tuna {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(record))
+    else:
+        _print(record)
+        logger.info("timings: %s", " ".join(f"{k}={v}" for k, v in record["timings"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

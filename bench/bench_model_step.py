@@ -18,9 +18,11 @@ from other processes). Activation memory is the bytes of the distinct tensor sto
 for backward (parameters excluded), via ``torch.autograd.graph.saved_tensors_hooks``; on CUDA also the
 allocator's peak above the weights. Tag text embeddings are cached per tag string by the vision tower,
 so after warm-up the CLIP text encoder is not in the step (as in a long run over a bounded tag vocabulary).
+On CPU the default clock is this process's CPU time with one torch thread, so other jobs on a shared
+machine do not inflate the steps (wall time there varied 2-3x between identical steps).
 
-    python bench/bench_model_step.py                          # ViT-B-16 (196 patches), Qwen2 512 x 4, batch 2
-    python bench/bench_model_step.py --clip narrow-336        # LLaVA-1.5's 576 patches per image
+    python bench/bench_model_step.py                     # narrow ViT, LLaVA-1.5's 576 patches; Qwen2 512 x 4; batch 4
+    python bench/bench_model_step.py --clip ViT-B-16     # 196 patches per image
     python bench/bench_model_step.py --weight-mode scale --no-breakdown
     python bench/bench_model_step.py --clip ViT-L-14 --llm-hidden 1024 --device cuda --dtype bfloat16
 """
@@ -49,7 +51,8 @@ NOUNS = ["cat", "dog", "table", "car", "tree", "house", "person", "cup", "bicycl
 VERBS = ["sits on", "stands near", "looks at", "is next to", "is under", "holds", "leans against"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PRECISIONS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-VOCAB_SIZE = 1000  # requested; the small synthetic lexicon gives ~500 tokens (LM head ~3% of LLM FLOPs, as in 7B models)
+VOCAB_SIZE = 1000  # asked for; the synthetic lexicon yields ~500 (LM head ~3% of the LLM's FLOPs, ~2% in a 7B)
+TUNA_NAMES = {"scale": "tuna-scale", "scale_and_bias": "tuna-bias", "bias": "tuna-biasonly"}
 FILLER = " the"  # one token per repetition (checked): pads the length-matched baseline
 # A narrow ViT with LLaVA-1.5's token count (336 px / 14 px patches = 576 patches) but cheap on CPU.
 NARROW_CLIPS = {"narrow-336": {
@@ -154,17 +157,19 @@ def build_variants(model: Any, tokenizer: Any, args: argparse.Namespace) -> list
     size = model.vision.clip.identity["image_size"]
     convs, images, tags = make_samples(args.batch_size, args.n_tags, args.answer_words, size, args.seed)
     batch = to_device(proc(convs, images=images, tags=tags, padding_side="right"), args.device)
-    modes = list(dict.fromkeys(["scale", "scale_and_bias", args.weight_mode])) if args.breakdown else [args.weight_mode]
+    modes = [args.weight_mode]
+    if args.breakdown:
+        modes = list(dict.fromkeys(["scale", "scale_and_bias", args.weight_mode]))
     variants = [Variant("baseline", "no_tags", args.weight_mode, batch)]
     if args.breakdown:
-        extra = [t - b for t, b in zip(real_lengths(model, variants[0], "none"), real_lengths(model, variants[0]))]
+        tuna_lengths = real_lengths(model, variants[0], "none")
+        extra = [t - b for t, b in zip(tuna_lengths, real_lengths(model, variants[0]))]
         matched = [[{"from": "human", "value": c[0]["value"] + FILLER * n}, c[1]] for c, n in zip(convs, extra)]
         padded = to_device(proc(matched, images=images, tags=tags, padding_side="right"), args.device)
         variants.append(Variant("len-matched", "no_tags", args.weight_mode, padded))
-        if real_lengths(model, variants[1]) != real_lengths(model, variants[0], "none"):
+        if real_lengths(model, variants[1]) != tuna_lengths:
             raise RuntimeError("the length-matched baseline does not match TUNA's sequence lengths")
-    names = {"scale": "tuna-scale", "scale_and_bias": "tuna-bias", "bias": "tuna-biasonly"}
-    variants += [Variant(names[m], "none", m, batch) for m in modes]
+    variants += [Variant(TUNA_NAMES[m], "none", m, batch) for m in modes]
     return variants
 
 
@@ -188,24 +193,24 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def train_step(model: Any, variant: Variant, device: str) -> float:
+def train_step(model: Any, variant: Variant, device: str, clock: Callable[[], float]) -> float:
     """Seconds for one forward + backward (gradients cleared first; no optimizer step)."""
     activate(model, variant)
     model.zero_grad(set_to_none=True)
     sync(device)
-    start = time.perf_counter()
+    start = clock()
     model(**variant.batch).loss.backward()
     sync(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
-def vision_forward(model: Any, variant: Variant, device: str) -> float:
+def vision_forward(model: Any, variant: Variant, device: str, clock: Callable[[], float]) -> float:
     """Seconds for the frozen CLIP forward (no-grad) every variant runs inside its step."""
     sync(device)
-    start = time.perf_counter()
+    start = clock()
     model.vision(variant.batch["pixel_values"])
     sync(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def saved_activation_bytes(model: Any, variant: Variant) -> int:
@@ -244,49 +249,58 @@ def cuda_peak_bytes(model: Any, variant: Variant) -> int:
 def time_interleaved(model: Any, variants: list[Variant], args: argparse.Namespace
                      ) -> tuple[dict[str, list[float]], list[float]]:
     """Per variant its step times, and the CLIP-forward times, with the variant order rotated every step."""
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times: dict[str, list[float]] = {v.name: [] for v in variants}
     vision: list[float] = []
     for step in range(args.warmup + args.steps):
         shift = step % len(variants)
         for variant in variants[shift:] + variants[:shift]:
-            seconds = train_step(model, variant, args.device)
+            seconds = train_step(model, variant, args.device, clock)
             if step >= args.warmup:
                 times[variant.name].append(seconds)
-        seconds = vision_forward(model, variants[0], args.device)
+        seconds = vision_forward(model, variants[0], args.device, clock)
         if step >= args.warmup:
             vision.append(seconds)
     model.zero_grad(set_to_none=True)
     return times, vision
 
 
+def print_setup(model: Any, vision: list[float], args: argparse.Namespace) -> None:
+    """Print what was measured: model shapes, batch, device and clock, and the CLIP forward's time."""
+    cfg = model.config
+    print(f"LLM {args.llm_type} hidden {args.llm_hidden} x {args.llm_layers} layers, "
+          f"vocab {cfg.text_config.vocab_size}; CLIP {args.clip} ({cfg.num_image_tokens} patches/image); "
+          f"batch {args.batch_size}, {args.n_tags} tags/image, answers ~{args.answer_words} words; "
+          f"{args.device} {args.dtype}, {torch.get_num_threads()} threads; stage {args.stage}; "
+          f"{args.clock} clock, {args.steps} timed steps per variant after {args.warmup} warm-up")
+    print(f"frozen CLIP forward inside every step: median {statistics.median(vision) * 1e3:.1f} ms, "
+          f"min {min(vision) * 1e3:.1f} ms")
+
+
 def report(model: Any, variants: list[Variant], times: dict[str, list[float]], vision: list[float],
            args: argparse.Namespace) -> None:
-    """Print the config line and the results table (markdown)."""
-    cfg = model.config
+    """Print the setup and the results table (markdown), ratios against the baseline."""
     lengths = {v.name: real_lengths(model, v) for v in variants}
     memory = {v.name: saved_activation_bytes(model, v) for v in variants}
     cuda = {v.name: cuda_peak_bytes(model, v) for v in variants} if args.device.startswith("cuda") else {}
-    base, clip_min = times["baseline"], min(vision)
-    print(f"LLM {args.llm_type} hidden {args.llm_hidden} x {args.llm_layers} layers, vocab {cfg.text_config.vocab_size}; "
-          f"CLIP {args.clip} ({cfg.num_image_tokens} patches/image); batch {args.batch_size}, {args.n_tags} tags/image, "
-          f"answers ~{args.answer_words} words; {args.device} {args.dtype}, {torch.get_num_threads()} threads; "
-          f"stage {args.stage}; {args.steps} timed steps per variant after {args.warmup} warm-up")
-    print(f"frozen CLIP forward inside every step: median {statistics.median(vision) * 1e3:.1f} ms, "
-          f"min {clip_min * 1e3:.1f} ms")
+    base, clip = times["baseline"], min(vision)
+    print_setup(model, vision, args)
     head = ("| variant | tokens/sample | step ms median | step ms min | ratio (paired median) | ratio (min) "
-            "| ratio excl. CLIP (min) | tokens/s | saved act. MB | ratio |" + (" CUDA peak MB | ratio |" if cuda else ""))
+            "| ratio excl. CLIP (min) | tokens/s | saved act. MB | ratio |")
+    head += " CUDA peak MB | ratio |" if cuda else ""
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for v in variants:
         t, n = times[v.name], v.name
         paired = statistics.median(a / b for a, b in zip(t, base))
-        row = (f"| {n} | {statistics.mean(lengths[n]):.1f} | {statistics.median(t) * 1e3:.0f} | {min(t) * 1e3:.0f} "
-               f"| {paired:.3f} | {min(t) / min(base):.3f} | {(min(t) - clip_min) / (min(base) - clip_min):.3f} "
-               f"| {sum(lengths[n]) / statistics.median(t):.0f} | {memory[n] / 2**20:.1f} | {memory[n] / memory['baseline']:.3f} |")
+        row = (f"| {n} | {statistics.mean(lengths[n]):.1f} | {statistics.median(t) * 1e3:.0f} "
+               f"| {min(t) * 1e3:.0f} | {paired:.3f} | {min(t) / min(base):.3f} "
+               f"| {(min(t) - clip) / (min(base) - clip):.3f} | {sum(lengths[n]) / statistics.median(t):.0f} "
+               f"| {memory[n] / 2**20:.1f} | {memory[n] / memory['baseline']:.3f} |")
         if cuda:
             row += f" {cuda[n] / 2**20:.1f} | {cuda[n] / cuda['baseline']:.3f} |"
         print(row)
-    headline = {"scale": "tuna-scale", "scale_and_bias": "tuna-bias", "bias": "tuna-biasonly"}[args.weight_mode]
+    headline = TUNA_NAMES[args.weight_mode]
     ratio = statistics.median(a / b for a, b in zip(times[headline], base))
     print(f"step-time ratio {headline} / baseline (paired median): {ratio:.3f}  "
           f"(goal <= 1.15: {'met' if ratio <= 1.15 else 'NOT met'})")
@@ -301,14 +315,14 @@ def check_filler(tokenizer: Any) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--clip", default="ViT-B-16", help="open_clip architecture, random init (ViT-B-16: 196 patches at 224 px; "
+    add("--clip", default="narrow-336", help="open_clip architecture, random init (ViT-B-16: 196 patches at 224 px; "
         "ViT-L-14: 256; ViT-L-14-336: 576 as in LLaVA-1.5, slow on CPU; tuna-tiny-clip: 16) or "
         "'narrow-336': a 4-layer, 256-wide ViT with LLaVA-1.5's 576 patches, cheap on CPU")
     add("--llm-type", default="qwen2", choices=["qwen2", "llama"], help="random-init LLM architecture")
     add("--llm-hidden", type=int, default=512, help="LLM hidden size (heads = hidden/64, KV heads = heads/4; "
         "MLP width 2x hidden)")
     add("--llm-layers", type=int, default=4, help="LLM decoder layers")
-    add("--batch-size", type=int, default=2, help="samples per step (one image each)")
+    add("--batch-size", type=int, default=4, help="samples per step (one image each)")
     add("--n-tags", type=int, default=10, help="tags per image (also the model's max_tags)")
     add("--answer-words", type=int, default=40, help="mean words per answer (the labelled tokens; +-25%% per sample)")
     add("--weight-mode", default="scale_and_bias", choices=["scale", "scale_and_bias", "bias"],
@@ -323,7 +337,11 @@ def parse_args() -> argparse.Namespace:
         "tag-embedding cache)")
     add("--device", default="cpu", help="torch device: cpu or cuda")
     add("--dtype", default="float32", choices=list(DTYPES), help="LLM, connector, tag encoder and CLIP dtype")
-    add("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    add("--clock", default="auto", choices=["auto", "cpu", "wall"],
+        help="cpu: CPU seconds of this process (time.process_time), not inflated by other processes' load "
+             "on a shared machine (exact with --threads 1); wall: elapsed time; auto: cpu on CPU, wall on CUDA")
+    add("--threads", type=int, default=1, help="torch CPU threads (1 keeps the CPU clock free of "
+        "thread-spinning time)")
     add("--seed", type=int, default=0, help="seed for the weights, text, images and tags")
     args = parser.parse_args()
     for name in ("llm_hidden", "llm_layers", "batch_size", "n_tags", "answer_words", "steps"):
@@ -331,6 +349,10 @@ def parse_args() -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.clock == "auto":
+        args.clock = "wall" if args.device.startswith("cuda") else "cpu"
+    if args.clock == "cpu" and args.device.startswith("cuda"):
+        parser.error("--clock cpu cannot time CUDA work; use --clock wall")
     return args
 
 

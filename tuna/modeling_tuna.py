@@ -641,7 +641,7 @@ def _pad_rows(rows: list[list[tuple[Tensor, Tensor | None, Tensor | None, Tensor
     lengths = [sum(p[0].shape[0] for p in row) for row in rows]
     batch, length = len(rows), max(lengths)
     some = rows[0][0][0]
-    embeds = some.new_zeros(batch, length, some.shape[-1])
+    embeds = torch.stack([_padded(torch.cat([p[0] for p in row]), length, side) for row in rows])  # (B, L, H)
     mask = torch.zeros(batch, length, dtype=torch.long, device=some.device)
     labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long, device=some.device)
     bias = torch.zeros(batch, length, device=some.device)
@@ -651,7 +651,6 @@ def _pad_rows(rows: list[list[tuple[Tensor, Tensor | None, Tensor | None, Tensor
         mask[b, at:at + lengths[b]] = 1
         for emb, lab, key_bias, tags in row:
             n = emb.shape[0]
-            embeds[b, at:at + n] = emb
             if lab is not None:
                 labels[b, at:at + n] = lab
             if key_bias is not None:
@@ -663,6 +662,12 @@ def _pad_rows(rows: list[list[tuple[Tensor, Tensor | None, Tensor | None, Tensor
     return MultimodalInputs(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                             labels=labels if has_labels else None, key_bias=bias if has_bias else None,
                             tag_weights=weights, tag_index=tag_index)
+
+
+def _padded(x: Tensor, length: int, side: str) -> Tensor:
+    """(n, H) -> (length, H) with zero rows on ``side`` (a cat: its backward is a slice, no scatter)."""
+    pad = x.new_zeros(length - x.shape[0], x.shape[1])
+    return torch.cat([pad, x] if side == "left" else [x, pad])
 
 
 def _extend(prepared: MultimodalInputs) -> MultimodalInputs:

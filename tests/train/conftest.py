@@ -1,0 +1,100 @@
+"""Fixtures for training tests: a small synthetic world, its datastore and retrieval cache, a tiny LLM."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> dict:
+    """Paths of a 200-image world: llava JSONs, images, datastore, retrieval cache, tiny LLM + tokenizer."""
+    from transformers import AutoTokenizer
+
+    from datastore.build import BuildConfig, build
+    from datastore.cache import CacheConfig, build_cache
+    from datastore.clip import ClipSpec
+    from datastore.index import IndexConfig
+    from datastore.reader import ReaderConfig
+    from tuna.tiny import save_hf_tokenizer, save_tiny_llm, train_tokenizer
+
+    root = tmp_path_factory.mktemp("world")
+    subprocess.run([sys.executable, "-m", "datastore.synth.cli", "--out", str(root / "w"), "--n-corpus", "200",
+                    "--n-instruct", "48", "--n-eval", "10", "--image-size", "64", "--shard-size", "100"],
+                   check=True, stdout=subprocess.DEVNULL)
+    w = root / "w"
+    build(BuildConfig(inputs=[str(w / "corpus" / "corpus-{000000..000001}.tar")], out=str(root / "ds"),
+                      clip=ClipSpec(model="tuna-tiny-clip"), reader=ReaderConfig(batch_size=64, num_workers=0),
+                      index=IndexConfig(n_eval_queries=20)), show_progress=False)
+    llava = [str(w / "llava" / "instruct.json"), str(w / "llava" / "pretrain.json")]
+    build_cache(CacheConfig(datastore=str(root / "ds"), out=str(root / "cache.parquet"), llava_json=llava,
+                            image_folder=str(w / "images"), k_images=3, num_workers=0), show_progress=False)
+    lines = [turn["value"] for path in llava for rec in json.loads(Path(path).read_text())
+             for turn in rec["conversations"]]
+    lines += ["A chat between a curious user and an artificial intelligence assistant. USER: ASSISTANT: Tags:"]
+    llm = root / "llm"
+    save_hf_tokenizer(train_tokenizer(lines, "bytelevel", vocab_size=600), llm)
+    tokenizer = AutoTokenizer.from_pretrained(llm)
+    save_tiny_llm(llm, vocab_size=len(tokenizer), hidden_size=64, num_layers=2)
+    return {"root": root, "images": w / "images", "instruct": llava[0], "pretrain": llava[1],
+            "cache": root / "cache.parquet", "datastore": root / "ds", "llm": llm}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def common_args(world: dict, out: Path, **overrides) -> list[str]:
+    """train.py arguments for a few tiny CPU steps (override or add with keyword arguments)."""
+    args = {
+        "model_name_or_path": world["llm"], "clip_model": "tuna-tiny-clip", "clip_pretrained": "none",
+        "data_path": world["instruct"], "image_folder": world["images"], "retrieval_cache": world["cache"],
+        "output_dir": out, "per_device_train_batch_size": 2, "max_steps": 6, "learning_rate": 3e-3,
+        "logging_steps": 1, "save_steps": 3, "save_strategy": "steps", "report_to": "none", "use_cpu": "true",
+        "tag_hidden_dim": 32, "tag_num_heads": 2, "max_tags": 5, "seed": 0, "dataloader_num_workers": 0,
+        "lr_scheduler_type": "constant", "template": "vicuna_v1", "disable_tqdm": "true",
+    }
+    args.update(overrides)
+    argv = []
+    for key, value in args.items():
+        if value is None:
+            continue
+        argv.append(f"--{key}")
+        if value is not True:
+            argv.append(str(value))
+    return argv
+
+
+def launch(argv: list[str], deepspeed_config: str | None = "zero2.json", nproc: int = 2,
+           timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run train/train.py under the deepspeed launcher (``nproc`` CPU processes) or plain python (nproc=1)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    script = str(REPO / "train" / "train.py")
+    if deepspeed_config is None:
+        port = str(free_port())
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        cmd = [sys.executable, script, *argv]
+    else:
+        launcher = str(Path(sys.executable).with_name("deepspeed"))
+        cmd = [launcher, "--num_gpus", str(nproc), "--master_port", str(free_port()), script,
+               "--deepspeed", str(REPO / "ds_configs" / deepspeed_config), *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=str(REPO))
+
+
+def log_history(out: Path) -> list[dict]:
+    return json.loads((out / "trainer_state.json").read_text())["log_history"]
+
+
+def step_losses(out: Path) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in log_history(out) if "loss" in e}

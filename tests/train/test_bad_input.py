@@ -1,0 +1,107 @@
+"""Bad training input: an error naming the sample by default, or skipped and counted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.train.conftest import common_args, launch, log_history
+from train.data import BadSampleError, LlavaJsonDataset, ModalityLengthGroupedSampler, TrainCollator
+
+
+@pytest.fixture(scope="module")
+def processor(world):
+    from transformers import AutoTokenizer
+
+    from datastore.cache import RetrievalCache
+    from datastore.clip import ClipSpec
+    from tuna.modeling_tuna import TunaForCausalLM
+    from tuna.processing_tuna import TunaProcessor
+    from tuna.tag_source import TagSource
+
+    tokenizer = AutoTokenizer.from_pretrained(world["llm"])
+    model = TunaForCausalLM.from_components(str(world["llm"]), ClipSpec(model="tuna-tiny-clip"), tokenizer,
+                                            tag_hidden_dim=32, tag_num_heads=2, max_tags=5)
+    return TunaProcessor.from_model(model, tokenizer, tag_source=TagSource(cache=RetrievalCache(world["cache"])),
+                                    max_length=400)
+
+
+@pytest.fixture()
+def bad_data(world, tmp_path):
+    """The instruct set with a missing image (id bad-missing), an unreadable one and a text-only sample."""
+    images = tmp_path / "images"
+    shutil.copytree(world["images"], images)
+    records = json.loads(open(world["instruct"]).read())[:6]
+    (images / records[2]["image"]).write_bytes(b"not a jpeg")
+    records[2]["id"] = "bad-unreadable"
+    records[4]["id"], records[4]["image"] = "bad-missing", "instruct/nowhere.jpg"
+    records.append({"id": "text-only", "conversations": [{"from": "human", "value": "Say hi."},
+                                                         {"from": "gpt", "value": "hi"}]})
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(records))
+    return path, images
+
+
+def test_error_policy_names_the_sample(bad_data, processor):
+    path, images = bad_data
+    dataset = LlavaJsonDataset([str(path)], str(images), processor)
+    assert dataset[0]["skipped"] == []
+    with pytest.raises(BadSampleError, match=r"index 2\).*sample 'bad-unreadable': cannot read image"):
+        dataset[2]
+    with pytest.raises(BadSampleError, match=r"sample 'bad-missing': cannot read image .*nowhere.jpg"):
+        dataset[4]
+
+
+def test_skip_policy_replaces_and_counts(bad_data, processor):
+    path, images = bad_data
+    dataset = LlavaJsonDataset([str(path)], str(images), processor, on_bad_sample="skip")
+    item = dataset[2]
+    assert item["sample_id"] == dataset.records[3]["id"]
+    assert [s["id"] for s in item["skipped"]] == ["bad-unreadable"]
+    batch = TrainCollator(processor)([dataset[i] for i in range(7)])
+    assert sorted(s["id"] for s in batch["skipped"]) == ["bad-missing", "bad-unreadable"]
+    assert batch["input_ids"].shape[0] == 7 and batch["pixel_values"].shape[0] == 6  # text-only has none
+
+
+def test_missing_tags_and_over_long_samples(world, processor, tmp_path):
+    records = json.loads(open(world["instruct"]).read())[:2]
+    long = dict(records[1], id="too-long")
+    long["conversations"] = [dict(t) for t in long["conversations"]]
+    long["conversations"][-1]["value"] = "word " * 500
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps([records[0], long]))
+    dataset = LlavaJsonDataset([str(path)], str(world["images"]), processor)
+    with pytest.raises(BadSampleError, match="sample 'too-long': sequence length .* exceeds max_length 400"):
+        dataset[1]
+    shutil.copy(world["images"] / records[0]["image"], tmp_path / "new.jpg")
+    unknown = dict(records[0], id="no-tags", image="new.jpg")
+    path.write_text(json.dumps([unknown]))
+    with pytest.raises(BadSampleError, match="no tags for image 'new.jpg': not in retrieval cache"):
+        LlavaJsonDataset([str(path)], str(tmp_path), processor)[0]
+
+
+def test_modality_grouped_batches_are_single_modality_and_deterministic():
+    lengths = [10, -5, 12, -7, 30, -3, 8, 9, -4, 11]
+    sampler = ModalityLengthGroupedSampler(lengths, batch_size=2, world_size=1, seed=3)
+    order = list(sampler)
+    assert sorted(order) == list(range(10)) and order == list(ModalityLengthGroupedSampler(lengths, 2, 1, 3))
+    for k in range(0, 10, 2):
+        signs = {lengths[i] > 0 for i in order[k:k + 2]}
+        assert len(signs) == 1
+
+
+def test_training_run_stops_with_the_sample_named_or_counts_skips(world, bad_data, tmp_path):
+    path, images = bad_data
+    argv = common_args(world, tmp_path / "err", data_path=path, image_folder=images, max_steps=4, save_steps=100)
+    run = launch(argv, deepspeed_config=None)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1].startswith("train: error: bad training sample")
+    argv = common_args(world, tmp_path / "skip", data_path=path, image_folder=images, max_steps=4, save_steps=100,
+                       on_bad_sample="skip", per_device_train_batch_size=7, dataloader_num_workers=1)
+    run = launch(argv, deepspeed_config=None)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [e["skipped_samples"] for e in log_history(tmp_path / "skip") if "loss" in e][-1] == 8
+    lines = (tmp_path / "skip" / "skipped_samples.rank0.jsonl").read_text().splitlines()
+    assert len(lines) == 8 and {json.loads(x)["id"] for x in lines} == {"bad-missing", "bad-unreadable"}

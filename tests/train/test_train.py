@@ -1,0 +1,102 @@
+"""train/train.py end to end: 2-process DeepSpeed (gloo, CPU) runs of ZeRO-2 / ZeRO-3 / ZeRO-3 offload."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.train.conftest import common_args, launch, log_history, step_losses
+from tuna.modeling_tuna import TRAINABLE_FILE, TunaForCausalLM
+
+
+def check(run) -> None:
+    assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-4000:])
+
+
+@pytest.fixture(scope="module")
+def zero2_run(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero2") / "out"
+    check(launch(common_args(world, out)))
+    return out
+
+
+def generate_one(model_dir, world) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    from datastore.cache import RetrievalCache
+    from tuna.processing_tuna import TunaProcessor
+    from tuna.tag_source import TagSource
+
+    model = TunaForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    record = json.loads(open(world["instruct"]).read())[0]
+    proc = TunaProcessor.from_model(model, tokenizer, tag_source=TagSource(cache=RetrievalCache(world["cache"])))
+    batch = proc(["What objects are in the image?"], images=[[world["images"] / record["image"]]],
+                 image_ids=[[record["image"]]])
+    assert batch["tags"][0], "the retrieval cache should give tags"
+    return model.generate(**batch, max_new_tokens=4)
+
+
+def test_zero2_finetune_loss_decreases_checkpoints_and_export(zero2_run, world):
+    losses = step_losses(zero2_run)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert losses[6] < losses[1] - 0.5
+    logs = [e for e in log_history(zero2_run) if "loss" in e]
+    assert all(e["tokens_per_second"] > 0 and e["samples_per_second"] > 0 and e["skipped_samples"] == 0 for e in logs)
+    assert (zero2_run / "checkpoint-3").is_dir() and (zero2_run / "checkpoint-6").is_dir()
+    assert (zero2_run / "model.safetensors").is_file()
+    tokens = generate_one(zero2_run, world)
+    assert tokens.shape[0] == 1 and 1 <= tokens.shape[1] <= 4
+
+
+def test_resume_matches_the_uninterrupted_run(zero2_run, world, tmp_path):
+    out = tmp_path / "out"
+    check(launch(common_args(world, out, stop_after_steps=3)))
+    assert (out / "checkpoint-3").is_dir() and not (out / "model.safetensors").exists()
+    check(launch(common_args(world, out, resume=True)))
+    resumed, uninterrupted = step_losses(out), step_losses(zero2_run)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-4), step
+
+
+def test_stage1_zero2_then_stage2_zero3_hand_off(world, tmp_path):
+    stage1 = tmp_path / "stage1"
+    check(launch(common_args(world, stage1, stage="pretrain", template="plain", data_path=world["pretrain"],
+                             max_steps=3)))
+    assert (stage1 / TRAINABLE_FILE).is_file() and not (stage1 / "model.safetensors").exists()
+    assert all(torch.isfinite(torch.tensor(v)) for v in step_losses(stage1).values())
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, set_seed
+
+    from datastore.clip import ClipSpec
+
+    trained = load_file(str(stage1 / TRAINABLE_FILE))
+    assert {k.split(".")[0] for k in trained} == {"connector", "tag_encoder"}
+    set_seed(0)  # the same initialisation as train.py's: training must have moved every tensor
+    initial = TunaForCausalLM.from_components(str(world["llm"]), ClipSpec(model="tuna-tiny-clip"),
+                                              AutoTokenizer.from_pretrained(world["llm"]), tag_hidden_dim=32,
+                                              tag_num_heads=2, max_tags=5).trainable_state_dict()
+    assert set(initial) == set(trained)
+    assert not torch.equal(initial["connector.0.weight"], trained["connector.0.weight"])
+    assert not torch.equal(initial["tag_encoder.text_proj.weight"], trained["tag_encoder.text_proj.weight"])
+    stage2 = tmp_path / "stage2"  # lr 0: the exported connector must be exactly the stage-1 one
+    check(launch(common_args(world, stage2, stage1_checkpoint=stage1, max_steps=2, save_steps=2,
+                             learning_rate=0.0), deepspeed_config="zero3.json"))
+    exported = TunaForCausalLM.from_pretrained(stage2)
+    state = exported.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in trained.items())
+
+
+def test_lora_run_with_zero3_offload(world, tmp_path):
+    out = tmp_path / "lora"
+    check(launch(common_args(world, out, stage="lora", lora_r=4, lora_alpha=8, max_steps=3, save_steps=3),
+                 deepspeed_config="zero3_offload.json"))
+    losses = step_losses(out)
+    assert losses[3] < losses[1]
+    model = TunaForCausalLM.from_pretrained(out)
+    assert model.config.lora["r"] == 4
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in model.state_dict().items())
+    assert generate_one(out, world).shape[0] == 1

@@ -1,0 +1,92 @@
+"""Command-line arguments of train/train.py as HfArgumentParser dataclasses (model, data, tags, training)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+STAGES = ("pretrain", "finetune", "lora")
+
+
+@dataclass
+class ModelArguments:
+    """The model: a new TUNA model around an LLM + CLIP, or a saved TUNA model to continue from."""
+
+    model_name_or_path: str = field(metadata={"help": "LLM (hub name or local path) for a new TUNA model, or a "
+                                                      "saved TUNA model directory to continue training"})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "default: model_name_or_path"})
+    stage: str = field(default="finetune", metadata={
+        "help": "pretrain: train connector + tag encoder only (LLM frozen), save only them; finetune: LLM "
+                "trainable too; lora: LoRA adapters on the LLM + connector + tag encoder"})
+    stage1_checkpoint: str | None = field(default=None, metadata={
+        "help": "stage-1 output (directory or tuna_trainable.safetensors) to load into the model"})
+    clip_model: str = field(default="ViT-L-14-336", metadata={"help": "open_clip architecture"})
+    clip_pretrained: str | None = field(default="openai", metadata={
+        "help": "open_clip pretrained tag or local checkpoint file ('none' = random init, for tests)"})
+    clip_model_config: str | None = field(default=None, metadata={"help": "open_clip model-config JSON"})
+    clip_precision: str = field(default="fp32", metadata={"help": "fp32, bf16 or fp16"})
+    vision_feature_layer: int = field(default=-2, metadata={"help": "CLIP block giving the patch tokens"})
+    connector_type: str = field(default="mlp2x_gelu", metadata={"help": "linear or mlp{N}x_gelu"})
+    template: str = field(default="vicuna_v1", metadata={"help": "plain, vicuna_v1 or chat_template"})
+    tag_hidden_dim: int = field(default=256, metadata={"help": "image-aware tag encoder width"})
+    tag_num_heads: int = field(default=4, metadata={"help": "tag encoder attention heads"})
+    tag_num_layers: int = field(default=1, metadata={"help": "tag encoder cross-attention blocks"})
+    tag_queries: int = field(default=1, metadata={"help": "visual tokens per tag"})
+    weight_mode: str = field(default="scale_and_bias", metadata={"help": "scale, bias or scale_and_bias"})
+    weight_scaling: str = field(default="count", metadata={"help": "count (uniform = 1) or raw (sum 1)"})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2"})
+    lora_r: int = field(default=128, metadata={"help": "LoRA rank (stage lora)"})
+    lora_alpha: int = field(default=256, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "'all-linear' or comma-separated module names (q_proj,v_proj)"})
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"--stage {self.stage!r}: expected one of {list(STAGES)}")
+        if self.clip_pretrained in ("", "none", "None"):
+            self.clip_pretrained = None
+
+
+@dataclass
+class DataArguments:
+    """Training data: LLaVA JSON files with an image folder, and/or webdataset shards."""
+
+    data_path: list[str] = field(default_factory=list, metadata={"help": "LLaVA JSON file(s)"})
+    image_folder: str | None = field(default=None, metadata={"help": "root of the JSON's relative image paths"})
+    wds_shards: list[str] = field(default_factory=list, metadata={
+        "help": "webdataset shards (brace/glob patterns); needs --max_steps"})
+    max_length: int = field(default=2048, metadata={"help": "longest sequence after splicing images and tags"})
+    on_bad_sample: str = field(default="error", metadata={
+        "help": "error: stop naming the sample (missing/unreadable image, missing tags, over-long, tokenization "
+                "mismatch); skip: replace it by the next sample and count it"})
+    group_by_modality_length: bool = field(default=False, metadata={
+        "help": "batches of only image or only text samples, of similar length (LLaVA)"})
+
+    def __post_init__(self) -> None:
+        if not self.data_path and not self.wds_shards:
+            raise ValueError("no training data: give --data_path (LLaVA JSON) and/or --wds_shards")
+
+
+@dataclass
+class TagArguments:
+    """Where tags come from and how many are read."""
+
+    retrieval_cache: str | None = field(default=None, metadata={"help": "tuna-datastore cache parquet"})
+    datastore: str | None = field(default=None, metadata={"help": "datastore for live retrieval of cache misses"})
+    k_images: int = field(default=5, metadata={"help": "neighbour images per live query"})
+    max_tags: int = field(default=10, metadata={"help": "tags read per image"})
+    tag_temperature: float = field(default=0.1, metadata={"help": "softmax temperature of the adaptive weights"})
+    ablation: str = field(default="none", metadata={
+        "help": "none, no_tags (plain LLaVA), random_tags, uniform_weights, no_image_aware, text_tags"})
+    random_tags_seed: int = field(default=0, metadata={"help": "seed of the random_tags draw"})
+
+
+@dataclass
+class TunaTrainingArguments(TrainingArguments):
+    """HF TrainingArguments plus resume and a test hook."""
+
+    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in --output_dir"})
+    stop_after_steps: int = field(default=0, metadata={
+        "help": "stop after this many steps without the final export, as if interrupted (for tests)"})

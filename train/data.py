@@ -1,0 +1,240 @@
+"""Training data: LLaVA JSON and webdataset shards -> TunaProcessor samples, bad-input policy, modality grouping.
+
+Preprocessing is lazy (in DataLoader workers): images are opened, tags looked up (retrieval cache, then
+live datastore retrieval) and conversations tokenized in ``__getitem__``. A bad sample (missing or
+unreadable image, no tags for its image, tokenization mismatch, over-long) raises an error naming the
+sample under ``on_bad_sample="error"`` (default), or is skipped and counted under ``"skip"``: the next
+sample takes its place and the batch carries the skipped ids, so the trainer can count and report them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch.utils.data import Dataset, IterableDataset, Sampler
+
+from tuna.conversation import IMAGE_MARKER, SequenceTooLongError, TokenizationError
+from tuna.processing_tuna import TunaProcessor
+from tuna.tag_source import MissingTagsError
+
+logger = logging.getLogger(__name__)
+
+BAD_SAMPLE_POLICIES = ("error", "skip")
+SAMPLE_ERRORS = (ValueError, OSError, MissingTagsError, TokenizationError, SequenceTooLongError)
+MAX_CONSECUTIVE_SKIPS = 100
+
+
+class BadSampleError(ValueError):
+    """A training sample cannot be used (the message names it and says why)."""
+
+
+def load_llava_json(paths: Sequence[str]) -> list[dict[str, Any]]:
+    """Records of one or more LLaVA JSON files (a list of {id, image?, conversations})."""
+    records = []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read LLaVA JSON {path}: {exc}") from exc
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of samples, got {type(data).__name__}")
+        for i, record in enumerate(data):
+            if not isinstance(record, dict) or "conversations" not in record:
+                raise ValueError(f"{path}: sample {i} has no 'conversations'")
+            records.append(record)
+    return records
+
+
+def _images_of(record: dict[str, Any]) -> list[str]:
+    image = record.get("image")
+    if image is None:
+        return []
+    return list(image) if isinstance(image, list) else [image]
+
+
+class LlavaJsonDataset(Dataset):
+    """LLaVA-format samples; image paths are relative to ``image_folder`` and double as tag-cache keys.
+
+    Args:
+        paths: LLaVA JSON files.
+        image_folder: root of the relative image paths.
+        processor: tokenizes, loads images and fetches tags.
+        on_bad_sample: "error" (raise naming the sample) or "skip" (count and use the next sample).
+    """
+
+    def __init__(self, paths: Sequence[str], image_folder: str | None, processor: TunaProcessor,
+                 on_bad_sample: str = "error") -> None:
+        if on_bad_sample not in BAD_SAMPLE_POLICIES:
+            raise ValueError(f"on_bad_sample={on_bad_sample!r}: expected one of {list(BAD_SAMPLE_POLICIES)}")
+        self.records = load_llava_json(paths)
+        if not self.records:
+            raise ValueError(f"no samples in {list(paths)}")
+        self.image_folder = Path(image_folder) if image_folder else None
+        if self.image_folder is None and any(_images_of(r) for r in self.records):
+            raise ValueError("the data has image samples: give --image_folder")
+        self.processor, self.on_bad_sample = processor, on_bad_sample
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def lengths(self) -> list[int]:
+        """Approximate sequence length per sample, negative for text-only (for modality grouping)."""
+        out = []
+        for record in self.records:
+            words = sum(len(str(turn.get("value", "")).split()) for turn in record["conversations"])
+            n_images = len(_images_of(record))
+            length = words + n_images * self.processor.tokens_per_image
+            out.append(length if n_images else -length)
+        return out
+
+    def _encode(self, i: int) -> dict[str, Any]:
+        record = self.records[i]
+        sample_id = str(record.get("id", i))
+        names = _images_of(record)
+        conversation = record["conversations"]
+        if names and not any(IMAGE_MARKER in str(t.get("value", "")) for t in conversation):
+            raise BadSampleError(f"sample {sample_id!r}: has an image but no {IMAGE_MARKER} marker")
+        return self.processor.encode(conversation, images=[self.image_folder / n for n in names],
+                                     image_ids=names, sample_id=sample_id)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        skipped = []
+        for attempt in range(MAX_CONSECUTIVE_SKIPS):
+            j = (i + attempt) % len(self.records)
+            try:
+                item = self._encode(j)
+            except SAMPLE_ERRORS as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                if self.on_bad_sample == "error":
+                    raise BadSampleError(f"bad training sample (index {j}): {reason}") from exc
+                skipped.append({"index": j, "id": str(self.records[j].get("id", j)), "reason": reason})
+                continue
+            item["skipped"] = skipped
+            return item
+        raise BadSampleError(f"{MAX_CONSECUTIVE_SKIPS} consecutive bad samples from index {i}; last: "
+                             f"{skipped[-1]['reason']}")
+
+
+class WebDatasetSamples(IterableDataset):
+    """Image-caption (or image + ``json`` conversations) samples from webdataset shards.
+
+    A sample's conversation is its json's ``conversations`` if present, else ``<image>`` -> caption
+    (connector pretraining). Shards are split over distributed ranks and DataLoader workers; the tag
+    cache key is the sample's ``__key__``.
+    """
+
+    def __init__(self, shards: Sequence[str], processor: TunaProcessor, on_bad_sample: str = "error",
+                 caption_key: str = "txt;caption", image_key: str = "jpg;jpeg;png;webp") -> None:
+        from datastore.reader import expand_shards
+
+        if on_bad_sample not in BAD_SAMPLE_POLICIES:
+            raise ValueError(f"on_bad_sample={on_bad_sample!r}: expected one of {list(BAD_SAMPLE_POLICIES)}")
+        self.shards = expand_shards(list(shards))
+        self.processor, self.on_bad_sample = processor, on_bad_sample
+        self.caption_key, self.image_key = caption_key, image_key
+
+    def _my_shards(self) -> list[str]:
+        from datastore.utils import dist_env
+
+        rank, world, _ = dist_env()
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        return self.shards[rank * n_workers + worker::world * n_workers]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        from datastore.reader import decode_image, iter_raw_samples
+
+        skipped = []
+        for shard in self._my_shards():
+            for raw in iter_raw_samples(shard):
+                key = raw["__key__"]
+                image, why = decode_image(raw, self.image_key)
+                conversation = _wds_conversation(raw, self.caption_key) if image is not None else None
+                try:
+                    if image is None or conversation is None:
+                        raise BadSampleError(f"sample {key!r} in {shard}: {why or 'no caption or conversations'}")
+                    item = self.processor.encode(conversation, images=[image], image_ids=[key], sample_id=key)
+                except SAMPLE_ERRORS as exc:
+                    if self.on_bad_sample == "error":
+                        raise BadSampleError(f"bad training sample {key!r} in {shard}: {exc}") from exc
+                    skipped.append({"index": -1, "id": key, "reason": f"{type(exc).__name__}: {exc}"})
+                    continue
+                item["skipped"], skipped = skipped, []
+                yield item
+
+
+def _wds_conversation(raw: dict[str, Any], caption_key: str) -> list[dict] | None:
+    from datastore.reader import decode_caption
+
+    if "json" in raw:
+        try:
+            meta = json.loads(raw["json"])
+        except (ValueError, UnicodeDecodeError):
+            meta = {}
+        if isinstance(meta, dict) and isinstance(meta.get("conversations"), list):
+            return meta["conversations"]
+    caption, _ = decode_caption(raw, caption_key)
+    return None if caption is None else [{"from": "human", "value": IMAGE_MARKER},
+                                         {"from": "gpt", "value": caption}]
+
+
+@dataclass
+class TrainCollator:
+    """Right-padded training batches; ``skipped`` lists the bad samples replaced in this batch."""
+
+    processor: TunaProcessor
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.processor.collate(items, padding_side="right")
+        batch["skipped"] = [s for item in items for s in item.get("skipped", [])]
+        return batch
+
+
+class ModalityLengthGroupedSampler(Sampler):
+    """LLaVA-style grouping: batches hold only image or only text samples, of similar length.
+
+    Indices are shuffled with ``seed`` + epoch, split by modality, cut into megabatches of
+    ``batch_size * world_size`` sorted by length, and the megabatches shuffled; deterministic per seed.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, world_size: int = 1, seed: int = 0) -> None:
+        self.lengths, self.group = list(lengths), batch_size * world_size
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        megabatches = []
+        for modality in (True, False):
+            idx = [i for i in order if (self.lengths[i] > 0) == modality]
+            for k in range(0, len(idx), self.group):
+                megabatches.append(sorted(idx[k:k + self.group], key=lambda i: -abs(self.lengths[i])))
+        perm = torch.randperm(len(megabatches), generator=generator).tolist()
+        return iter([i for m in perm for i in megabatches[m]])
+
+
+def count_tokens(batch: dict[str, Any], config: Any) -> int:
+    """LLM positions of a batch after splicing (text, patch tokens, tag blocks) under the model ``config``."""
+    text = int(batch["attention_mask"].sum())
+    n_images = 0 if batch.get("pixel_values") is None else int(batch["pixel_values"].shape[0])
+    total = text - n_images + n_images * config.num_image_tokens
+    mask = batch.get("tag_attention_mask")
+    if mask is not None and mask.numel() and config.ablation != "no_tags":
+        tags_per_image = mask.any(-1).sum(-1)  # (N,)
+        with_tags = int((tags_per_image > 0).sum())
+        n_tags = int(tags_per_image.sum())
+        queries = 0 if config.ablation in ("no_image_aware", "text_tags") else config.tag_queries
+        total += int(mask.sum()) + n_tags * queries + (n_tags - with_tags) * len(config.tag_separator_ids)
+        total += with_tags * (len(config.tag_prefix_ids) + len(config.tag_suffix_ids))
+    return total

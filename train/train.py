@@ -1,0 +1,163 @@
+"""Train a TUNA model: connector pretraining, instruction tuning or LoRA, under deepspeed or torchrun.
+
+    deepspeed train/train.py --deepspeed ds_configs/zero2.json --model_name_or_path lmsys/vicuna-7b-v1.5 \\
+        --stage pretrain --template plain --data_path blip_laion_cc_sbu_558k.json --image_folder images \\
+        --retrieval_cache tags.parquet --output_dir runs/stage1 --bf16 true ...
+
+``python train/train.py --help`` lists every argument (HF TrainingArguments included). Ready-made
+stage scripts are in ``scripts/`` (train_pretrain.sh, train_finetune.sh, train_lora.sh).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: the repo's `train` package, not this file, is `train`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoTokenizer, HfArgumentParser  # noqa: E402
+from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
+
+from datastore.clip import ClipSpec  # noqa: E402
+from datastore.utils import setup_logging  # noqa: E402
+from train.arguments import DataArguments, ModelArguments, TagArguments, TunaTrainingArguments  # noqa: E402
+from train.data import LlavaJsonDataset, TrainCollator, WebDatasetSamples  # noqa: E402
+from train.trainer import StopAfterSteps, TunaTrainer  # noqa: E402
+from tuna.modeling_tuna import TunaForCausalLM  # noqa: E402
+from tuna.processing_tuna import TunaProcessor  # noqa: E402
+from tuna.tag_source import TagSource  # noqa: E402
+
+logger = logging.getLogger("train")
+
+
+def _dtype(args: TunaTrainingArguments) -> torch.dtype:
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
+def _is_tuna_dir(path: str) -> bool:
+    config = Path(path) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "tuna"
+
+
+def build_model(margs: ModelArguments, targs: TagArguments, tokenizer, dtype: torch.dtype) -> TunaForCausalLM:
+    """A saved TUNA model (continued) or a new one around the LLM; stage settings applied."""
+    tag_settings = {"max_tags": targs.max_tags, "tag_temperature": targs.tag_temperature, "ablation": targs.ablation}
+    if _is_tuna_dir(margs.model_name_or_path):
+        model = TunaForCausalLM.from_pretrained(margs.model_name_or_path, dtype=dtype)
+        for key, value in tag_settings.items():
+            setattr(model.config, key, value)
+    else:
+        clip = ClipSpec(model=None if margs.clip_model_config else margs.clip_model, pretrained=margs.clip_pretrained,
+                        model_config=margs.clip_model_config, precision=margs.clip_precision)
+        model = TunaForCausalLM.from_components(
+            margs.model_name_or_path, clip, tokenizer, dtype=dtype, attn_implementation=margs.attn_implementation,
+            vision_feature_layer=margs.vision_feature_layer, connector_type=margs.connector_type,
+            template=margs.template, tag_hidden_dim=margs.tag_hidden_dim, tag_num_heads=margs.tag_num_heads,
+            tag_num_layers=margs.tag_num_layers, tag_queries=margs.tag_queries, weight_mode=margs.weight_mode,
+            weight_scaling=margs.weight_scaling, **tag_settings)
+    if margs.stage1_checkpoint:
+        model.load_trainable(margs.stage1_checkpoint)
+    model.set_llm_trainable(margs.stage == "finetune")
+    if margs.stage == "lora":
+        targets = margs.lora_target_modules
+        model.enable_lora(r=margs.lora_r, alpha=margs.lora_alpha, dropout=margs.lora_dropout,
+                          target_modules=targets if targets == "all-linear" else targets.split(","))
+    return model
+
+
+def build_dataset(dargs: DataArguments, processor: TunaProcessor):
+    datasets = []
+    if dargs.data_path:
+        datasets.append(LlavaJsonDataset(dargs.data_path, dargs.image_folder, processor, dargs.on_bad_sample))
+    if dargs.wds_shards:
+        datasets.append(WebDatasetSamples(dargs.wds_shards, processor, dargs.on_bad_sample))
+    if len(datasets) > 1:
+        raise ValueError("give either --data_path or --wds_shards, not both (run them as separate stages)")
+    return datasets[0]
+
+
+def build_tag_source(targs: TagArguments, model: TunaForCausalLM) -> TagSource | None:
+    if targs.ablation == "no_tags":
+        return TagSource(ablation="no_tags")
+    cache = datastore = None
+    if targs.retrieval_cache:
+        from datastore.cache import RetrievalCache
+
+        cache = RetrievalCache(targs.retrieval_cache)
+    if targs.datastore:
+        from datastore.store import Datastore
+
+        datastore = Datastore.open(targs.datastore, clip=model.vision.clip)
+    if cache is None and datastore is None:
+        raise ValueError("tags need --retrieval_cache and/or --datastore (or --ablation no_tags)")
+    source_ablation = "random_tags" if targs.ablation == "random_tags" else "none"
+    return TagSource(cache=cache, datastore=datastore, k_images=targs.k_images, max_tags=targs.max_tags,
+                     ablation=source_ablation, seed=targs.random_tags_seed)
+
+
+def run(argv: list[str] | None = None) -> int:
+    parser = HfArgumentParser((ModelArguments, DataArguments, TagArguments, TunaTrainingArguments))
+    margs, dargs, targs, args = parser.parse_args_into_dataclasses(args=argv)
+    setup_logging()
+    transformers.utils.logging.set_verbosity_warning()
+    timings, start = {}, time.perf_counter()
+    _ = args.device  # sets up the process group now: ZeRO-3 partitions the LLM while it loads
+    if args.deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=args.ddp_backend or ("gloo" if args.use_cpu else "nccl"))
+    transformers.set_seed(args.seed)  # the new connector / tag encoder weights are seeded too
+    tokenizer = AutoTokenizer.from_pretrained(margs.tokenizer_name_or_path or margs.model_name_or_path)
+    model = build_model(margs, targs, tokenizer, _dtype(args))
+    processor = TunaProcessor.from_model(model, tokenizer, tag_source=build_tag_source(targs, model),
+                                         max_length=dargs.max_length)
+    dataset = build_dataset(dargs, processor)
+    timings["setup_s"] = time.perf_counter() - start
+    args.remove_unused_columns = False  # the batch carries tags and skip records the model consumes
+    trainer = TunaTrainer(model=model, args=args, train_dataset=dataset, data_collator=TrainCollator(processor),
+                          processing_class=tokenizer, stage=margs.stage,
+                          group_by_modality_length=dargs.group_by_modality_length,
+                          callbacks=[StopAfterSteps(args.stop_after_steps)] if args.stop_after_steps else None)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("stage %s: %d trainable parameters; %s samples", margs.stage, trainable,
+                len(dataset) if hasattr(dataset, "__len__") else "streamed")
+    resume = None
+    if args.resume:
+        resume = get_last_checkpoint(args.output_dir)
+        logger.info("resuming from %s", resume) if resume else logger.info("no checkpoint in %s: starting fresh",
+                                                                          args.output_dir)
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    timings["train_s"] = time.perf_counter() - start
+    if args.stop_after_steps and trainer.state.global_step >= args.stop_after_steps:
+        logger.info("stopped after %d steps (--stop_after_steps); no final export", trainer.state.global_step)
+        return 0
+    start = time.perf_counter()
+    trainer.save_state()
+    trainer.save_model(args.output_dir)
+    timings["export_s"] = time.perf_counter() - start
+    if args.should_save:
+        logger.info("final model in %s; timings %s", args.output_dir,
+                    " ".join(f"{k}={v:.1f}" for k, v in timings.items()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        code = run(argv)
+    except (ValueError, OSError, RuntimeError, KeyError) as exc:
+        print(f"train: error: {exc}", file=sys.stderr)
+        code = 1
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

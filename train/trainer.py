@@ -1,0 +1,110 @@
+"""TunaTrainer: HF Trainer with stage-1 partial saves, modality grouping, skip counting and tokens/s logging."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from train.data import ModalityLengthGroupedSampler, count_tokens
+from tuna.modeling_tuna import TRAINABLE_FILE, TRAINABLE_PREFIXES
+
+logger = logging.getLogger(__name__)
+
+
+class TunaTrainer(Trainer):
+    """Trainer for TunaForCausalLM.
+
+    Args:
+        stage: "pretrain" saves only the connector and tag encoder (``tuna_trainable.safetensors``
+            plus config); other stages save a full ``from_pretrained`` directory.
+        group_by_modality_length: use :class:`train.data.ModalityLengthGroupedSampler`.
+    """
+
+    def __init__(self, *args: Any, stage: str = "finetune", group_by_modality_length: bool = False,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stage, self.group_by_modality_length = stage, group_by_modality_length
+        self._tokens = self._samples = self._skipped = 0
+        self._last_log: float | None = None  # set at the first step: setup time is not throughput
+        self._config = self.model.config
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.group_by_modality_length and hasattr(dataset, "lengths"):
+            return ModalityLengthGroupedSampler(
+                dataset.lengths(), self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                self.args.world_size, seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed)
+        return super()._get_train_sampler(train_dataset)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._last_log is None:
+            self._last_log = time.perf_counter()
+        skipped = inputs.pop("skipped", [])
+        if skipped:
+            self._record_skipped(skipped)
+        self._tokens += count_tokens(inputs, self._config)
+        self._samples += int(inputs["input_ids"].shape[0])
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+    def _record_skipped(self, skipped: list[dict]) -> None:
+        self._skipped += len(skipped)
+        path = Path(self.args.output_dir) / f"skipped_samples.rank{self.args.process_index}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            for item in skipped:
+                f.write(json.dumps(item) + "\n")
+        logger.warning("skipped %d bad sample(s), e.g. %s", len(skipped), skipped[0]["reason"])
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # per-step training logs: every rank is here at the same step
+            counts = torch.tensor([self._tokens, self._samples, self._skipped], dtype=torch.float64)
+            if torch.distributed.is_initialized():
+                torch.distributed.all_reduce(counts)
+            now = time.perf_counter()
+            seconds = max(now - (self._last_log or now), 1e-9)
+            logs["tokens_per_second"] = round(float(counts[0]) / seconds, 2)
+            logs["samples_per_second"] = round(float(counts[1]) / seconds, 3)
+            logs["skipped_samples"] = int(counts[2])
+            self._tokens = self._samples = 0
+            self._last_log = now
+        super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if self.stage != "pretrain":
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        if state_dict is None or not state_dict:
+            state_dict = model.trainable_state_dict()  # gathers ZeRO-3 partitions (all ranks are here)
+        if not self.args.should_save:
+            return
+        from safetensors.torch import save_file
+
+        os.makedirs(output_dir, exist_ok=True)
+        trainable = {k: v.detach().cpu().contiguous() for k, v in state_dict.items() if k.startswith(TRAINABLE_PREFIXES)}
+        save_file(trainable, os.path.join(output_dir, TRAINABLE_FILE),
+                  metadata={"connector_type": model.config.connector_type, "weights_of": "connector+tag_encoder"})
+        model.config.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        logger.info("stage-1 checkpoint (connector + tag encoder) written to %s", output_dir)
+
+
+class StopAfterSteps(TrainerCallback):
+    """Stop training after ``steps`` optimizer steps (simulates an interruption in tests)."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.steps and state.global_step >= self.steps:
+            control.should_training_stop = True
+        return control

@@ -66,8 +66,11 @@ class TunaTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # per-step training logs: every rank is here at the same step
             counts = torch.tensor([self._tokens, self._samples, self._skipped], dtype=torch.float64)
+            peak = torch.tensor([_peak_memory_mb()], dtype=torch.float64)
             if torch.distributed.is_initialized():
                 torch.distributed.all_reduce(counts)
+                torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+            logs["peak_memory_mb"] = round(float(peak[0]), 1)  # the largest rank's
             now = time.perf_counter()
             seconds = max(now - (self._last_log or now), 1e-9)
             logs["tokens_per_second"] = round(float(counts[0]) / seconds, 2)
@@ -96,6 +99,15 @@ class TunaTrainer(Trainer):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         logger.info("stage-1 checkpoint (connector + tag encoder) written to %s", output_dir)
+
+
+def _peak_memory_mb() -> float:
+    """Peak device memory (CUDA: max allocated) or, on CPU, the process's peak resident set size."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 class StopAfterSteps(TrainerCallback):

@@ -105,3 +105,23 @@ def test_training_run_stops_with_the_sample_named_or_counts_skips(world, bad_dat
     assert [e["skipped_samples"] for e in log_history(tmp_path / "skip") if "loss" in e][-1] == 8
     lines = (tmp_path / "skip" / "skipped_samples.rank0.jsonl").read_text().splitlines()
     assert len(lines) == 8 and {json.loads(x)["id"] for x in lines} == {"bad-missing", "bad-unreadable"}
+
+
+def test_webdataset_samples_caption_pairs_live_tags_and_skips(world, processor, tmp_path):
+    from datastore.store import Datastore
+    from tests.datastore.conftest import write_shards
+    from train.data import WebDatasetSamples
+    from tuna.tag_source import TagSource
+
+    shards = write_shards(tmp_path / "wds", n_shards=1, per_shard=6, bad={2: "garbage_jpeg", 4: "missing_caption"})
+    import dataclasses
+
+    processor = dataclasses.replace(processor, tag_source=TagSource(datastore=Datastore.open(world["datastore"]),
+                                                                    k_images=2, max_tags=5))
+    items = list(WebDatasetSamples(shards, processor, on_bad_sample="skip"))
+    assert [i["sample_id"] for i in items] == ["s000000", "s000001", "s000003", "s000005"]
+    assert [s["id"] for s in items[2]["skipped"]] == ["s000002"]
+    assert [s["id"] for s in items[3]["skipped"]] == ["s000004"]
+    assert all(i["tags"][0] and i["pixel_values"].shape[0] == 1 and i["labels"].ne(-100).any() for i in items)
+    with pytest.raises(BadSampleError, match=r"bad training sample 's000002' in .*shard-000000.tar"):
+        list(WebDatasetSamples(shards, processor))

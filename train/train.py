@@ -129,9 +129,8 @@ def run(argv: list[str] | None = None) -> int:
                 len(dataset) if hasattr(dataset, "__len__") else "streamed")
     resume = None
     if args.resume:
-        resume = get_last_checkpoint(args.output_dir)
-        logger.info("resuming from %s", resume) if resume else logger.info("no checkpoint in %s: starting fresh",
-                                                                          args.output_dir)
+        resume = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+        logger.info("resuming from %s", resume or f"nothing (no checkpoint in {args.output_dir}): starting fresh")
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     timings["train_s"] = time.perf_counter() - start

@@ -100,3 +100,12 @@ def test_lora_run_with_zero3_offload(world, tmp_path):
     assert model.config.lora["r"] == 4
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in model.state_dict().items())
     assert generate_one(out, world).shape[0] == 1
+
+
+def test_torchrun_ddp_without_deepspeed(world, tmp_path):
+    # plain DDP (gloo): every trainable module is used in every step, so DDP's reducer stays in step
+    out = tmp_path / "ddp"
+    check(launch(common_args(world, out, max_steps=2, save_steps=2, ddp_find_unused_parameters="false"),
+                 deepspeed_config=None, launcher="torchrun"))
+    assert sorted(step_losses(out)) == [1, 2]
+    assert TunaForCausalLM.from_pretrained(out).config.model_type == "tuna"

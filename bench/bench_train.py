@@ -8,16 +8,19 @@ tokenizer and a random-init Qwen2 LLM), then launches ``train/train.py`` under t
 - ``baseline`` ZeRO-2, ``--ablation no_tags`` (plain LLaVA, tags never read);
 - ``tuna``     ZeRO-3 (memory comparison);
 - ``reference`` ZeRO-2 and ZeRO-3: TUNA with a minimal LLM (hidden 64, 1 layer), so that
-  "peak MB - reference" estimates the memory that the bigger LLM adds on top of the process baseline
-  (imports, DeepSpeed, CLIP, data). Skip with ``--no-reference``.
+  "peak MB - reference" (TUNA rows) estimates the memory that the bigger LLM adds on top of the
+  process baseline (Python, torch, DeepSpeed, CLIP, tag encoder, data). Skip with ``--no-reference``.
+  The expected fp32 model states per rank (from the logged trainable parameter count) are printed too.
 
 Throughput comes from the trainer's per-step logs (``logging_steps 1``): step time = samples in the step
 / ``samples_per_second``; medians exclude the first ``--warmup`` steps. The TUNA and baseline launches
-alternate (ABBA order over ``--repeats``). Peak memory is ``peak_memory_mb`` at the last step: the max
-over ranks of peak RSS on CPU (``max_memory_allocated`` on CUDA).
+alternate (ABBA order over ``--repeats``). "per LLM token" divides the step-time ratio by the ratio of
+tokens per sample. Peak memory is the largest ``peak_memory_mb`` logged: the max over ranks of the
+process's lifetime peak RSS on CPU (model loading included), ``max_memory_allocated`` on CUDA.
 
-    python bench/bench_train.py                                  # hidden 256 x 4 layers, 12 steps
-    python bench/bench_train.py --llm-hidden 1024 --llm-layers 8 --steps 6 --repeats 1 --md out.md
+    python bench/bench_train.py                                  # Qwen2 256 x 4 layers, tiny CLIP, ~3.5 min
+    python bench/bench_train.py --clip narrow-336 --batch-size 2 --steps 6 --repeats 1 --md out.md
+    python bench/bench_train.py --llm-hidden 1024 --llm-layers 8 --steps 5 --repeats 1 --no-reference
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -36,6 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# A narrow ViT with LLaVA-1.5's 576 patches per image (336 px / 14 px), cheap on CPU (as in bench_model_step.py).
+CLIP_CONFIGS = {"narrow-336": {
+    "embed_dim": 256,
+    "vision_cfg": {"image_size": 336, "layers": 4, "width": 256, "head_width": 64, "patch_size": 14},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 256, "heads": 4, "layers": 2}}}
 SYSTEM = "A chat between a curious user and an artificial intelligence assistant. USER: ASSISTANT: Tags:"
 
 
@@ -54,7 +63,7 @@ class BenchConfig:
     image_size: int = 64
     clip: str = "tuna-tiny-clip"
     max_tags: int = 10
-    repeats: int = 1
+    repeats: int = 2
     reference: bool = True
 
     def __post_init__(self) -> None:
@@ -90,7 +99,8 @@ def build_world(root: Path, cfg: BenchConfig) -> dict:
         cfg: sizes.
 
     Returns:
-        Paths: images, data (instruct.json), cache, tokenizer, llm (the measured size), ref_llm (minimal).
+        Paths: images, data (instruct.json), cache, tokenizer, llm (the measured size), ref_llm (minimal),
+        clip_config (open_clip JSON for a ``CLIP_CONFIGS`` name, else None).
     """
     from transformers import AutoTokenizer
 
@@ -118,20 +128,28 @@ def build_world(root: Path, cfg: BenchConfig) -> dict:
     save_tiny_llm(root / "llm", vocab_size=vocab, hidden_size=cfg.llm_hidden, num_layers=cfg.llm_layers,
                   num_heads=cfg.llm_heads, num_kv_heads=max(1, cfg.llm_heads // 2))
     save_tiny_llm(root / "ref_llm", vocab_size=vocab, hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1)
+    clip_config = None
+    if cfg.clip in CLIP_CONFIGS:
+        clip_config = root / f"{cfg.clip}.json"
+        clip_config.write_text(json.dumps(CLIP_CONFIGS[cfg.clip]))
     return {"images": w / "images", "data": data, "cache": root / "cache.parquet", "tokenizer": tok_dir,
-            "llm": root / "llm", "ref_llm": root / "ref_llm"}
+            "llm": root / "llm", "ref_llm": root / "ref_llm", "clip_config": clip_config}
 
 
 def train_argv(world: dict, cfg: BenchConfig, out: Path, ablation: str, llm: str) -> list[str]:
     """train/train.py arguments of one measured run."""
     args = {
-        "model_name_or_path": world[llm], "tokenizer_name_or_path": world["tokenizer"], "clip_model": cfg.clip,
+        "model_name_or_path": world[llm], "tokenizer_name_or_path": world["tokenizer"],
         "clip_pretrained": "none", "data_path": world["data"], "image_folder": world["images"],
         "retrieval_cache": world["cache"], "ablation": ablation, "max_tags": cfg.max_tags, "output_dir": out,
         "per_device_train_batch_size": cfg.batch_size, "max_steps": cfg.steps, "learning_rate": 1e-4,
         "lr_scheduler_type": "constant", "logging_steps": 1, "save_strategy": "no", "report_to": "none",
         "use_cpu": "true", "seed": 0, "dataloader_num_workers": 0, "template": "vicuna_v1", "disable_tqdm": "true",
     }
+    if world["clip_config"] is not None:
+        args["clip_model_config"] = world["clip_config"]
+    else:
+        args["clip_model"] = cfg.clip
     return [item for key, value in args.items() for item in (f"--{key}", str(value))]
 
 
@@ -141,16 +159,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(argv: list[str], zero: int, nproc: int) -> float:
-    """Run train/train.py under the deepspeed launcher with ds_configs/zero{zero}.json; returns wall seconds."""
+def launch(argv: list[str], zero: int, nproc: int) -> tuple[float, int]:
+    """Run train/train.py under the deepspeed launcher with ds_configs/zero{zero}.json.
+
+    Returns:
+        Wall seconds of the launch and the trainable parameter count that train.py logs (0 if not found).
+    """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(nproc), "--master_port",
            str(_free_port()), str(REPO / "train" / "train.py"), "--deepspeed",
            str(REPO / "ds_configs" / f"zero{zero}.json"), *argv]
     start = time.perf_counter()
-    _run(cmd, env=env)
-    return time.perf_counter() - start
+    result = _run(cmd, env=env)
+    found = re.search(r"(\d+) trainable parameters", result.stdout + result.stderr)
+    return time.perf_counter() - start, int(found.group(1)) if found else 0
 
 
 def step_stats(out: Path, warmup: int, samples_per_step: int) -> dict:
@@ -189,7 +212,7 @@ def table(results: dict, cfg: BenchConfig) -> list[str]:
     """Markdown table rows (header first)."""
     base = results[("baseline", 2)]["step_ms"]
     header = ["variant", "ZeRO stage", "tokens/sample", "samples/s", "tokens/s", "step ms median",
-              "ratio vs baseline", "peak MB per rank"]
+              "ratio vs baseline ZeRO-2", "peak MB per rank"]
     if cfg.reference:
         header.append("peak MB - reference")
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -198,7 +221,8 @@ def table(results: dict, cfg: BenchConfig) -> list[str]:
                  f"{r['step_ms']:.0f}", f"{r['step_ms'] / base:.3f}", f"{r['peak_mb']:.0f}"]
         if cfg.reference:
             ref = results.get(("reference", zero))
-            cells.append("-" if variant == "reference" or ref is None else f"{r['peak_mb'] - ref['peak_mb']:+.0f}")
+            # the reference is a TUNA run: the baseline does not even open the retrieval cache
+            cells.append("-" if variant != "tuna" or ref is None else f"{r['peak_mb'] - ref['peak_mb']:+.0f}")
         rows.append("| " + " | ".join(cells) + " |")
     return rows
 
@@ -215,8 +239,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Nam
     p.add_argument("--nproc", type=int, default=d.nproc, help="DeepSpeed processes (ranks)")
     p.add_argument("--n-corpus", type=int, default=d.n_corpus, help="datastore corpus images")
     p.add_argument("--image-size", type=int, default=d.image_size, help="synthetic image side, 64-128 px")
-    p.add_argument("--clip", default=d.clip, help="open_clip architecture of the trained model (random init); "
-                   "the datastore always uses tuna-tiny-clip")
+    p.add_argument("--clip", default=d.clip, help="open_clip architecture of the trained model (random init), or "
+                   "'narrow-336' (a 4-layer, 256-wide ViT with LLaVA-1.5's 576 patches); the datastore and "
+                   "retrieval cache always use tuna-tiny-clip (16 patches at 64 px)")
     p.add_argument("--max-tags", type=int, default=d.max_tags, help="tags read per image")
     p.add_argument("--repeats", type=int, default=d.repeats, help="TUNA/baseline launch pairs (ABBA order)")
     p.add_argument("--no-reference", action="store_true", help="skip the minimal-LLM memory reference runs")
@@ -230,37 +255,58 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Nam
     return cfg, a
 
 
+def run_all(world: dict, cfg: BenchConfig, work: Path) -> tuple[dict, dict]:
+    """Every launch of :func:`plan`; returns per-variant step stats and trainable parameters per LLM."""
+    raw: dict[tuple[str, int], list[dict]] = {}
+    params: dict[str, int] = {}
+    for i, (variant, zero, ablation, llm) in enumerate(plan(cfg)):
+        out = work / f"run{i}_{variant}_zero{zero}"
+        seconds, trainable = launch(train_argv(world, cfg, out, ablation, llm), zero, cfg.nproc)
+        if zero == 2 and ablation == "none":  # ZeRO-3 partitions weights at load: numel() no longer counts them
+            params[llm] = trainable
+        raw.setdefault((variant, zero), []).append(step_stats(out, cfg.warmup, cfg.batch_size * cfg.nproc))
+        print(f"  {variant:9s} ZeRO-{zero}: launch {seconds:.0f} s", flush=True)
+    return raw, params
+
+
+def model_state_mb(params: int, nproc: int) -> tuple[float, float]:
+    """Expected fp32 model states per rank (weights, fp32 master copy, grads, Adam m+v) under ZeRO-2 and ZeRO-3."""
+    mb = 4 * params / 2**20
+    return mb + 4 * mb / nproc, 5 * mb / nproc
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg, a = parse_args(argv)
     work = a.keep or Path(tempfile.mkdtemp(prefix="bench_train_"))
     work.mkdir(parents=True, exist_ok=True)
-    per_step = cfg.batch_size * cfg.nproc
     start = time.perf_counter()
     try:
         world = build_world(work, cfg)
         print(f"world built in {time.perf_counter() - start:.0f} s", flush=True)
-        raw: dict[tuple[str, int], list[dict]] = {}
-        for i, (variant, zero, ablation, llm) in enumerate(plan(cfg)):
-            out = work / f"run{i}_{variant}_zero{zero}"
-            seconds = launch(train_argv(world, cfg, out, ablation, llm), zero, cfg.nproc)
-            raw.setdefault((variant, zero), []).append(step_stats(out, cfg.warmup, per_step))
-            print(f"  {variant:9s} ZeRO-{zero}: launch {seconds:.0f} s", flush=True)
+        raw, params = run_all(world, cfg, work)
     finally:
         if a.keep is None:
             shutil.rmtree(work, ignore_errors=True)
-    results = {key: summarize(runs, per_step) for key, runs in raw.items()}
+    results = {key: summarize(runs, cfg.batch_size * cfg.nproc) for key, runs in raw.items()}
     tuna, base = results[("tuna", 2)], results[("baseline", 2)]
+    ratio = tuna["step_ms"] / base["step_ms"]
+    per_token = ratio * base["tokens_sample"] / tuna["tokens_sample"]
     heading = (f"LLM qwen2 hidden {cfg.llm_hidden} x {cfg.llm_layers} layers; CLIP {cfg.clip}; {cfg.nproc} ranks x "
-               f"batch {cfg.batch_size}; max_tags {cfg.max_tags}; {cfg.steps} steps per launch, median over steps "
+               f"batch {cfg.batch_size}; max_tags {cfg.max_tags}; {cfg.steps} steps per launch, medians over steps "
                f"{cfg.warmup + 1}..{cfg.steps} of {cfg.repeats} launch(es) per TUNA/baseline; total "
                f"{time.perf_counter() - start:.0f} s")
+    notes = []
+    for llm, count in params.items():
+        z2, z3 = model_state_mb(count, cfg.nproc)
+        name = "reference LLM" if llm == "ref_llm" else "measured LLM"
+        notes.append(f"{name}: {count:,} trainable parameters; expected fp32 model states per rank "
+                     f"(weights + master copy + grads + Adam m, v): ZeRO-2 {z2:.1f} MB, ZeRO-3 {z3:.1f} MB")
+    verdict = (f"step-time ratio TUNA / baseline (ZeRO-2, median): {ratio:.3f}  "
+               f"(goal <= 1.15: {'met' if ratio <= 1.15 else 'NOT met'}); per LLM token: {per_token:.3f}")
     rows = table(results, cfg)
-    ratio = tuna["step_ms"] / base["step_ms"]
-    verdict = f"step-time ratio TUNA / baseline (ZeRO-2, median): {ratio:.3f}  (goal <= 1.15: " \
-              f"{'met' if ratio <= 1.15 else 'NOT met'})"
-    print(heading, *rows, verdict, sep="\n")
+    print(heading, *notes, *rows, verdict, sep="\n")
     if a.md:
-        a.md.write_text("\n".join([heading, "", *rows, "", f"`{verdict}`", ""]))
+        a.md.write_text("\n".join([heading, *notes, "", *rows, "", f"`{verdict}`", ""]))
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Official-equivalent benchmark scorers (pure functions over per-sample records)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+from pathlib import Path
 
 from tests.train.conftest import REPO, free_port, step_losses
 from tuna.modeling_tuna import TRAINABLE_FILE, TunaForCausalLM
@@ -18,7 +20,7 @@ def run_script(name: str, world: dict, out, **env) -> None:
     env = {**os.environ, "NGPUS": "2", "MASTER_PORT": str(free_port()), "LLM": str(world["llm"]),
            "CLIP": "tuna-tiny-clip", "CLIP_PRETRAINED": "none", "IMAGES": str(world["images"]),
            "CACHE": str(world["cache"]), "OUT": str(out), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}", **env}
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **env}
     run = subprocess.run(["bash", str(REPO / "scripts" / name), *CPU_ARGS], capture_output=True, text=True,
                          env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]

@@ -1,0 +1,122 @@
+"""``tuna-eval``: run benchmarks on a TUNA model (retrieval on/off, swappable datastores); compare runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from datastore.utils import setup_logging
+
+EPILOG = """examples:
+  tuna-eval --model runs/tuna --bench synth_open,synth_pope,synth_mc --data-root world --datastore ds --out ev/tuna
+  tuna-eval --model runs/baseline --bench synth_open --data-root world --no-tags --out ev/base
+  tuna-eval --model runs/tuna --bench synth_open --data-root world --datastore ds --ablation uniform_weights --out ev/u
+  torchrun --nproc_per_node 8 $(which tuna-eval) --model runs/tuna --bench synth_open ... --out ev/tuna
+  tuna-eval compare ev/base ev/tuna ev/u
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    from eval.benchmarks import BENCHMARKS
+    from eval.runner import DEFAULT_BATCH_SIZE
+    from tuna.configuration_tuna import ABLATIONS
+
+    p = argparse.ArgumentParser(prog="tuna-eval", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+                                description="Evaluate a TUNA model on benchmarks from local files; writes per-sample "
+                                            "predictions, results.json and results.md to --out. Benchmarks: "
+                                            + ", ".join(sorted(BENCHMARKS)) + ". 'tuna-eval compare RUN ...' "
+                                            "prints runs side by side.")
+    p.add_argument("--model", required=True, help="TUNA model directory (with its tokenizer)")
+    p.add_argument("--bench", required=True, help="comma-separated benchmark names")
+    p.add_argument("--data-root", required=True, help="root of the benchmark files (layout per benchmark)")
+    p.add_argument("--out", required=True, help="output directory")
+    tags = p.add_mutually_exclusive_group()
+    tags.add_argument("--no-tags", action="store_true", help="no retrieval (plain LLaVA behaviour)")
+    p.add_argument("--datastore", help="datastore for live retrieval (swap in another world's to test transfer)")
+    p.add_argument("--retrieval-cache", help="retrieval cache parquet keyed by the questions' image field")
+    tags.add_argument("--ablation", choices=ABLATIONS, help="override the model's ablation switch")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="questions per generate call (answers do not depend on it)")
+    p.add_argument("--limit", type=int, help="first N questions of each benchmark (smoke runs)")
+    p.add_argument("--k-images", type=int, default=5, help="neighbours per live retrieval")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda:LOCAL_RANK when available)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+
+
+def compare(runs: list[str]) -> str:
+    """Markdown table of several runs' results.json side by side."""
+    from eval.runner import markdown_table
+
+    results = []
+    for run in runs:
+        path = Path(run) / "results.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no results.json in {run}")
+        results.append(json.loads(path.read_text()))
+    return markdown_table(results, [Path(r).name for r in runs])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:
+        if len(argv) < 2:
+            print("tuna-eval compare: error: give one or more run directories", file=sys.stderr)
+            return 2
+        try:
+            print(compare(argv[1:]), end="")
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"tuna-eval compare: error: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    args = _parser().parse_args(argv)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    from eval.runner import EvalConfig, evaluate
+
+    code = 0
+    try:
+        _init_distributed()
+        config = EvalConfig(model=args.model, benches=[b for b in args.bench.split(",") if b], data_root=args.data_root,
+                            out=args.out, datastore=args.datastore, retrieval_cache=args.retrieval_cache,
+                            no_tags=args.no_tags, ablation=args.ablation, batch_size=args.batch_size, limit=args.limit,
+                            k_images=args.k_images, device=_device(args.device))
+        results = evaluate(config)
+        if results is not None:
+            print((Path(args.out) / "results.md").read_text(), end="")
+            print(f"per-sample predictions, results.json and results.md in {args.out}")
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        print(f"tuna-eval: error: {exc}", file=sys.stderr)
+        code = 1
+    _finish_distributed()
+    return code
+
+
+def _init_distributed() -> None:
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        import torch
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _finish_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

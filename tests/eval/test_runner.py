@@ -1,0 +1,118 @@
+"""tuna-eval end to end on the synthetic-world benchmarks: records, groups, batch invariance, ranks, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from eval.benchmarks import MissingBenchmarkFile, get_benchmark
+from eval.cli import main
+from eval.runner import EvalConfig, evaluate
+
+BENCHES = ["synth_open", "synth_pope", "synth_mc"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(world, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from datastore.clip import ClipSpec
+    from tuna.modeling_tuna import TunaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(world["llm"])
+    model = TunaForCausalLM.from_components(str(world["llm"]), ClipSpec(model="tuna-tiny-clip"), tokenizer,
+                                            tag_hidden_dim=32, tag_num_heads=2, max_tags=5)
+    out = tmp_path_factory.mktemp("eval_model")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def config(world, model_dir, out, **kw):
+    return EvalConfig(model=str(model_dir), benches=BENCHES, data_root=str(world["data_root"]), out=str(out),
+                      datastore=str(world["datastore"]), limit=12, **kw)
+
+
+@pytest.fixture(scope="module")
+def batched_run(world, model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ev") / "b4"
+    return evaluate(config(world, model_dir, out, batch_size=4)), out
+
+
+@pytest.fixture(scope="module")
+def batched(batched_run):
+    return batched_run[0]
+
+
+def predictions(out, bench):
+    return [json.loads(line) for line in (out / bench / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_results_records_and_groups(batched_run, world):
+    batched, run = batched_run
+    assert set(batched["benchmarks"]) == set(BENCHES)
+    pope = batched["benchmarks"]["synth_pope"]
+    assert pope["main_metric"] == "f1" and set(pope["metrics"]) >= {"accuracy", "precision", "recall", "f1"}
+    assert pope["groups"]["novelty"] and set(pope["groups"]["novelty"]) <= {"seen", "novel"}
+    assert batched["model_config"]["ablation"] == "none" and batched["datastore"]["path"] == str(world["datastore"])
+    records = predictions(run, "synth_open")
+    assert len(records) == 12 and [r["index"] for r in records] == list(range(12))
+    first = records[0]
+    assert first["prompt"].count("<image>") == 1 and first["prompt"].endswith("ASSISTANT:")
+    assert "Answer the question using a single word or phrase." in first["prompt"]
+    assert first["tags"] and all(t["weight"] is not None for t in first["tags"])
+    assert sum(t["weight"] for t in first["tags"]) == pytest.approx(len(first["tags"]), rel=1e-4)
+    assert {"prediction", "score", "answers", "novelty"} <= set(first)
+    assert "synth_open (accuracy)" in (run / "results.md").read_text()
+
+
+def test_batch_size_one_gives_the_same_answers(batched_run, world, model_dir, tmp_path):
+    batched, run = batched_run
+    single = evaluate(config(world, model_dir, tmp_path / "b1", batch_size=1))
+    for bench in BENCHES:
+        assert single["benchmarks"][bench]["metrics"] == batched["benchmarks"][bench]["metrics"]
+    for bench in BENCHES:
+        assert [r["prediction"] for r in predictions(tmp_path / "b1", bench)] == \
+               [r["prediction"] for r in predictions(run, bench)]
+
+
+def test_two_processes_merge_to_the_single_process_result(batched, world, model_dir, tmp_path):
+    from tests.train.conftest import free_port
+
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    out = tmp_path / "two"
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "eval.cli",
+           "--model", str(model_dir), "--bench", ",".join(BENCHES), "--data-root", str(world["data_root"]),
+           "--datastore", str(world["datastore"]), "--limit", "12", "--batch-size", "4", "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    merged = json.loads((out / "results.json").read_text())
+    for bench in BENCHES:
+        assert merged["benchmarks"][bench]["metrics"] == batched["benchmarks"][bench]["metrics"]
+        assert not list((out / bench).glob("predictions.rank*.jsonl"))
+
+
+def test_no_tags_baseline_and_compare(batched, world, model_dir, tmp_path, capsys):
+    base = evaluate(EvalConfig(model=str(model_dir), benches=["synth_open"], data_root=str(world["data_root"]),
+                               out=str(tmp_path / "base"), no_tags=True, limit=4))
+    assert base["model_config"]["ablation"] == "no_tags"
+    assert all(r["tags"] == [] for r in predictions(tmp_path / "base", "synth_open"))
+    assert "Tags:" not in predictions(tmp_path / "base", "synth_open")[0]["prompt"]
+    code = main(["compare", str(tmp_path / "base"), str(tmp_path / "base")])
+    table = capsys.readouterr().out
+    assert code == 0 and table.startswith("| benchmark | base | base |") and "synth_open novelty=" in table
+
+
+def test_missing_files_and_bad_flags(world, model_dir, tmp_path, capsys):
+    with pytest.raises(MissingBenchmarkFile, match=r"synth_open: questions file expected at .*eval/open/questions.jsonl"):
+        get_benchmark("synth_open").resolve(tmp_path)
+    code = main(["--model", str(model_dir), "--bench", "synth_open", "--data-root", str(tmp_path), "--no-tags",
+                 "--out", str(tmp_path / "o")])
+    assert code == 1 and "tuna-eval: error: synth_open: questions file expected at" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown benchmark 'nope'"):
+        EvalConfig(model="m", benches=["nope"], data_root=".", out=".")

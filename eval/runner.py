@@ -97,8 +97,8 @@ def answer_batch(model, tokenizer, processor, bench: Benchmark, samples: list[di
     from tuna.conversation import render_text
 
     questions = [s["text"] + ("\n" + bench.prompt_suffix if bench.prompt_suffix else "") for s in samples]
-    encoded = [processor.encode(q, images=[folder / s["image"]], image_ids=[s["image"]], sample_id=str(s["question_id"]))
-               for q, s in zip(questions, samples)]
+    encoded = [processor.encode(q, images=[_image_of(s, folder)], image_ids=[str(s["image"])],
+                                sample_id=str(s["question_id"])) for q, s in zip(questions, samples)]
     batch = processor.collate(encoded, padding_side="left")
     batch = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -109,9 +109,21 @@ def answer_batch(model, tokenizer, processor, bench: Benchmark, samples: list[di
     for s, q, row, tags, w in zip(samples, questions, tokens.tolist(), batch["tags"], weights):
         answer = tokenizer.decode([t for t in row if t not in stops], skip_special_tokens=True).strip()
         prompt = render_text(q if "<image>" in q else "<image>\n" + q, model.config.template, tokenizer)
+        s = {k: v for k, v in s.items() if k != "image_bytes"}  # not written to the jsonl
         records.append({**s, "prompt": prompt, "tags": [{"tag": t, "weight": (w[i] if w else None)}
                                                         for i, t in enumerate(tags)], "prediction": answer})
     return records
+
+
+def _image_of(sample: dict, folder: Path):
+    """A sample's image: in-memory (``image_bytes``, e.g. MMBench's base64 tsv) or a path under ``folder``."""
+    if sample.get("image_bytes") is not None:
+        import io
+
+        from PIL import Image
+
+        return Image.open(io.BytesIO(sample["image_bytes"])).convert("RGB")
+    return folder / sample["image"]
 
 
 def run_benchmark(model, tokenizer, processor, bench: Benchmark, config: EvalConfig) -> dict[str, Any] | None:

@@ -152,3 +152,8 @@ def get_benchmark(name: str) -> Benchmark:
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
     return BENCHMARKS[name]
+
+
+# LLaVA-1.5 evaluation layouts (data root = LLaVA's playground/data/eval); they register on import.
+import eval.bench_llava_choice  # noqa: E402,F401
+import eval.bench_llava_vqa  # noqa: E402,F401

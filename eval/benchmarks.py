@@ -49,6 +49,7 @@ class Benchmark:
     group_by: tuple[str, ...] = ()
     max_new_tokens: int = 16
     main_metric: str = "accuracy"
+    judged: bool = False  # score(records, judge) with an eval.judge.Judge or None ("not scored: no judge")
     description: str = field(default="", compare=False)
 
     def resolve(self, data_root: str | Path) -> dict[str, Path]:
@@ -155,5 +156,6 @@ def get_benchmark(name: str) -> Benchmark:
 
 
 # LLaVA-1.5 evaluation layouts (data root = LLaVA's playground/data/eval); they register on import.
+import eval.bench_judged  # noqa: E402,F401
 import eval.bench_llava_choice  # noqa: E402,F401
 import eval.bench_llava_vqa  # noqa: E402,F401

@@ -38,6 +38,8 @@ class EvalConfig:
     limit: int | None = None
     k_images: int = 5
     device: str = "cpu"
+    judge_url: str | None = None
+    judge_model: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -155,14 +157,23 @@ def run_benchmark(model, tokenizer, processor, bench: Benchmark, config: EvalCon
         merged += [json.loads(line) for line in part.read_text().splitlines()]
         part.unlink()
     merged.sort(key=lambda r: r["index"])
-    return score_records(bench, merged, out_dir, seconds)
+    return score_records(bench, merged, out_dir, seconds, _judge(config))
 
 
-def score_records(bench: Benchmark, records: list[dict], out_dir: Path, seconds: float) -> dict[str, Any]:
+def _judge(config: EvalConfig):
+    from eval.judge import Judge, JudgeConfig
+
+    if not config.judge_url:
+        return None
+    return Judge(JudgeConfig(url=config.judge_url, model=config.judge_model or ""))
+
+
+def score_records(bench: Benchmark, records: list[dict], out_dir: Path, seconds: float,
+                  judge: Any = None) -> dict[str, Any]:
     """Scores (overall and per group value), per-sample jsonl; returns the benchmark's result entry."""
-    scores, metrics = bench.score(records)
+    scores, metrics = bench.score(records, judge) if bench.judged else bench.score(records)
     groups: dict[str, dict[str, Any]] = {}
-    for key in bench.group_by:
+    for key in () if bench.judged else bench.group_by:
         for value in sorted({str(r.get(key)) for r in records}):
             subset = [r for r in records if str(r.get(key)) == value]
             groups.setdefault(key, {})[value] = bench.score(subset)[1]
@@ -208,12 +219,13 @@ def markdown_table(runs: list[dict[str, Any]], names: list[str]) -> str:
     for i, run in enumerate(runs):
         for bench, entry in run["benchmarks"].items():
             metric = entry["main_metric"]
-            cells = {f"{bench} ({metric})": entry["metrics"].get(metric)}
+            cells = {f"{bench} ({metric})": entry["metrics"].get(metric, entry["metrics"].get("status"))}
             for key, values in entry["groups"].items():
                 for value, metrics in values.items():
                     cells[f"{bench} {key}={value}"] = metrics.get(metric)
             for label, value in cells.items():
-                rows.setdefault(label, ["-"] * len(runs))[i] = "-" if value is None else f"{value:.1f}"
+                text = value if isinstance(value, str) else "-" if value is None else f"{value:.1f}"
+                rows.setdefault(label, ["-"] * len(runs))[i] = text
     lines = ["| benchmark | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {label} | " + " | ".join(values) + " |" for label, values in rows.items()]
     return "\n".join(lines) + "\n"

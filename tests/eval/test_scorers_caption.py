@@ -33,3 +33,30 @@ def test_errors():
         score_caption([])
     with pytest.raises(ValueError, match="record 'q7' has no reference captions"):
         score_caption([{"question_id": "q7", "prediction": "x", "references": []}])
+
+
+def test_coco_caption_benchmark_loads_and_scores(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from eval.benchmarks import get_benchmark
+
+    (tmp_path / "coco" / "val2014").mkdir(parents=True)
+    (tmp_path / "coco" / "annotations").mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "coco" / "val2014" / name)
+    data = {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
+            "annotations": [{"image_id": 1, "caption": "a dog on grass"}, {"image_id": 1, "caption": "a dog"},
+                            {"image_id": 2, "caption": "two cats"}]}
+    (tmp_path / "coco" / "annotations" / "captions_val2014.json").write_text(json.dumps(data))
+    bench = get_benchmark("coco_caption_val2014")
+    samples = bench.load(bench.resolve(tmp_path))
+    assert [(s["question_id"], s["image"], s["references"]) for s in samples] == \
+           [(1, "a.jpg", ["a dog on grass", "a dog"]), (2, "b.jpg", ["two cats"])]
+    _, metrics = bench.score([{**s, "prediction": s["references"][0]} for s in samples])
+    assert metrics["bleu_1"] == pytest.approx(100.0, abs=1e-3) and bench.main_metric == "cider"
+    data["annotations"] = data["annotations"][:2]
+    (tmp_path / "coco" / "annotations" / "captions_val2014.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"image 2 \(b.jpg\) has no reference captions"):
+        bench.load(bench.resolve(tmp_path))

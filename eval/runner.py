@@ -188,6 +188,8 @@ def score_records(bench: Benchmark, records: list[dict], out_dir: Path, seconds:
 def evaluate(config: EvalConfig) -> dict[str, Any] | None:
     """Run every benchmark of ``config``; rank 0 writes results.json + results.md and returns the results."""
     rank, _ = _dist()
+    for name in config.benches:  # fail on a missing file before spending time on the model
+        get_benchmark(name).resolve(config.data_root)
     model, tokenizer, processor = load_model(config)
     results = {"model": str(config.model), "flags": {k: v for k, v in asdict(config).items() if k != "extra"},
                "model_config": {k: getattr(model.config, k) for k in ("ablation", "weight_mode", "weight_scaling",

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.benchmarks import BENCHMARKS, SHORT_ANSWER, Benchmark, read_jsonl, register
-from eval.scorers.vqa import score_gqa, score_textvqa, score_vizwiz, score_vqa
+from eval.scorers.vqa import normalize_answer, score_gqa, score_textvqa, score_vizwiz, score_vqa
 from eval.scorers.yesno import score_pope
 
 logger = logging.getLogger(__name__)
@@ -187,6 +187,28 @@ def _score_vizwiz(records: list[dict]) -> tuple[list[float], dict]:
                          for r in records])
 
 
+# ---------------------------------------------------------------- server-scored test splits
+def load_test_questions(files: dict[str, Path]) -> list[dict]:
+    """LLaVA's test question jsonl (no answers here: the evaluation server scores the submission file)."""
+    return [{**q, "text": strip_suffix(q["text"], VIZWIZ_SUFFIX) if "Unanswerable" in q["text"]
+             else strip_suffix(q["text"], SHORT_ANSWER)} for q in read_jsonl(files["questions"])]
+
+
+def vqav2_submission(records: list[dict]) -> list[dict]:
+    """EvalAI VQAv2 upload: [{question_id, answer}] with the EvalAI answer normalisation applied."""
+    return [{"question_id": r["question_id"], "answer": normalize_answer(r["prediction"])} for r in records]
+
+
+def vizwiz_submission(records: list[dict]) -> list[dict]:
+    """EvalAI VizWiz upload: [{image, answer}]."""
+    return [{"image": Path(str(r["image"])).name, "answer": normalize_answer(r["prediction"])} for r in records]
+
+
+def _server_scored(records: list[dict]) -> tuple[list[None], dict]:
+    return [None] * len(records), {"status": "not scored here: upload submission.json to the EvalAI server",
+                                   "n": len(records)}
+
+
 LLAVA_VQA_BENCHMARKS = (
     Benchmark(
         name="pope", image_folder="pope/val2014", load=load_pope, score=score_pope,
@@ -220,6 +242,16 @@ LLAVA_VQA_BENCHMARKS = (
         files={"annotations": "vizwiz/val.json"}, prompt_suffix=VIZWIZ_SUFFIX,
         description="VizWiz-VQA val (official val.json, scored locally; LLaVA-1.5 reports test-dev), "
                     "LLaVA's 'Unanswerable' prompt; accuracy also split by answerability"),
+    Benchmark(
+        name="vqav2_testdev", image_folder="vqav2/test2015", load=load_test_questions, score=_server_scored,
+        files={"questions": "vqav2/llava_vqav2_mscoco_test-dev2015.jsonl"}, prompt_suffix=SHORT_ANSWER,
+        submission=vqav2_submission,
+        description="VQAv2 test-dev (LLaVA-1.5's reported split): writes submission.json for EvalAI"),
+    Benchmark(
+        name="vizwiz_test", image_folder="vizwiz/test", load=load_test_questions, score=_server_scored,
+        files={"questions": "vizwiz/llava_test.jsonl"}, prompt_suffix=VIZWIZ_SUFFIX,
+        submission=vizwiz_submission,
+        description="VizWiz-VQA test (LLaVA-1.5's reported split): writes submission.json for EvalAI"),
 )
 
 for _bench in LLAVA_VQA_BENCHMARKS:

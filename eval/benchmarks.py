@@ -50,6 +50,7 @@ class Benchmark:
     max_new_tokens: int = 16
     main_metric: str = "accuracy"
     judged: bool = False  # score(records, judge) with an eval.judge.Judge or None ("not scored: no judge")
+    submission: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None  # server upload rows
     description: str = field(default="", compare=False)
 
     def resolve(self, data_root: str | Path) -> dict[str, Path]:

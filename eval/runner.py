@@ -104,9 +104,10 @@ def answer_batch(model, tokenizer, processor, bench: Benchmark, samples: list[di
     batch = processor.collate(encoded, padding_side="left")
     batch = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    tokens = model.generate(**batch, max_new_tokens=bench.max_new_tokens, pad_token_id=pad)
+    tokens, tag_weights = model.generate(**batch, max_new_tokens=bench.max_new_tokens, pad_token_id=pad,
+                                         return_tag_weights=True)
     stops = set(model.config.stop_token_ids) | {pad}
-    weights = model.weights_for(batch["pixel_values"], batch["tags"])
+    weights = [[] if tag_weights is None else tag_weights[n, :len(t)].tolist() for n, t in enumerate(batch["tags"])]
     records = []
     for s, q, row, tags, w in zip(samples, questions, tokens.tolist(), batch["tags"], weights):
         answer = tokenizer.decode([t for t in row if t not in stops], skip_special_tokens=True).strip()
@@ -177,6 +178,9 @@ def score_records(bench: Benchmark, records: list[dict], out_dir: Path, seconds:
         for value in sorted({str(r.get(key)) for r in records}):
             subset = [r for r in records if str(r.get(key)) == value]
             groups.setdefault(key, {})[value] = bench.score(subset)[1]
+    if bench.submission is not None:
+        (out_dir / "submission.json").write_text(json.dumps(bench.submission(records)))
+        metrics["submission"] = str(out_dir / "submission.json")
     with open(out_dir / "predictions.jsonl", "w") as f:
         for record, score in zip(records, scores):
             f.write(json.dumps({**record, "score": score}) + "\n")

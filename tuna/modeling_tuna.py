@@ -553,14 +553,16 @@ class TunaForCausalLM(PreTrainedModel):
                  tags: list[list[str]] | None = None, tag_input_ids: Tensor | None = None,
                  tag_attention_mask: Tensor | None = None, max_new_tokens: int = 64, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, stop_token_ids: list[int] | None = None,
-                 pad_token_id: int = 0, generator: torch.Generator | None = None) -> Tensor:
+                 pad_token_id: int = 0, generator: torch.Generator | None = None,
+                 return_tag_weights: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
         """Decode answers for a batch (any padding; re-padded on the left), with a KV cache.
 
         The tag key bias stays in the attention mask at every step, so cached and uncached decoding
         agree. Greedy decoding gives the same tokens whatever the batch size.
 
         Returns:
-            (B, n) new token ids; positions after a stop token hold ``pad_token_id``.
+            (B, n) new token ids; positions after a stop token hold ``pad_token_id``. With
+            ``return_tag_weights``, also the (N_images, T) tag weights used (None when unweighted).
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -589,7 +591,8 @@ class TunaForCausalLM(PreTrainedModel):
             out = lm(input_ids=picked[:, None], position_ids=positions, past_key_values=out.past_key_values,
                      attention_mask=self.attention_inputs(prepared, prepared.attention_mask.shape[1] - 1),
                      use_cache=True)
-        return torch.stack(new_tokens, dim=1)
+        tokens = torch.stack(new_tokens, dim=1)
+        return (tokens, prepared.tag_weights) if return_tag_weights else tokens
 
 
 # ------------------------------------------------------------------------------------ helpers

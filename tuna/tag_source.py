@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from typing import Any, Sequence
 
 import numpy as np
@@ -11,6 +12,7 @@ from datastore.cache import RetrievalCache
 from datastore.store import Datastore, RetrievedTags
 
 TAG_ABLATIONS = ("none", "no_tags", "random_tags")
+LIVE_CACHE_SIZE = 4096  # live retrievals remembered per image id
 
 
 class MissingTagsError(KeyError):
@@ -47,6 +49,7 @@ class TagSource:
         self.cache, self.datastore = cache, datastore
         self.k_images, self.max_tags, self.ablation, self.seed = k_images, max_tags, ablation, seed
         self._vocabulary = list(vocabulary) if vocabulary is not None else None
+        self._live: OrderedDict[str, RetrievedTags] = OrderedDict()  # live results by image id (LRU)
 
     @property
     def vocabulary(self) -> list[str]:
@@ -66,8 +69,15 @@ class TagSource:
     def _lookup(self, image_id: str, image: Any) -> RetrievedTags:
         if self.cache is not None and image_id in self.cache:
             return self.cache[image_id]
+        if image_id in self._live:  # e.g. several questions about one eval image
+            self._live.move_to_end(image_id)
+            return self._live[image_id]
         if self.datastore is not None and image is not None:
-            return self.datastore.retrieve_tags(images=[image], k_images=self.k_images, max_tags=self.max_tags)[0]
+            found = self.datastore.retrieve_tags(images=[image], k_images=self.k_images, max_tags=self.max_tags)[0]
+            self._live[image_id] = found
+            if len(self._live) > LIVE_CACHE_SIZE:
+                self._live.popitem(last=False)
+            return found
         where = f"retrieval cache {self.cache.path}" if self.cache is not None else "no retrieval cache"
         raise MissingTagsError(f"no tags for image {image_id!r}: not in {where}, and no datastore "
                                "(with the image) for live retrieval")

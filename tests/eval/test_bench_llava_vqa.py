@@ -241,3 +241,20 @@ def test_vizwiz_without_answerable_flag_uses_majority(tmp_path):
     assert samples[0]["answerable"] is None
     scores, m = bench.score([{**samples[0], "prediction": "unanswerable"}])
     assert scores == [1.0] and m["n_unanswerable"] == 1 and m["n_answerable"] == 0
+
+
+def test_test_splits_write_evalai_submission_files(tmp_path):
+    from eval.runner import score_records
+
+    _jsonl(tmp_path / "vqav2/llava_vqav2_mscoco_test-dev2015.jsonl",
+           [{"question_id": 5, "image": "COCO_test2015_000000000001.jpg", "text": "How many?" + SFX}])
+    _images(tmp_path / "vqav2/test2015", ["COCO_test2015_000000000001.jpg"])
+    bench = BENCHMARKS["vqav2_testdev"]
+    samples = bench.load(bench.resolve(tmp_path))
+    assert samples[0]["text"] == "How many?"
+    entry = score_records(bench, [{**samples[0], "prediction": "Two.", "prompt": "p"}], tmp_path, 0.0)
+    assert entry["metrics"]["status"].startswith("not scored here")
+    assert json.loads((tmp_path / "submission.json").read_text()) == [{"question_id": 5, "answer": "2"}]
+    rows = [{"image": "VizWiz_test_00000001.jpg", "prediction": "Unanswerable"}]
+    assert BENCHMARKS["vizwiz_test"].submission(rows) == [{"image": "VizWiz_test_00000001.jpg",
+                                                          "answer": "unanswerable"}]

@@ -485,3 +485,12 @@ def test_tags_without_token_ids_and_mixed_batches_raise(model, tiny_tokenizer):
         proc(["<image> What?"], sample_ids=["img-7"])
     out = model(**batch, use_cache=True, return_dict=False, output_hidden_states=True)
     assert out.loss is not None and len(out.hidden_states) == model.config.text_config.num_hidden_layers + 1
+
+
+def test_generate_returns_the_tag_weights_it_used(model, tiny_tokenizer):
+    inputs = gen_inputs(model, tiny_tokenizer, [0, 1])
+    tokens, weights = model.generate(**inputs, max_new_tokens=2, stop_token_ids=[], return_tag_weights=True)
+    assert torch.equal(tokens, model.generate(**inputs, max_new_tokens=2, stop_token_ids=[]))
+    expected = model.weights_for(inputs["pixel_values"], inputs["tags"])
+    for n, tags in enumerate(inputs["tags"]):
+        assert torch.allclose(weights[n, :len(tags)], torch.tensor(expected[n]), atol=1e-6)

@@ -52,3 +52,20 @@ def test_ablations(store_and_cache):
         TagSource(cache=cache, ablation="random_tags")
     with pytest.raises(ValueError, match="ablation='x'"):
         TagSource(ablation="x")
+
+
+def test_live_retrieval_is_remembered_per_image_id(store_and_cache):
+    store, _ = store_and_cache
+    calls = []
+
+    class Counting:
+        def retrieve_tags(self, **kw):
+            calls.append(kw)
+            return store.retrieve_tags(**kw)
+
+    source = TagSource(datastore=Counting(), k_images=3, max_tags=3)
+    first = source("q.jpg", image=sample_image(7))
+    again = source("q.jpg", image=sample_image(7))
+    assert again == first and len(calls) == 1
+    source("other.jpg", image=sample_image(8))
+    assert len(calls) == 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -155,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         code = 1
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+        # Rarely a rank aborts in interpreter teardown after finishing (C++ destructors of DeepSpeed /
+        # gloo threads: "terminate called ..."); everything is written and closed by now, so skip it.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     return code
 
 

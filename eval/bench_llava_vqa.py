@@ -214,7 +214,7 @@ LLAVA_VQA_BENCHMARKS = (
         name="pope", image_folder="pope/val2014", load=load_pope, score=score_pope,
         files={"questions": "pope/llava_pope_test.jsonl",
                **{s: f"pope/coco/coco_pope_{s}.json" for s in POPE_SPLITS}},
-        prompt_suffix=SHORT_ANSWER, max_new_tokens=8, main_metric="f1",
+        prompt_suffix=SHORT_ANSWER, max_new_tokens=8, main_metric="f1_mean_splits",
         description="POPE (COCO val2014, LLaVA's llava_pope_test.jsonl); metrics per split under per_split; "
                     "LLaVA-1.5 reports the mean F1 of the three splits"),
     Benchmark(

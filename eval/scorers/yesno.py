@@ -81,7 +81,8 @@ def score_pope(records: Sequence[Mapping[str, Any]]) -> tuple[list[float], dict]
             "split" (e.g. "random", "popular", "adversarial").
     Returns:
         (per-record 0/1 scores, overall metrics {"accuracy", "precision", "recall", "f1",
-        "yes_ratio" (all %), "n", "tp", "fp", "tn", "fn", "per_split": {split: same keys}}).
+        "yes_ratio" (all %), "n", "tp", "fp", "tn", "fn", "per_split": {split: same keys},
+        "f1_mean_splits": the mean of the splits' F1 (the overall F1 when there are no splits)}).
         Records without a split count only in the overall metrics.
     Raises:
         ValueError: on empty input, missing fields or answers other than yes/no.
@@ -101,6 +102,9 @@ def score_pope(records: Sequence[Mapping[str, Any]]) -> tuple[list[float], dict]
         split: _binary_metrics([preds[i] for i in idx], [golds[i] for i in idx])
         for split, idx in sorted(by_split.items())
     }
+    # LLaVA-1.5 reports POPE as the mean F1 of its splits (random, popular, adversarial)
+    split_f1 = [m["f1"] for m in metrics["per_split"].values()]
+    metrics["f1_mean_splits"] = sum(split_f1) / len(split_f1) if split_f1 else metrics["f1"]
     logger.info("POPE: accuracy %.2f%% f1 %.2f%% over %d", metrics["accuracy"], metrics["f1"], len(preds))
     return scores, metrics
 

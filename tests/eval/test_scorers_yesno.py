@@ -75,6 +75,7 @@ def test_score_pope_overall_and_per_split():
     assert adv["accuracy"] == pytest.approx(200 / 3)
     assert (adv["precision"], adv["recall"], adv["f1"], adv["yes_ratio"]) == (0.0, 0.0, 0.0, 0.0)
     assert sorted(m["per_split"]) == ["adversarial", "random"]
+    assert m["f1_mean_splits"] == pytest.approx(25.0)  # LLaVA-1.5's POPE number: mean(50, 0)
 
 
 def test_score_pope_zero_division_no_positives():

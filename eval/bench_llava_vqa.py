@@ -1,8 +1,9 @@
-"""LLaVA-1.5 evaluation layouts (POPE, GQA, TextVQA, VQAv2 val, VizWiz val) as registered benchmarks.
+"""LLaVA-1.5 evaluation layouts (POPE, GQA, TextVQA, VQAv2, VizWiz) as registered benchmarks.
 
 The data root is LLaVA's ``playground/data/eval`` folder. File names follow LLaVA's
-``scripts/v1_5/eval/*.sh`` and ``llava/eval/eval_*.py``; VQAv2 and VizWiz use the official *val*
-annotations instead (LLaVA ships only test questions for them, scored by an online server).
+``scripts/v1_5/eval/*.sh`` and ``llava/eval/eval_*.py``. LLaVA ships only test questions for VQAv2
+and VizWiz (scored by the EvalAI server): ``vqav2_testdev`` / ``vizwiz_test`` write the upload file,
+``vqav2_val`` / ``vizwiz_val`` score the official *val* annotations locally.
 LLaVA's question files already end with the short-answer instruction; loaders strip that trailing
 suffix so the runner, which appends ``prompt_suffix``, does not add it twice.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.benchmarks import BENCHMARKS, SHORT_ANSWER, Benchmark, read_jsonl, register
-from eval.scorers.vqa import normalize_answer, score_gqa, score_textvqa, score_vizwiz, score_vqa
+from eval.scorers.vqa import evalai_answer, score_gqa, score_textvqa, score_vizwiz, score_vqa
 from eval.scorers.yesno import score_pope
 
 logger = logging.getLogger(__name__)
@@ -195,13 +196,15 @@ def load_test_questions(files: dict[str, Path]) -> list[dict]:
 
 
 def vqav2_submission(records: list[dict]) -> list[dict]:
-    """EvalAI VQAv2 upload: [{question_id, answer}] with the EvalAI answer normalisation applied."""
-    return [{"question_id": r["question_id"], "answer": normalize_answer(r["prediction"])} for r in records]
+    """EvalAI VQAv2 upload: [{question_id, answer}], each answer through the EvalAI answer processor
+    (:func:`eval.scorers.vqa.evalai_answer`, as LLaVA's convert_vqav2_for_submission.py)."""
+    return [{"question_id": r["question_id"], "answer": evalai_answer(r["prediction"])} for r in records]
 
 
 def vizwiz_submission(records: list[dict]) -> list[dict]:
-    """EvalAI VizWiz upload: [{image, answer}]."""
-    return [{"image": Path(str(r["image"])).name, "answer": normalize_answer(r["prediction"])} for r in records]
+    """EvalAI VizWiz upload: [{image, answer}], answers as :func:`vqav2_submission`'s
+    (LLaVA's convert_vizwiz_for_submission.py)."""
+    return [{"image": Path(str(r["image"])).name, "answer": evalai_answer(r["prediction"])} for r in records]
 
 
 def _server_scored(records: list[dict]) -> tuple[list[None], dict]:

@@ -99,8 +99,12 @@ def answer_batch(model, tokenizer, processor, bench: Benchmark, samples: list[di
     from tuna.conversation import render_text
 
     questions = [s["text"] + ("\n" + bench.prompt_suffix if bench.prompt_suffix else "") for s in samples]
-    encoded = [processor.encode(q, images=[_image_of(s, folder)], image_ids=[str(s["image"])],
-                                sample_id=str(s["question_id"])) for q, s in zip(questions, samples)]
+    images = [_image_of(s, folder) for s in samples]
+    ids = [str(s["image"]) for s in samples]
+    if processor.tag_source is not None:  # live retrieval: one datastore call for the batch's new images
+        processor.tag_source.prefetch(ids, images)
+    encoded = [processor.encode(q, images=[im], image_ids=[i], sample_id=str(s["question_id"]))
+               for q, im, i, s in zip(questions, images, ids, samples)]
     batch = processor.collate(encoded, padding_side="left")
     batch = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -119,14 +123,20 @@ def answer_batch(model, tokenizer, processor, bench: Benchmark, samples: list[di
 
 
 def _image_of(sample: dict, folder: Path):
-    """A sample's image: in-memory (``image_bytes``, e.g. MMBench's base64 tsv) or a path under ``folder``."""
-    if sample.get("image_bytes") is not None:
-        import io
+    """A sample's RGB image, opened once for retrieval and the model: from ``image_bytes`` (e.g. MMBench's
+    base64 tsv) or the path under ``folder``; a one-line ValueError if it cannot be read."""
+    import io
 
-        from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-        return Image.open(io.BytesIO(sample["image_bytes"])).convert("RGB")
-    return folder / sample["image"]
+    inline = sample.get("image_bytes") is not None
+    source = io.BytesIO(sample["image_bytes"]) if inline else folder / sample["image"]
+    try:
+        with Image.open(source) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        where = "inline image" if inline else f"image {str(source)!r}"
+        raise ValueError(f"question {sample['question_id']!r}: cannot read {where}: {exc}") from exc
 
 
 def run_benchmark(model, tokenizer, processor, bench: Benchmark, config: EvalConfig) -> dict[str, Any] | None:

@@ -25,6 +25,9 @@ class MissingTagsError(KeyError):
 class TagSource:
     """Tags for an image id: cache first, then live retrieval, truncated to ``max_tags``.
 
+    Live results are remembered per image id; :meth:`prefetch` retrieves a whole batch's missing
+    images in one datastore call (the per-image path gives the same tags).
+
     Args:
         cache: a retrieval cache (``tuna-datastore cache`` output) keyed by image id.
         datastore: for live retrieval of cache misses (needs the image itself) and for the
@@ -66,17 +69,55 @@ class TagSource:
         found = RetrievedTags(found.tags[:n], found.scores[:n], found.neighbours, found.neighbour_scores)
         return self._randomise(image_id, found) if self.ablation == "random_tags" else found
 
+    def prefetch(self, image_ids: Sequence[str], images: Sequence[Any]) -> int:
+        """Retrieve live, in one datastore call, the tags of every image that neither the cache nor the
+        remembered live results have (each id once), so later calls for them do not retrieve.
+
+        Args:
+            image_ids: ids as later passed to ``__call__``.
+            images: the matching PIL images or paths (None entries are skipped).
+        Returns:
+            How many images were retrieved (0 without a datastore or with ``no_tags``).
+        Raises:
+            ValueError: if the two sequences differ in length.
+        """
+        if len(image_ids) != len(images):
+            raise ValueError(f"prefetch: {len(image_ids)} image ids for {len(images)} images")
+        if self.ablation == "no_tags" or self.datastore is None:
+            return 0
+        missing: dict[str, Any] = {}
+        for image_id, image in zip(image_ids, images):
+            if image is not None and image_id not in missing and not self._known(image_id):
+                missing[image_id] = image
+        if missing:
+            found = self.datastore.retrieve_tags(images=list(missing.values()), k_images=self.k_images,
+                                                 max_tags=self.max_tags)
+            for image_id, tags in zip(missing, found):
+                self._remember(image_id, tags)
+        return len(missing)
+
+    def _known(self, image_id: str) -> bool:
+        if self.cache is not None and image_id in self.cache:
+            return True
+        if image_id in self._live:
+            self._live.move_to_end(image_id)  # keep it until it is used
+            return True
+        return False
+
+    def _remember(self, image_id: str, found: RetrievedTags) -> None:
+        self._live[image_id] = found
+        if len(self._live) > LIVE_CACHE_SIZE:
+            self._live.popitem(last=False)
+
     def _lookup(self, image_id: str, image: Any) -> RetrievedTags:
         if self.cache is not None and image_id in self.cache:
             return self.cache[image_id]
-        if image_id in self._live:  # e.g. several questions about one eval image
+        if image_id in self._live:  # e.g. several questions about one eval image, or prefetched
             self._live.move_to_end(image_id)
             return self._live[image_id]
         if self.datastore is not None and image is not None:
             found = self.datastore.retrieve_tags(images=[image], k_images=self.k_images, max_tags=self.max_tags)[0]
-            self._live[image_id] = found
-            if len(self._live) > LIVE_CACHE_SIZE:
-                self._live.popitem(last=False)
+            self._remember(image_id, found)
             return found
         where = f"retrieval cache {self.cache.path}" if self.cache is not None else "no retrieval cache"
         raise MissingTagsError(f"no tags for image {image_id!r}: not in {where}, and no datastore "

@@ -1,10 +1,23 @@
-"""Open-ended VQA scorers: VQAv2 / TextVQA / VizWiz soft accuracy (official rule) and GQA exact match."""
+"""Open-ended VQA scorers: VQAv2 / TextVQA / VizWiz soft accuracy (official rule) and GQA exact match.
+
+Answer processing per benchmark (the scorer each reference number comes from):
+
+* ``vqav2_val``, ``vizwiz_val`` (scored here with the official VQA evaluation rule):
+  :func:`normalize_answer` on the prediction and on every human answer.
+* ``textvqa`` (LLaVA's eval_textvqa.py, i.e. the m4c TextVQA evaluator): :func:`evalai_answer`, the
+  EvalAI answer processor = the :func:`evalai_word_tokenize` pre-step, then :func:`normalize_answer`,
+  on the prediction and on every human answer, unconditionally.
+* ``vqav2_testdev``, ``vizwiz_test`` submission files: each prediction goes through
+  :func:`evalai_answer`, as LLaVA's convert_vqav2/vizwiz_for_submission.py do; the server then
+  applies the official rule.
+* GQA: :func:`gqa_match` (LLaVA's rule), no EvalAI processing.
+"""
 
 from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +102,31 @@ def normalize_answer(text: str) -> str:
     return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
 
 
+def evalai_word_tokenize(text: str) -> str:
+    """The pre-step of the EvalAI answer processor (LLaVA's TextVQA scorer and submission converters).
+
+    Lowercase; delete every "," and "?"; "'s" -> " 's"; strip. Deleting commas before the
+    punctuation rule changes its outcome: "1,000-2" -> "1000-2" (no digit comma left, so "-" then
+    becomes a space), "red,blue" -> "redblue". E.g. "Dog's?" -> "dog 's".
+
+    Raises:
+        ValueError: if ``text`` is not a str.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"evalai_word_tokenize: text must be str, got {type(text).__name__}")
+    return text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+
+
+def evalai_answer(text: str) -> str:
+    """The whole EvalAI answer processor: :func:`evalai_word_tokenize`, then :func:`normalize_answer`.
+    E.g. "Dog's?" -> "dog 's", "What's" -> "what 's", "1,000-2" -> "1000 2", "Two, please" -> "2 please".
+
+    Raises:
+        ValueError: if ``text`` is not a str.
+    """
+    return normalize_answer(evalai_word_tokenize(text))
+
+
 def _soft_score(k: int, n: int) -> float:
     """Mean over the n leave-one-out subsets of min(1, matches / threshold), when k of the n
     answers match. Leaving out a matching answer leaves k-1 matches, any other leaves k."""
@@ -98,23 +136,26 @@ def _soft_score(k: int, n: int) -> float:
     return (k * min(1.0, (k - 1) / threshold) + (n - k) * min(1.0, k / threshold)) / n
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+def vqa_accuracy(prediction: str, answers: Sequence[str], normalize: Callable[[str], str] = normalize_answer
+                 ) -> float:
     """Official VQA soft accuracy of one prediction against the human answers.
 
-    Prediction and answers are normalised with :func:`normalize_answer`. For each of the N
+    Prediction and answers are normalised with ``normalize`` (:func:`normalize_answer`, or
+    :func:`evalai_answer` for TextVQA). For each of the N
     answers, the other N-1 are kept and the prediction scores min(1, #matches / 3); the result
     is the mean over the N subsets. With N = 10 and k matching humans: k=0 -> 0, 1 -> 0.3,
     2 -> 0.6, 3 -> 0.9, k>=4 -> 1.0.
     Other N (not in VQAv2/TextVQA/VizWiz): N >= 4 uses the same rule; N = 2 or 3 divides by
     N-1 instead of 3 so that full agreement can reach 1.0; N = 1 is exact match (the official
     code would always give 0 there).
-    Differences from the official script, both on purpose: the answers are always normalised
-    (it skips that when all humans agree, assuming they are already canonical), and with
-    N < 4 as above.
+    Differences from the official VQA script, both on purpose: prediction and answers are always
+    normalised (it normalises neither when all humans agree, which is why submission files are
+    pre-processed), and N < 4 as above.
 
     Args:
         prediction: model output (a short answer).
         answers: the human answers, N >= 1.
+        normalize: answer processing applied to both sides.
     Returns:
         Accuracy in [0, 1].
     Raises:
@@ -122,8 +163,8 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     """
     if isinstance(answers, str) or len(answers) == 0:
         raise ValueError(f"vqa_accuracy: answers must be a non-empty list of str, got {answers!r}")
-    pred = normalize_answer(prediction)
-    k = sum(normalize_answer(a) == pred for a in answers)
+    pred = normalize(prediction)
+    k = sum(normalize(a) == pred for a in answers)
     return _soft_score(k, len(answers))
 
 
@@ -141,27 +182,30 @@ def _check_records(records: Sequence[Mapping[str, Any]], name: str, fields: Sequ
             raise ValueError(f"{name}: record {i} answers must be a non-empty list of str, got {rec['answers']!r}")
 
 
-def score_vqa(records: Sequence[Mapping[str, Any]], name: str = "score_vqa") -> tuple[list[float], dict]:
+def score_vqa(records: Sequence[Mapping[str, Any]], name: str = "score_vqa",
+              normalize: Callable[[str], str] = normalize_answer) -> tuple[list[float], dict]:
     """Score VQAv2-style records with :func:`vqa_accuracy`.
 
     Args:
         records: dicts with "prediction" (str) and "answers" (list of human answers).
         name: label used in error and log messages.
+        normalize: answer processing (default: the official VQA normalisation).
     Returns:
         (per-record scores in [0, 1], {"accuracy": mean score in %, "n": number of records}).
     Raises:
         ValueError: on empty input, a missing field, a non-str prediction or bad answers.
     """
     _check_records(records, name, ("prediction", "answers"))
-    scores = [vqa_accuracy(rec["prediction"], rec["answers"]) for rec in records]
+    scores = [vqa_accuracy(rec["prediction"], rec["answers"], normalize) for rec in records]
     metrics = {"accuracy": 100.0 * sum(scores) / len(scores), "n": len(scores)}
     logger.info("%s: accuracy %.2f%% over %d", name, metrics["accuracy"], metrics["n"])
     return scores, metrics
 
 
 def score_textvqa(records: Sequence[Mapping[str, Any]]) -> tuple[list[float], dict]:
-    """TextVQA: the VQA soft accuracy of :func:`score_vqa` (10 answers per question)."""
-    return score_vqa(records, name="score_textvqa")
+    """TextVQA as LLaVA scores it (m4c evaluator): :func:`evalai_answer` on the prediction and on all
+    answers, then the soft accuracy of :func:`score_vqa` (10 answers per question)."""
+    return score_vqa(records, name="score_textvqa", normalize=evalai_answer)
 
 
 def vizwiz_prediction(text: str) -> str:

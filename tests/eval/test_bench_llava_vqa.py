@@ -255,6 +255,18 @@ def test_test_splits_write_evalai_submission_files(tmp_path):
     entry = score_records(bench, [{**samples[0], "prediction": "Two.", "prompt": "p"}], tmp_path, 0.0)
     assert entry["metrics"]["status"].startswith("not scored here")
     assert json.loads((tmp_path / "submission.json").read_text()) == [{"question_id": 5, "answer": "2"}]
-    rows = [{"image": "VizWiz_test_00000001.jpg", "prediction": "Unanswerable"}]
-    assert BENCHMARKS["vizwiz_test"].submission(rows) == [{"image": "VizWiz_test_00000001.jpg",
-                                                          "answer": "unanswerable"}]
+    rows = [{"image": "VizWiz_test_00000001.jpg", "prediction": "Unanswerable"},
+            {"image": "VizWiz_test_00000002.jpg", "prediction": "It's a dog's toy, blue?"}]
+    assert BENCHMARKS["vizwiz_test"].submission(rows) == [
+        {"image": "VizWiz_test_00000001.jpg", "answer": "unanswerable"},
+        {"image": "VizWiz_test_00000002.jpg", "answer": "it 's dog 's toy blue"}]  # EvalAI pre-step applied
+    assert BENCHMARKS["vqav2_testdev"].submission([{"question_id": 6, "prediction": "1,000-2"}]) == [
+        {"question_id": 6, "answer": "1000 2"}]
+
+
+def test_answer_processing_per_benchmark():
+    # "red,white": "redwhite" with the EvalAI pre-step (TextVQA), "red white" with the official rule alone
+    record = {"prediction": "red,white", "answers": ["red white"] * 10}
+    assert BENCHMARKS["textvqa"].score([record])[0] == [0.0]
+    assert BENCHMARKS["vqav2_val"].score([record])[0] == [1.0]
+    assert BENCHMARKS["vizwiz_val"].score([record])[0] == [1.0]

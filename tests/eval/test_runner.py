@@ -116,3 +116,43 @@ def test_missing_files_and_bad_flags(world, model_dir, tmp_path, capsys):
     assert code == 1 and "tuna-eval: error: synth_open: questions file expected at" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown benchmark 'nope'"):
         EvalConfig(model="m", benches=["nope"], data_root=".", out=".")
+
+
+def test_live_retrieval_is_one_datastore_call_per_batch(world, model_dir, tmp_path, monkeypatch):
+    from datastore.store import Datastore
+    from tuna.tag_source import TagSource
+
+    n, b = 16, 8
+    calls: list[int] = []  # images per retrieve_tags call
+    original = Datastore.retrieve_tags
+
+    def counting(self, images=None, **kw):
+        calls.append(len(images))
+        return original(self, images=images, **kw)
+
+    monkeypatch.setattr(Datastore, "retrieve_tags", counting)
+    bench = get_benchmark("synth_mc")
+    images = [s["image"] for s in bench.load(bench.resolve(world["data_root"]))[:n]]
+
+    def run(name):
+        calls.clear()
+        evaluate(EvalConfig(model=str(model_dir), benches=["synth_mc"], data_root=str(world["data_root"]),
+                            out=str(tmp_path / name), datastore=str(world["datastore"]), limit=n, batch_size=b))
+        return list(calls), predictions(tmp_path / name, "synth_mc")
+
+    batched_calls, batched_records = run("batched")
+    monkeypatch.setattr(TagSource, "prefetch", lambda self, ids, ims: 0)  # the one-by-one path
+    single_calls, single_records = run("single")
+    assert len(set(images)) > -(-n // b)  # the per-image path needs more calls than there are batches
+    assert single_calls == [1] * len(set(images))
+    new_per_batch = [len(set(images[k:k + b]) - set(images[:k])) for k in range(0, n, b)]
+    assert batched_calls == [c for c in new_per_batch if c] and len(batched_calls) <= -(-n // b)
+    assert batched_records == single_records
+
+
+def test_unreadable_image_is_a_one_line_error(tmp_path):
+    from eval.runner import _image_of
+
+    (tmp_path / "bad.jpg").write_text("not an image")
+    with pytest.raises(ValueError, match=r"^question 3: cannot read image '.*bad.jpg': "):
+        _image_of({"question_id": 3, "image": "bad.jpg"}, tmp_path)

@@ -8,6 +8,8 @@ import pytest
 
 from eval.scorers.vqa import (
     CONTRACTIONS,
+    evalai_answer,
+    evalai_word_tokenize,
     gqa_match,
     is_unanswerable,
     normalize_answer,
@@ -137,6 +139,64 @@ def test_score_vqa_and_textvqa():
     assert metrics["n"] == 4
     t_scores, t_metrics = score_textvqa(records)
     assert t_scores == scores and t_metrics == metrics
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Dog's?", "dog 's"),
+        ("1,000", "1000"),
+        ("What's up?", "what 's up"),
+        ("  Red, Blue  ", "red blue"),
+        ("a,b?c", "abc"),
+    ],
+)
+def test_evalai_word_tokenize(text, expected):
+    assert evalai_word_tokenize(text) == expected
+
+
+# (text, EvalAI processor with the pre-step, official normalisation alone)
+@pytest.mark.parametrize(
+    "text, with_pre_step, official",
+    [
+        ("Dog's?", "dog 's", "dog's"),
+        ("what's", "what 's", "what's"),
+        ("whats", "what's", "what's"),  # no "'s" to split: the contraction table still applies
+        ("1,000", "1000", "1000"),
+        ("1,000-2", "1000 2", "10002"),  # commas gone first: no digit comma, so "-" becomes a space
+        ("red,blue", "redblue", "red blue"),
+        ("Red, white and blue", "red white and blue", "red white and blue"),
+        ("Two, please?", "2 please", "2 please"),
+    ],
+)
+def test_evalai_answer_vs_official_normalisation(text, with_pre_step, official):
+    assert evalai_answer(text) == with_pre_step
+    assert normalize_answer(text) == official
+
+
+def test_evalai_rejects_non_str():
+    with pytest.raises(ValueError, match="evalai_word_tokenize: text must be str, got NoneType"):
+        evalai_answer(None)
+
+
+def test_textvqa_applies_the_pre_step_to_prediction_and_answers():
+    records = [
+        # pre-step: "what 's" matches the 2 "what's" (the 8 "whats" become "what's") -> 0.6;
+        # official: all 10 normalise to "what's" -> 1.0
+        {"prediction": "What's", "answers": ["what's"] * 2 + ["whats"] * 8},
+        # pre-step: "redwhite" != "red white" -> 0.0; official: "red white" == "red white" -> 1.0
+        {"prediction": "red,white", "answers": ["red white"] * 10},
+        # both: every "1,000"/"1000" -> "1000", k=6 -> 1.0
+        {"prediction": "1,000", "answers": ["1000"] * 3 + ["1,000"] * 3 + ["one thousand"] * 4},
+        # both: k=3 of 10 -> 0.9 ("dog 's" with the pre-step, "dog's" without)
+        {"prediction": "Dog's?", "answers": ["dog's"] * 3 + ["dog"] * 7},
+    ]
+    scores, metrics = score_textvqa(records)
+    assert scores == pytest.approx([0.6, 0.0, 1.0, 0.9])
+    assert metrics["accuracy"] == pytest.approx(62.5)
+    official, official_metrics = score_vqa(records)
+    assert official == pytest.approx([1.0, 1.0, 1.0, 0.9])
+    assert official_metrics["accuracy"] == pytest.approx(97.5)
 
 
 @pytest.mark.parametrize(

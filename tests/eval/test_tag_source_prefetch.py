@@ -1,0 +1,70 @@
+"""TagSource.prefetch: a batch's uncached images in one datastore call, same tags as the per-image path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from datastore.store import Datastore
+from tuna.tag_source import TagSource
+
+
+class Counting:
+    """A datastore that records how many images each retrieve_tags call gets."""
+
+    def __init__(self, store: Datastore) -> None:
+        self.store, self.calls = store, []
+
+    def retrieve_tags(self, images, **kw):
+        self.calls.append(len(images))
+        return self.store.retrieve_tags(images=images, **kw)
+
+
+@pytest.fixture(scope="module")
+def store(world):
+    return Datastore.open(world["datastore"])
+
+
+def _eval_images(world, n):
+    paths = sorted((world["images"] / "eval").glob("*.jpg"))[:n]
+    assert len(paths) == n
+    return [p.name for p in paths], [Image.open(p).convert("RGB") for p in paths]
+
+
+def test_prefetch_is_one_call_and_matches_per_image(world, store):
+    ids, images = _eval_images(world, 3)
+    batched = Counting(store)
+    source = TagSource(datastore=batched, k_images=3, max_tags=4)
+    # ids[0] twice: retrieved once
+    assert source.prefetch(ids + ids[:1], images + images[:1]) == 3
+    assert batched.calls == [3]
+    got = [source(i, im) for i, im in zip(ids, images)]
+    assert batched.calls == [3]  # served from the prefetched results
+    assert source.prefetch(ids, images) == 0 and batched.calls == [3]
+    single = Counting(store)
+    one_by_one = TagSource(datastore=single, k_images=3, max_tags=4)
+    want = [one_by_one(i, im) for i, im in zip(ids, images)]
+    assert single.calls == [1, 1, 1]
+    assert got == want and all(r.tags for r in got)
+
+
+def test_prefetch_skips_cached_and_tagless_cases(world, store):
+    import json
+
+    from datastore.cache import RetrievalCache
+
+    cache = RetrievalCache(world["cache"])
+    cached = json.loads(Path(world["instruct"]).read_text())[0]["image"]
+    assert cached in cache
+    ids, images = _eval_images(world, 2)
+    counting = Counting(store)
+    source = TagSource(cache=cache, datastore=counting, k_images=3, max_tags=4)
+    assert source.prefetch([cached], [images[0]]) == 0  # in the cache
+    assert source.prefetch(ids, [images[0], None]) == 1 and counting.calls == [1]  # no image: left to __call__
+    assert TagSource(datastore=counting, ablation="no_tags").prefetch(ids, images) == 0
+    assert TagSource(cache=cache).prefetch(ids, images) == 0  # no datastore
+    assert counting.calls == [1]
+    with pytest.raises(ValueError, match="prefetch: 2 image ids for 1 images"):
+        source.prefetch(ids, images[:1])

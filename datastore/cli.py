@@ -18,6 +18,9 @@ EPILOG = """examples:
   torchrun --nproc_per_node 8 $(which tuna-datastore) build --input ... --out ds --device auto
   tuna-datastore query --datastore ds --image x.jpg -k 5
   tuna-datastore cache --datastore ds --llava-json instruct.json --image-folder images --out cache.parquet
+  tuna-datastore train-clip --input 'world/corpus/corpus-{000000..000019}.tar' --out clip
+  tuna-datastore build --input ... --out ds --model-config clip/tuna-quickstart-clip.json \
+      --pretrained clip/tuna-quickstart-clip.safetensors
 """
 
 
@@ -107,6 +110,38 @@ def _parser() -> argparse.ArgumentParser:
                    help="missing/corrupt image: stop naming it (default) or skip and count it")
     c.add_argument("--device", default="auto", help="CLIP device: cpu, cuda, cuda:N or auto")
 
+    from datastore.clip_train import TEXT_MODES, ClipTrainConfig  # light: torch/open_clip load lazily
+
+    t = sub.add_parser("train-clip", **defaults,
+                       help="train a small CLIP contrastively on webdataset shards (offline stand-in)",
+                       description="Train an open_clip CLIP from scratch on image-text shards (e.g. the synthetic "
+                                   "world's corpus) and write OUT/<arch>.json (model config), "
+                                   "OUT/<arch>.safetensors (checkpoint) and OUT/train.json (recipe, loss curve, "
+                                   "timings). Use them with --model-config/--pretrained. Deterministic for a "
+                                   "given seed and thread count (unless --max-minutes cuts it short).")
+    t.add_argument("--input", nargs="+", required=True, help="shard patterns: brace expansion, globs")
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--model-config", default=ClipTrainConfig.model_config,
+                   help="open_clip model-config JSON, or the name of a bundled one (datastore/model_configs)")
+    t.add_argument("--image-size", type=int, help="override the config's image size (writes <arch>-<N>px.json)")
+    t.add_argument("--steps", type=int, default=ClipTrainConfig.steps, help="optimiser steps")
+    t.add_argument("--batch-size", type=int, default=ClipTrainConfig.batch_size, help="image-text pairs per step")
+    t.add_argument("--lr", type=float, default=ClipTrainConfig.lr, help="peak AdamW learning rate (cosine decay)")
+    t.add_argument("--warmup", type=int, default=ClipTrainConfig.warmup, help="linear warmup steps")
+    t.add_argument("--weight-decay", type=float, default=ClipTrainConfig.weight_decay, help="AdamW weight decay (matrices only)")
+    t.add_argument("--text-mode", default=ClipTrainConfig.text_mode, choices=TEXT_MODES,
+                   help="texts: the caption, the image's object names (from {key}.json), or names with "
+                        "random size/colour words")
+    t.add_argument("--no-multi-positive", action="store_true",
+                   help="treat pairs with the same category set / text as negatives (plain CLIP loss)")
+    t.add_argument("--no-colour-augment", action="store_true", help="turn off colour augmentation")
+    t.add_argument("--shift", type=int, default=ClipTrainConfig.shift, help="random translation in pixels (0 = off)")
+    t.add_argument("--seed", type=int, default=ClipTrainConfig.seed, help="seed of init, batches and augmentation")
+    t.add_argument("--threads", type=int, default=ClipTrainConfig.threads, help="torch threads")
+    t.add_argument("--workers", type=int, default=ClipTrainConfig.workers, help="shard decoding processes")
+    t.add_argument("--max-minutes", type=float, help="stop training after this long (breaks determinism)")
+    t.add_argument("--max-samples", type=int, help="use only the first N samples")
+
     i = sub.add_parser("info", **defaults, help="print a datastore's manifest summary")
     i.add_argument("--datastore", required=True, help="datastore directory")
     return parser
@@ -181,6 +216,22 @@ def cmd_cache(args) -> None:
           f"{meta['seconds']:.1f}s")
 
 
+def cmd_train_clip(args) -> None:
+    from datastore.clip_train import ClipTrainConfig, train_clip
+
+    config = ClipTrainConfig(
+        model_config=args.model_config, image_size=args.image_size, steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, text_mode=args.text_mode,
+        multi_positive=not args.no_multi_positive, colour_augment=not args.no_colour_augment, shift=args.shift,
+        seed=args.seed, threads=args.threads, workers=args.workers, max_minutes=args.max_minutes,
+        max_samples=args.max_samples)
+    result = train_clip(args.input, args.out, config, progress=True)
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
+    print(f"clip {result.spec.model}: {result.steps} steps ({result.step_seconds:.3f}s/step), "
+          f"loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; {timings}\n"
+          f"  --model-config {result.spec.model_config} --pretrained {result.spec.pretrained}")
+
+
 def cmd_info(args) -> None:
     from datastore.store import Datastore
 
@@ -188,7 +239,8 @@ def cmd_info(args) -> None:
     print(summarize(store.manifest, args.datastore))
 
 
-COMMANDS = {"build": cmd_build, "merge": cmd_merge, "query": cmd_query, "cache": cmd_cache, "info": cmd_info}
+COMMANDS = {"build": cmd_build, "merge": cmd_merge, "query": cmd_query, "cache": cmd_cache, "info": cmd_info,
+            "train-clip": cmd_train_clip}
 
 
 def main(argv: list[str] | None = None) -> int:

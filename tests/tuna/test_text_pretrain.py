@@ -1,0 +1,157 @@
+"""Text-only pretraining: generated copy texts, tokenizer, tiny LM training, saving and copy accuracy."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from tuna.text_pretrain import (
+    TASKS, CopyTextGenerator, TextPretrainConfig, caption_words, copy_accuracy, pretrain_text_llm, render_chat,
+)
+
+CAPTIONS = [f"a photo of a {c} {n}{p}" for c in ("red", "blue", "small green", "large pink")
+            for n in ("drerik", "tulbel", "jadub", "two zutags") for p in ("", " on the left", " in the middle")]
+TINY = dict(vocab_size=400, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
+            max_length=128, steps=12, batch_size=4, lr=3e-3, warmup_steps=2, tokenizer_samples=300, log_every=6)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = pretrain_text_llm(CAPTIONS, tmp_path_factory.mktemp("tp") / "a", TextPretrainConfig(**TINY), progress=False)
+    return out, json.loads((out / "text_pretrain.json").read_text())
+
+
+def test_saved_dir_loads_and_generates(run):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, record = run
+    tok = AutoTokenizer.from_pretrained(str(out))
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert model.config.model_type == "qwen2" and model.config.hidden_size == 32
+    assert model.config.vocab_size == len(tok) == record["vocab"] <= 400
+    assert record["params"] == sum(p.numel() for p in model.parameters())
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Name it."}], tokenize=False,
+                                     add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        assert model(ids).logits.shape == (1, ids.shape[1], len(tok))
+
+
+def test_loss_decreases(run):
+    losses = run[1]["losses"]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
+    assert losses[0] > 5.0  # ~ln(400) at random init
+
+
+def test_same_seed_same_model_other_seed_differs(run, tmp_path):
+    from safetensors.torch import load_file
+
+    out, _ = run
+    again = pretrain_text_llm(CAPTIONS, tmp_path / "b", TextPretrainConfig(**TINY), progress=False)
+    other = pretrain_text_llm(CAPTIONS, tmp_path / "c", TextPretrainConfig(**TINY, seed=1), progress=False)
+    a, b, c = (load_file(str(d / "model.safetensors")) for d in (out, again, other))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert not all(a[k].equal(c[k]) for k in a)
+    assert (out / "tokenizer.json").read_text() == (again / "tokenizer.json").read_text()
+
+
+def test_names_tokenize_the_same_in_a_tag_list_and_as_an_answer(run):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(run[0]))
+    for name in ("drerik", "tulbel", "kelbovar", "quizzop"):
+        after_space = tok(" " + name, add_special_tokens=False).input_ids
+        assert after_space[1:] == tok(name, add_special_tokens=False).input_ids == \
+            tok("\n" + name, add_special_tokens=False).input_ids[1:]
+
+
+def test_render_chat_matches_the_tokenizer_chat_template(run):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(run[0]))
+    turns = [(" Tags: red kelbo, kelbo.\nName it.", "kelbo"), ("Again?", "kelbo, yes")]
+    text, spans = render_chat(turns)
+    messages = [m for u, a in turns for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
+    assert text == tok.apply_chat_template(messages, tokenize=False)
+    assert [text[s:e] for s, e in spans] == ["kelbo<|im_end|>", "kelbo, yes<|im_end|>"]
+
+
+def test_answers_are_copied_from_the_context_with_fresh_names():
+    gen = CopyTextGenerator(0, known_words=caption_words(CAPTIONS))
+    seen_answers = set()
+    for task in TASKS:
+        for chat in (True, False):
+            for _ in range(30):
+                s = gen.sample(task, chat=chat)
+                context = s.prompt
+                assert s.task == task and s.answer
+                assert all(part.strip() in context for part in s.answer.split(","))  # copied, never invented
+                assert s.text[s.spans[0][0]:s.spans[0][1]].strip().startswith(s.answer)
+                assert ("<|im_start|>assistant\n" in s.text) == (chat and task not in ("define", "tags_plain"))
+                seen_answers.add(s.answer)
+    words = {w for a in seen_answers for w in a.replace(",", " ").split()}
+    assert not words & {"drerik", "tulbel", "jadub", "zutag", "zutags"}  # caption words are never names
+    assert len(seen_answers) > 300  # fresh names, not a fixed list
+
+
+def test_tag_reading_answer_is_the_dominant_first_tag():
+    gen = CopyTextGenerator(3)
+    for _ in range(200):
+        s = gen.sample("tags_single", chat=True)
+        tags = s.prompt.split(" Tags: ", 1)[1].split(".", 1)[0].split(", ")
+        heads = [t.split()[-1] for t in tags]
+        assert heads[0] == s.answer
+        assert heads.count(s.answer) > max(heads.count(h) for h in set(heads) - {s.answer}) if len(set(heads)) > 1 \
+            else True
+
+
+def test_forbidden_strings_never_generated():
+    from datastore.synth.questions import PRETRAIN_PROMPTS
+
+    forbidden = ("What is the object", "What is this object?", "in the image?", "blue", "DRERIK", "kel")
+    gen = CopyTextGenerator(1, forbidden=forbidden)
+    texts = [gen.sample().text.lower() for _ in range(1500)]
+    assert gen.rejected > 0  # "blue" and "kel" come up, so texts were redrawn
+    assert not any(f.lower() in t for t in texts for f in forbidden)
+    # the synthetic world's own question templates and caption prompts are never used, even unfiltered
+    plain = [CopyTextGenerator(2).sample().text.lower() for _ in range(1)]
+    gen = CopyTextGenerator(2)
+    plain = [gen.sample().text.lower() for _ in range(1500)]
+    world = ["what is this object", "what is the object", "what colour is", "what size is", "how many",
+             "in the image?", "what objects are"] + [p.lower() for p in PRETRAIN_PROMPTS]
+    assert not any(w in t for t in plain for w in world)
+
+
+def test_too_broad_forbidden_list_is_one_line_error():
+    gen = CopyTextGenerator(0, forbidden=("<|im_start|>", "Q", "A", "Reply", "Answer", "Tags"))
+    with pytest.raises(ValueError, match="forbidden list is too broad"):
+        gen.sample("tags_single")
+
+
+def test_copy_accuracy_counts_exact_matches(run):
+    out, _ = run
+    acc = copy_accuracy(out, n=8, seed=5, max_new_tokens=4)
+    assert acc.n == 8 and set(acc.by_task) == {"tags_single", "tags_attr", "scene", "list"}
+    assert acc.accuracy == sum(acc.by_task.values()) / 4  # two prompts per task
+    assert all(e["output"] != e["answer"] or e["answer"] in e["prompt"] for e in acc.examples)
+    assert len(acc.examples) == 8 and all(e["answer"] in e["prompt"] for e in acc.examples)
+
+
+@pytest.mark.parametrize("bad", [dict(hidden_size=30, num_heads=4), dict(steps=0), dict(caption_fraction=1.5),
+                                 dict(lr=0.0), dict(forbidden="blue")])
+def test_bad_config_is_rejected(bad):
+    with pytest.raises(ValueError, match="TextPretrainConfig"):
+        TextPretrainConfig(**bad)
+
+
+def test_unknown_pre_tokenizer_is_rejected():
+    from tuna.tiny import train_tokenizer
+
+    with pytest.raises(ValueError, match="unknown pre_tokenizer 'wordpiece'"):
+        train_tokenizer(["a b"], "wordpiece")

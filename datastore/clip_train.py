@@ -3,7 +3,7 @@
 The result stands in for a web-pretrained CLIP in offline demos: a model-config JSON plus a
 ``.safetensors`` checkpoint, loaded everywhere through :func:`datastore.clip.load_clip`.
 
-Recipe (see docs/datastore.md, "Training a small CLIP"): the whole corpus is decoded once into a
+Recipe (docs/datastore.md, "Training a small CLIP"): the whole corpus is decoded once into a
 uint8 array; each step samples a batch, applies colour augmentation (channel permutation, gains,
 grayscale; no flips: mirrored stripes are another category) and a small random shift, and trains
 image and text towers with the symmetric InfoNCE loss. Texts can be the raw captions or, from the
@@ -64,6 +64,7 @@ class ClipTrainConfig:
         threads: torch intra-op threads; workers: decoding processes.
         max_minutes: stop early when training takes longer (None = run all steps).
         max_samples: use only the first N samples of the shards.
+        device: where the model trains ("cpu", "cuda", "cuda:N"); batches are augmented on the CPU.
         image_key, caption_key: webdataset member extensions.
     """
 
@@ -86,6 +87,7 @@ class ClipTrainConfig:
     workers: int = 2
     max_minutes: float | None = None
     max_samples: int | None = None
+    device: str = "cpu"
     image_key: str = "jpg"
     caption_key: str = "txt"
 
@@ -369,7 +371,7 @@ def _contrastive_loss(img, txt, scale, pos=None):
 
     logits = scale * img @ txt.T
     if pos is None:
-        labels = torch.arange(len(img))
+        labels = torch.arange(len(img), device=img.device)
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
     pos = pos.float()
     image_to_text = -(pos / pos.sum(1, keepdim=True) * F.log_softmax(logits, 1)).sum(1).mean()
@@ -430,13 +432,14 @@ def train_clip(shards: list[str] | str, out_dir: str | os.PathLike, config: Clip
                                  progress)
         with timer("setup"):
             torch.manual_seed(config.seed)
-            model = open_clip.create_model(name, pretrained=None)
+            device = torch.device(config.device)
+            model = open_clip.create_model(name, pretrained=None).to(device)
             model.visual.to(memory_format=torch.channels_last)  # faster CPU convolutions
             with torch.no_grad():
                 model.logit_scale.fill_(math.log(config.logit_scale))
             model.logit_scale.requires_grad_(config.learn_logit_scale)
-            mean = torch.tensor(model.visual.preprocess_cfg["mean"]).view(1, 3, 1, 1)
-            std = torch.tensor(model.visual.preprocess_cfg["std"]).view(1, 3, 1, 1)
+            mean = torch.tensor(model.visual.preprocess_cfg["mean"], device=device).view(1, 3, 1, 1)
+            std = torch.tensor(model.visual.preprocess_cfg["std"], device=device).view(1, 3, 1, 1)
             tokens = _Tokens(open_clip.get_tokenizer(name))
             images = torch.from_numpy(corpus.images)
             batch_texts = _BatchTexts(corpus, config)
@@ -454,13 +457,14 @@ def train_clip(shards: list[str] | str, out_dir: str | os.PathLike, config: Clip
                 order, cursor = torch.randperm(len(corpus), generator=gen), 0
             idx = order[cursor:cursor + config.batch_size]
             cursor += config.batch_size
-            pixels = ((_augment(images[idx], config, gen) - mean) / std).contiguous(memory_format=torch.channels_last)
+            pixels = _augment(images[idx], config, gen).to(device, non_blocking=True)
+            pixels = ((pixels - mean) / std).contiguous(memory_format=torch.channels_last)
             texts, pos = batch_texts(idx)
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, config)
             img = model.encode_image(pixels, normalize=True)
-            txt = model.encode_text(tokens(texts), normalize=True)
-            loss = _contrastive_loss(img, txt, model.logit_scale.exp(), pos)
+            txt = model.encode_text(tokens(texts).to(device), normalize=True)
+            loss = _contrastive_loss(img, txt, model.logit_scale.exp(), pos.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -480,6 +484,7 @@ def train_clip(shards: list[str] | str, out_dir: str | os.PathLike, config: Clip
             checkpoint = out / f"{name}.safetensors"
             from safetensors.torch import save_file
 
+            model.cpu()
             save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
             trained_sha = weights_sha256(model)
             spec = ClipSpec(model_config=str(config_path), pretrained=str(checkpoint))
@@ -498,6 +503,24 @@ def train_clip(shards: list[str] | str, out_dir: str | os.PathLike, config: Clip
     return ClipTrainResult(spec=spec, identity=identity, losses=losses, steps=len(losses), seconds=seconds)
 
 
+def trained_clip_files(out_dir: str | os.PathLike) -> tuple[str, str]:
+    """(model-config JSON, checkpoint) of a CLIP written by :func:`train_clip` into ``out_dir``.
+
+    Raises:
+        ValueError: ``out_dir`` holds no finished training (``train.json`` and its two files).
+    """
+    out = Path(out_dir)
+    record = out / "train.json"
+    if not record.is_file():
+        raise ValueError(f"{record} not found: {out} is not a train-clip output folder")
+    name = json.loads(record.read_text())["architecture"]
+    config, checkpoint = out / f"{name}.json", out / f"{name}.safetensors"
+    for path in (config, checkpoint):
+        if not path.is_file():
+            raise ValueError(f"{path} not found (train-clip output in {out} is incomplete)")
+    return str(config), str(checkpoint)
+
+
 def encode_corpus_images(clip, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """L2-normalised embeddings (N, D) of uint8 images (N, S, S, 3) already at the model's size."""
     import torch
@@ -512,4 +535,4 @@ def encode_corpus_images(clip, images: np.ndarray, batch_size: int = 512) -> np.
 
 
 __all__ = ["ClipTrainConfig", "ClipTrainResult", "Corpus", "encode_corpus_images", "load_corpus",
-           "names_text", "object_text", "phrase_text", "resolve_model_config", "train_clip"]
+           "names_text", "object_text", "phrase_text", "resolve_model_config", "train_clip", "trained_clip_files"]

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from datastore.synth.questions import SHORT_ANSWER_PROMPT as SHORT_ANSWER  # LLaVA-1.5's, one definition
 from eval.scorers.choice import score_multiple_choice
 from eval.scorers.vqa import normalize_answer
 from eval.scorers.yesno import score_pope
 
-SHORT_ANSWER = "Answer the question using a single word or phrase."
 OPTION_LETTER = "Answer with the option's letter from the given choices directly."
 
 

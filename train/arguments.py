@@ -33,6 +33,12 @@ class ModelArguments:
     tag_num_heads: int = field(default=4, metadata={"help": "tag encoder attention heads"})
     tag_num_layers: int = field(default=1, metadata={"help": "tag encoder cross-attention blocks"})
     tag_queries: int = field(default=1, metadata={"help": "visual tokens per tag"})
+    tag_patch_positions: bool = field(default=True, metadata={
+        "help": "learned patch position embedding in the tag encoder's keys/values (a tag's visual token says "
+                "where it matched)"})
+    freeze_llm_embeddings: bool = field(default=False, metadata={
+        "help": "stage finetune: keep the LLM's input embeddings and LM head frozen (the words the LLM knows "
+                "keep their vectors, e.g. names the instruction data never uses as answers)"})
     weight_mode: str = field(default="scale_and_bias", metadata={"help": "scale, bias or scale_and_bias"})
     weight_scaling: str = field(default="count", metadata={"help": "count (uniform = 1) or raw (sum 1)"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2"})

@@ -60,11 +60,15 @@ def build_model(margs: ModelArguments, targs: TagArguments, tokenizer, dtype: to
             margs.model_name_or_path, clip, tokenizer, dtype=dtype, attn_implementation=margs.attn_implementation,
             vision_feature_layer=margs.vision_feature_layer, connector_type=margs.connector_type,
             template=margs.template, tag_hidden_dim=margs.tag_hidden_dim, tag_num_heads=margs.tag_num_heads,
-            tag_num_layers=margs.tag_num_layers, tag_queries=margs.tag_queries, weight_mode=margs.weight_mode,
+            tag_num_layers=margs.tag_num_layers, tag_queries=margs.tag_queries,
+            tag_patch_positions=margs.tag_patch_positions, weight_mode=margs.weight_mode,
             weight_scaling=margs.weight_scaling, **tag_settings)
     if margs.stage1_checkpoint:
         model.load_trainable(margs.stage1_checkpoint)
     model.set_llm_trainable(margs.stage == "finetune")
+    if margs.freeze_llm_embeddings:
+        model.get_input_embeddings().requires_grad_(False)
+        model.get_output_embeddings().requires_grad_(False)
     if margs.stage == "lora":
         targets = margs.lora_target_modules
         model.enable_lora(r=margs.lora_r, alpha=margs.lora_alpha, dropout=margs.lora_dropout,

@@ -72,6 +72,10 @@ def _add_quickstart_parser(sub) -> None:
     q.add_argument("--corpus-size", type=int, default=d.corpus_size, help="datastore corpus images")
     q.add_argument("--n-instruct", type=int, default=d.n_instruct, help="instruction images (seen categories)")
     q.add_argument("--n-eval", type=int, default=d.n_eval, help="evaluation images (half seen, half novel)")
+    q.add_argument("--n-seen", type=int, default=d.n_seen, help="categories in the instruction data")
+    q.add_argument("--n-novel", type=int, default=d.n_novel, help="categories only in the corpus and the eval set")
+    q.add_argument("--text-replay", type=float, default=d.text_replay,
+                   help="text-only copy conversations mixed into instruction tuning, per instruction image")
     q.add_argument("--swap-corpus-size", type=int, default=d.swap_corpus_size,
                    help="corpus images of the second world (datastore swap)")
     q.add_argument("--no-swap", action="store_true", help="skip the zero-shot datastore swap")
@@ -94,6 +98,7 @@ def quickstart(args) -> dict:
 
     return run_quickstart(QuickstartConfig(
         out=args.out, seed=args.seed, corpus_size=args.corpus_size, n_instruct=args.n_instruct, n_eval=args.n_eval,
+        n_seen=args.n_seen, n_novel=args.n_novel, text_replay=args.text_replay,
         swap=not args.no_swap, swap_corpus_size=args.swap_corpus_size, clip_steps=args.clip_steps,
         llm_steps=args.llm_steps, llm_hidden=args.llm_hidden, llm_layers=args.llm_layers,
         stage1_steps=args.stage1_steps, steps=args.steps, batch_size=args.batch_size, nproc=args.nproc,

@@ -21,6 +21,8 @@ class TunaConfig(PretrainedConfig):
         vision_feature_layer: CLIP block whose patch tokens feed the connector (LLaVA-1.5: -2).
         connector_type: "linear", "identity" or "mlp{N}x_gelu".
         tag_hidden_dim, tag_num_heads, tag_num_layers, tag_queries: image-aware tag encoder shape.
+        tag_patch_positions: add a learned position embedding to the patches the tags attend over (so a
+            tag's visual token says where it matched; needed with convolutional towers).
         max_tags: tags read per image.
         tag_temperature: τ of the adaptive weight softmax over cos(tag text, image).
         weight_scaling: "raw" (weights sum to 1) or "count" (× number of tags; uniform = 1).
@@ -47,7 +49,7 @@ class TunaConfig(PretrainedConfig):
     def __init__(self, text_config: dict | PretrainedConfig | None = None, clip: dict | None = None,
                  clip_identity: dict | None = None, vision_feature_layer: int = -2,
                  connector_type: str = "mlp2x_gelu", tag_hidden_dim: int = 256, tag_num_heads: int = 4,
-                 tag_num_layers: int = 1, tag_queries: int = 1, max_tags: int = 10,
+                 tag_num_layers: int = 1, tag_queries: int = 1, tag_patch_positions: bool = True, max_tags: int = 10,
                  tag_temperature: float = 0.1, weight_scaling: str = "count", weight_mode: str = "scale_and_bias",
                  ablation: str = "none", template: str = "vicuna_v1", vision_hidden_size: int = 0,
                  clip_embed_dim: int = 0, num_image_tokens: int = 0, tag_prefix: str = " Tags:",
@@ -67,6 +69,7 @@ class TunaConfig(PretrainedConfig):
         self.connector_type = connector_type
         self.tag_hidden_dim, self.tag_num_heads = tag_hidden_dim, tag_num_heads
         self.tag_num_layers, self.tag_queries = tag_num_layers, tag_queries
+        self.tag_patch_positions = tag_patch_positions
         self.max_tags, self.tag_temperature = max_tags, tag_temperature
         self.weight_scaling, self.weight_mode = weight_scaling, weight_mode
         self.ablation, self.template = ablation, template

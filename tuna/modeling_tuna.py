@@ -139,10 +139,11 @@ class TunaForCausalLM(PreTrainedModel):
         self.tag_encoder = ImageAwareTagEncoder(TagEncoderConfig(
             text_dim=config.clip_embed_dim, vision_dim=config.vision_hidden_size, hidden_dim=config.tag_hidden_dim,
             num_heads=config.tag_num_heads, num_layers=config.tag_num_layers,
-            num_queries_per_tag=config.tag_queries))
-        if config.lora:  # a checkpoint saved with LoRA active: rebuild the adapters so its keys load
-            self.language_model = _wrap_lora(self.language_model, config.lora)
+            num_queries_per_tag=config.tag_queries,
+            num_patches=config.num_image_tokens if config.tag_patch_positions else 0))
         self.post_init()
+        if config.lora:  # a checkpoint saved with LoRA active: rebuild the adapters so its keys load
+            self._wrap_language_model_lora(config.lora)
 
     def _init_weights(self, module: nn.Module) -> None:
         """Initialise the connector and tag encoder (the LLM keeps its own or its loaded weights)."""
@@ -155,6 +156,8 @@ class TunaForCausalLM(PreTrainedModel):
             nn.init.zeros_(module.bias)
         elif isinstance(module, ImageAwareTagEncoder):
             nn.init.normal_(module.query_offsets, std=0.02)
+            if module.patch_pos is not None:
+                nn.init.normal_(module.patch_pos, std=0.02)
 
     # ----------------------------------------------------------------------------------- building
     @classmethod
@@ -297,7 +300,14 @@ class TunaForCausalLM(PreTrainedModel):
         if self.config.lora:
             raise ValueError("LoRA is already enabled on this model")
         self.config.lora = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": target_modules}
-        self.language_model = _wrap_lora(self.language_model, self.config.lora)
+        self._wrap_language_model_lora(self.config.lora)
+
+    def _wrap_language_model_lora(self, settings: dict[str, Any]) -> None:
+        """Wrap the LLM with peft adapters and re-derive the tied-weight names under the wrapper (peft
+        forwards attribute lookups, so the pre-computed names would point at the unwrapped LLM: tied
+        embeddings, e.g. Qwen2-0.5B's, then fail to load)."""
+        self.language_model = _wrap_lora(self.language_model, settings)
+        self.all_tied_weights_keys = self.get_expanded_tied_weights_keys(all_submodels=True)
 
     def merge_lora(self) -> None:
         """Fold LoRA adapters into the LLM weights (for export as a plain TUNA checkpoint)."""
@@ -380,8 +390,9 @@ class TunaForCausalLM(PreTrainedModel):
         if tags is not None and tags.image_aware:
             encoded = self.tag_encoder(tags.text.to(dtype), patches, tags.tag_mask)  # (N, T, nq, Dv)
         else:
+            n_patches = self.tag_encoder.config.num_patches or 1
             probes.append(self.tag_encoder(torch.zeros(1, 1, self.config.clip_embed_dim, dtype=dtype, device=device),
-                                           torch.zeros(1, 1, width, dtype=dtype, device=device),
+                                           torch.zeros(1, n_patches, width, dtype=dtype, device=device),
                                            torch.ones(1, 1, dtype=torch.bool, device=device)))
         rows = [x.reshape(-1, width) for x in (patches, encoded) if x is not None]
         projected = self.connector(torch.cat(rows) if rows else torch.zeros(1, width, dtype=dtype, device=device))

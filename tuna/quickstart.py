@@ -4,12 +4,16 @@ Stages (each records its seconds in ``OUT/stages.json``; a re-run skips finished
 
 1. ``world``     synthesize the world (seen + novel categories) and a second, disjoint world for the swap;
 2. ``clip``      train a tiny CLIP contrastively on the corpus (all categories) — the stand-in for a web CLIP;
-3. ``llm``       pretrain a tiny LLM on text only (corpus captions + copy/reading text with made-up names);
+3. ``llm``       pretrain a tiny LLM on text only (corpus captions + copy/reading text with made-up names),
+                 and write the text-only copy conversations mixed into instruction tuning;
 4. ``datastore`` build both worlds' datastores with that CLIP and the retrieval caches;
-5. ``train``     ``deepspeed`` (ZeRO-2) stage 1 + stage 2 for the no-tags baseline and for TUNA;
+5. ``train``     ``deepspeed`` (ZeRO-2) stage 1 + stage 2 for the no-tags baseline and for TUNA (same
+                 data, budget and seed; stage 2 keeps the LLM's embeddings frozen);
 6. ``eval``      ``tuna-eval`` on seen/novel questions: baseline, TUNA, random-tags, uniform-weights, and
                  the zero-shot datastore swap on the second world;
-7. ``report``    comparison table, diagnostics, ``results.json`` and ``results.png``.
+7. ``report``    comparison table, diagnostics, ``results.json``, ``results.md`` and ``results.png``.
+
+Why the recipe looks the way it does (what failed without each part) is in docs/quickstart.md.
 
 Training and evaluation run through the real command-line tools (``deepspeed --module train.train``,
 ``tuna-eval``) in subprocesses, exactly as a user would run them.
@@ -27,6 +31,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from datastore.synth.world import CATALOGUE_SIZE
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("world", "clip", "llm", "datastore", "train", "eval", "report")
@@ -55,8 +61,14 @@ class QuickstartConfig:
     n_instruct: int = 3_000
     n_eval: int = 160
     image_size: int = 96
+    # categories (the swap world takes the next swap_categories catalogue entries). More seen categories
+    # would make name memorisation harder, but the tiny CLIP then separates them poorly (48 + 16: top-1
+    # purity 40 %, against 92 % for 16 + 8; docs/quickstart.md)
+    n_seen: int = 16
+    n_novel: int = 8
     swap: bool = True
     swap_corpus_size: int = 8_000
+    swap_categories: int = 24
     # tiny CLIP (datastore.clip_train)
     clip_steps: int = 600
     clip_batch_size: int = 128
@@ -64,12 +76,18 @@ class QuickstartConfig:
     llm_steps: int = 600
     llm_hidden: int = 128
     llm_layers: int = 2
+    # text-only copy conversations mixed into instruction tuning, per instruction image (LLaVA-1.5 mixes
+    # 40K text-only ShareGPT conversations into its 665K; see tuna.text_pretrain.text_replay_records)
+    text_replay: float = 0.5
     # multimodal training (both stages, both models)
     stage1_steps: int = 60
     steps: int = 300
     batch_size: int = 8
     stage1_lr: float = 1e-3
-    lr: float = 5e-4
+    lr: float = 1e-3
+    # stage 2 keeps the LLM's embeddings / LM head frozen: with a few seen names as the only answers, a
+    # trained LM head learns to prefer them over every other word (novel names included)
+    freeze_llm_embeddings: bool = True
     nproc: int = 2
     ds_config: str = "zero2.json"
     # retrieval and evaluation
@@ -86,6 +104,12 @@ class QuickstartConfig:
                      "batch_size", "nproc", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.n_seen < 1 or self.n_novel < 1 or self.text_replay < 0:
+            raise ValueError("n_seen and n_novel must be >= 1 and text_replay >= 0")
+        if self.swap and self.n_seen + self.n_novel + self.swap_categories > CATALOGUE_SIZE:
+            raise ValueError(f"n_seen + n_novel + swap_categories = "
+                             f"{self.n_seen + self.n_novel + self.swap_categories} exceeds the catalogue's "
+                             f"{CATALOGUE_SIZE} categories (the swap world needs categories of its own)")
         if not (REPO / "ds_configs" / self.ds_config).is_file():
             raise ValueError(f"DeepSpeed config {REPO / 'ds_configs' / self.ds_config} not found "
                              f"(the quickstart runs from a source checkout)")
@@ -154,8 +178,9 @@ def _bin(name: str) -> str:
 
 
 def run_logged(cmd: list[str], log_file: Path, env: dict[str, str], what: str,
-               echo: Callable[[str], bool] | None = None) -> None:
-    """Run ``cmd`` writing its output to ``log_file``; echo selected lines; one-line error on failure."""
+               echo: Callable[[str], str | None] | None = None) -> None:
+    """Run ``cmd`` writing its output to ``log_file``; print what ``echo`` makes of a line (when not None);
+    one-line error on failure."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w") as f:
         f.write(" ".join(cmd) + "\n\n")
@@ -165,8 +190,9 @@ def run_logged(cmd: list[str], log_file: Path, env: dict[str, str], what: str,
         assert proc.stdout is not None
         for line in proc.stdout:
             f.write(line)
-            if echo is not None and echo(line):
-                print("   " + line.rstrip()[-160:], flush=True)
+            shown = echo(line) if echo is not None else None
+            if shown:
+                print("      " + shown, flush=True)
         code = proc.wait()
     if code != 0:
         tail = [ln for ln in log_file.read_text().splitlines() if ln.strip()][-1:] or ["(no output)"]
@@ -180,6 +206,7 @@ class Paths:
         self.world, self.world2 = root / "world", root / "world_swap"
         self.clip = root / "clip"
         self.llm = root / "llm"
+        self.text_replay = root / "text_replay.json"
         self.datastore, self.datastore2 = root / "datastore", root / "datastore_swap"
         self.cache, self.cache2 = root / "tags.parquet", root / "tags_swap.parquet"
         self.models = root / "models"
@@ -197,11 +224,14 @@ def stage_world(config: QuickstartConfig, paths: Paths) -> None:
     workers = max(1, min(os.cpu_count() or 1, 8))
     generate_world(SynthConfig(out=str(paths.world), seed=config.seed, n_corpus=config.corpus_size,
                                n_instruct=config.n_instruct, n_eval=config.n_eval, image_size=config.image_size,
-                               workers=workers, overwrite=True))
-    if config.swap:  # categories 24..47 of the catalogue: none of the first world's 0..23
+                               n_seen=config.n_seen, n_novel=config.n_novel, workers=workers, overwrite=True))
+    if config.swap:  # the catalogue entries after the first world's: none of its categories
+        half = config.swap_categories // 2  # its seen/novel labels mean nothing here: all are new to the model
         generate_world(SynthConfig(out=str(paths.world2), seed=config.seed + 1, n_corpus=config.swap_corpus_size,
                                    n_instruct=1, n_eval=config.n_eval, image_size=config.image_size,
-                                   category_offset=24, workers=workers, overwrite=True))
+                                   n_seen=config.swap_categories - half, n_novel=half,
+                                   category_offset=config.n_seen + config.n_novel, workers=workers,
+                                   overwrite=True))
 
 
 def corpus_shards(world: Path) -> list[str]:
@@ -242,12 +272,18 @@ def clip_args(paths: Paths) -> dict[str, str]:
 
 
 def stage_llm(config: QuickstartConfig, paths: Paths) -> None:
-    from tuna.text_pretrain import TextPretrainConfig, pretrain_text_llm
+    """Text-only LLM pretraining, and the text-only conversations mixed into instruction tuning."""
+    from tuna.text_pretrain import TextPretrainConfig, pretrain_text_llm, text_replay_records
 
-    pretrain_text_llm(corpus_captions(paths.world), str(paths.llm),
-                      TextPretrainConfig(steps=config.llm_steps, hidden_size=config.llm_hidden,
-                                         num_layers=config.llm_layers, seed=config.seed,
-                                         threads=_threads(config) * config.nproc, **config.extra.get("llm", {})))
+    captions = corpus_captions(paths.world)
+    llm_config = TextPretrainConfig(steps=config.llm_steps, hidden_size=config.llm_hidden,
+                                    num_layers=config.llm_layers, seed=config.seed,
+                                    threads=_threads(config) * config.nproc, **config.extra.get("llm", {}))
+    pretrain_text_llm(captions, str(paths.llm), llm_config)
+    records = text_replay_records(captions, round(config.text_replay * config.n_instruct), llm_config,
+                                  seed=config.seed + 1)
+    paths.text_replay.write_text(json.dumps(records, indent=1))
+    print(f"   {len(records)} text-only conversations for instruction tuning -> {paths.text_replay}", flush=True)
 
 
 def eval_question_files(world: Path) -> list[str]:
@@ -281,7 +317,8 @@ def train_command(config: QuickstartConfig, paths: Paths, name: str, stage: int)
         "deepspeed": str(REPO / "ds_configs" / config.ds_config),
         "model_name_or_path": str(paths.llm), "stage": "pretrain" if stage == 1 else "finetune",
         "clip_model_config": clip["model_config"], "clip_pretrained": clip["pretrained"],
-        "data_path": str(paths.world / "llava" / ("pretrain.json" if stage == 1 else "instruct.json")),
+        "data_path": [str(paths.world / "llava" / "pretrain.json")] if stage == 1 else
+                     [str(paths.world / "llava" / "instruct.json")] + ([str(paths.text_replay)] if config.text_replay else []),
         "image_folder": str(paths.world / "images"),
         "template": "plain" if stage == 1 else "chat_template",
         "output_dir": str(paths.model(name, stage)), "max_steps": steps,
@@ -299,17 +336,28 @@ def train_command(config: QuickstartConfig, paths: Paths, name: str, stage: int)
         args["retrieval_cache"] = str(paths.cache)
     if stage == 2:
         args["stage1_checkpoint"] = str(paths.model(name, 1))
+        args["freeze_llm_embeddings"] = str(config.freeze_llm_embeddings).lower()
     if config.device == "cpu":
         args["use_cpu"] = "true"
     cmd = [_bin("deepspeed"), "--num_gpus", str(config.nproc), "--master_port", str(_free_port()),
            "--module", "train.train"]
     for key, value in {**args, **config.extra.get("train", {})}.items():
-        cmd += [f"--{key}", str(value)]
+        cmd += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
     return cmd
 
 
-def _echo_train(line: str) -> bool:
-    return "'loss'" in line or "final model in" in line
+def _train_progress(line: str) -> str | None:
+    """A short progress line from a training log line (the Trainer's log dicts), else None."""
+    import ast
+
+    if line.startswith("{'loss'"):
+        try:
+            logs = ast.literal_eval(line.strip())
+        except (ValueError, SyntaxError):
+            return None
+        return (f"epoch {float(logs['epoch']):.2f}  loss {float(logs['loss']):.3f}  "
+                f"{float(logs.get('samples_per_second', 0)):.0f} samples/s")
+    return None
 
 
 def stage_train(config: QuickstartConfig, paths: Paths) -> None:
@@ -319,7 +367,7 @@ def stage_train(config: QuickstartConfig, paths: Paths) -> None:
                   f"{config.nproc} processes, {config.ds_config})", flush=True)
             start = time.perf_counter()
             run_logged(train_command(config, paths, name, stage), paths.logs / f"train-{name}-stage{stage}.log",
-                       _env(config), f"training {name} stage {stage}", echo=_echo_train)
+                       _env(config), f"training {name} stage {stage}", echo=_train_progress)
             print(f"   {name} stage {stage}: {time.perf_counter() - start:.1f} s", flush=True)
 
 
@@ -348,52 +396,24 @@ def stage_eval(config: QuickstartConfig, paths: Paths) -> None:
 
 
 # ------------------------------------------------------------------------------------------ report
-def corpus_categories(world: Path) -> dict[str, set[str]]:
-    """Corpus key -> category names, from the ground-truth JSON written next to each image."""
-    import tarfile
-
-    cats = {}
-    for shard in corpus_shards(world):
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if member.name.endswith(".json"):
-                    truth = json.loads(tar.extractfile(member).read())
-                    cats[truth["key"]] = {o["category"] for o in truth["objects"]}
-    return cats
-
-
-def eval_categories(world: Path) -> dict[str, tuple[set[str], str]]:
-    """Eval image id (as in the question files) -> (category names, novelty), re-derived from the seed."""
-    from datastore.synth.scene import sample_pool, sample_rng, sample_scene
-    from datastore.synth.world import WorldCatalogue
-
-    meta = json.loads((world / "world.json").read_text())
-    args = meta["args"]
-    catalogue = WorldCatalogue(args["n_seen"], args["n_novel"], args["category_offset"])
-    out = {}
-    for i in range(args["n_eval"]):
-        pool, first = sample_pool(catalogue, "eval", i)
-        scene = sample_scene(pool, args["image_size"], sample_rng(args["seed"], "eval", i), first)
-        out[f"eval/e{i:09d}.jpg"] = ({o.category.name for o in scene.objects}, scene.novelty)
-    return out
-
-
 def neighbour_purity(cache_file: Path, world: Path) -> dict[str, dict[str, float]]:
-    """Top-1 / top-5 neighbour category purity of the eval images, per novelty.
+    """Top-1 / top-5 neighbour category purity (%) of the world's eval images, per novelty.
 
-    A neighbour is pure when it shows one of the query's categories; purity@k is the mean share of
-    pure neighbours among the first k.
+    A neighbour is pure when it shows one of the query's categories (:mod:`datastore.purity`); the
+    neighbours are the datastore's, as recorded in the retrieval cache.
     """
     from datastore.cache import RetrievalCache
+    from datastore.purity import purity_from_neighbours, world_categories
 
-    cache, corpus, queries = RetrievalCache(cache_file), corpus_categories(world), eval_categories(world)
-    sums: dict[str, dict[str, list[float]]] = {}
-    for image, (cats, novelty) in queries.items():
-        pure = [bool(corpus.get(key, set()) & cats) for key in cache[image].neighbours]
-        row = sums.setdefault(novelty, {"top1": [], "top5": []})
-        row["top1"].append(float(pure[0]))
-        row["top5"].append(sum(pure[:5]) / len(pure[:5]))
-    return {nov: {k: 100 * sum(v) / len(v) for k, v in row.items()} for nov, row in sorted(sums.items())}
+    cache = RetrievalCache(cache_file)
+    questions = world / "eval" / "open" / "questions.jsonl"
+    images = list(dict.fromkeys(json.loads(line)["image"] for line in questions.read_text().splitlines()))
+    categories, novelty = world_categories(world, images)
+    neighbours = [cache[image].neighbours for image in images]
+    keys = list(dict.fromkeys(k for row in neighbours for k in row))
+    of_key = dict(zip(keys, world_categories(world, keys)[0]))
+    report = purity_from_neighbours(categories, [[of_key[k] for k in row] for row in neighbours], novelty)
+    return {nov: {k: 100 * report[nov][k] for k in ("top1", "top5")} for nov in ("seen", "novel") if nov in report}
 
 
 def _records(run_dir: Path, bench: str) -> list[dict]:

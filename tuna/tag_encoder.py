@@ -36,6 +36,7 @@ class TagEncoderConfig:
     num_layers: int = 1
     num_queries_per_tag: int = 1
     dropout: float = 0.0
+    num_patches: int = 0  # > 0: a learned position embedding per patch, added to the keys/values
 
     def __post_init__(self) -> None:
         for name in ("text_dim", "vision_dim", "hidden_dim", "num_heads", "num_layers", "num_queries_per_tag"):
@@ -46,6 +47,8 @@ class TagEncoderConfig:
             raise ValueError(
                 f"TagEncoderConfig.hidden_dim={self.hidden_dim} must be divisible by num_heads={self.num_heads}"
             )
+        if isinstance(self.num_patches, bool) or not isinstance(self.num_patches, int) or self.num_patches < 0:
+            raise ValueError(f"TagEncoderConfig.num_patches must be an int >= 0, got {self.num_patches!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"TagEncoderConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -97,6 +100,9 @@ class ImageAwareTagEncoder(nn.Module):
         self.text_proj = nn.Linear(config.text_dim, h * nq)
         self.query_offsets = nn.Parameter(torch.randn(nq, h) * 0.02)  # (nq, hidden) learned per-query offsets
         self.vision_proj = nn.Linear(config.vision_dim, h)
+        # Where each patch is: convolutional towers' features carry no absolute position, so without it a
+        # tag's output could say what it matched but not where (e.g. which object is on the left).
+        self.patch_pos = nn.Parameter(torch.randn(config.num_patches, h) * 0.02) if config.num_patches else None
         self.blocks = nn.ModuleList(
             _CrossAttentionBlock(h, config.num_heads, config.dropout) for _ in range(config.num_layers)
         )
@@ -125,6 +131,8 @@ class ImageAwareTagEncoder(nn.Module):
         queries = self.text_proj(text).view(b, t, nq, h) + self.query_offsets  # (B, T, nq, hidden)
         x = queries.reshape(b, t * nq, h)  # (B, T*nq, hidden)
         kv = self.vision_proj(patch_feats)  # (B, P, hidden)
+        if self.patch_pos is not None:
+            kv = kv + self.patch_pos  # (B, P, hidden)
         for block in self.blocks:
             x = block(x, kv)  # (B, T*nq, hidden)
         out = self.out_proj(self.norm_out(x)).view(b, t, nq, self.config.vision_dim)  # (B, T, nq, vision_dim)
@@ -136,6 +144,9 @@ class ImageAwareTagEncoder(nn.Module):
             raise ValueError(f"tag_text_emb must be (B, T, {cfg.text_dim}), got {tuple(tag_text_emb.shape)}")
         if patch_feats.dim() != 3 or patch_feats.shape[-1] != cfg.vision_dim:
             raise ValueError(f"patch_feats must be (B, P, {cfg.vision_dim}), got {tuple(patch_feats.shape)}")
+        if cfg.num_patches and patch_feats.dim() == 3 and patch_feats.shape[1] != cfg.num_patches:
+            raise ValueError(f"patch_feats has {patch_feats.shape[1]} patches; this encoder's position "
+                             f"embedding has {cfg.num_patches}")
         if patch_feats.shape[0] != tag_text_emb.shape[0] or patch_feats.shape[1] == 0:
             raise ValueError(
                 f"patch_feats {tuple(patch_feats.shape)} must have batch {tag_text_emb.shape[0]} and >= 1 patch"

@@ -60,13 +60,22 @@ class TextPretrainConfig:
             samples of at most ``short_length`` tokens (attention learns to find the name to copy much
             sooner in short contexts); captions join afterwards.
         tokenizer_samples: generated texts added to the captions for training the tokenizer.
+        lexicon_size, lexicon_fraction: a fixed lexicon of made-up names (never a caption word) from
+            which this share of the copy texts' names is drawn (the rest is fresh). The tokenizer is
+            trained on the captions and on texts with these names, so world names and lexicon names
+            are mostly single tokens, like the words of a real LLM's vocabulary: copying a name is
+            then one attention lookup, which a tiny model learns in a CPU-minute budget (copying
+            3-4 subword pieces needs induction heads that take far longer to form).
+        caption_noun_fraction: share of names drawn from the captions' nouns (the single-word tags
+            of the ``rule`` tag parser): copying is then trained on the LLM's own vocabulary too.
+            These are words of the text corpus only; no eval image or question is used.
         forbidden: strings no generated text may contain (case-insensitive), e.g. eval questions.
         seed: everything (data, init, order) is a function of it and ``threads``.
         threads: torch intra-op threads while training.
         log_every: progress line every this many steps.
     """
 
-    vocab_size: int = 1024
+    vocab_size: int = 3072
     pre_tokenizer: str = "bytelevel-words"
     hidden_size: int = 128
     num_layers: int = 2
@@ -89,6 +98,9 @@ class TextPretrainConfig:
     short_fraction: float = 0.4
     short_length: int = 48
     tokenizer_samples: int = 6000
+    lexicon_size: int = 600
+    lexicon_fraction: float = 0.6
+    caption_noun_fraction: float = 0.3
     forbidden: tuple[str, ...] = ()
     seed: int = 0
     threads: int = 2
@@ -102,7 +114,8 @@ class TextPretrainConfig:
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError(f"TextPretrainConfig: hidden_size {self.hidden_size} must divide by num_heads "
                              f"{self.num_heads}, which must divide by num_kv_heads {self.num_kv_heads}")
-        for name in ("caption_fraction", "chat_fraction", "min_lr_ratio", "short_fraction"):
+        for name in ("caption_fraction", "chat_fraction", "min_lr_ratio", "short_fraction", "lexicon_fraction",
+                     "caption_noun_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"TextPretrainConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
         if self.lr <= 0 or self.answer_weight <= 0 or min(self.context_weight, self.weight_decay,
@@ -110,6 +123,10 @@ class TextPretrainConfig:
             raise ValueError("TextPretrainConfig: lr and answer_weight must be > 0, context_weight, weight_decay "
                              f"and warmup_steps >= 0 (got {self.lr}, {self.answer_weight}, {self.context_weight}, "
                              f"{self.weight_decay}, {self.warmup_steps})")
+        if self.lexicon_size < 0 or self.lexicon_fraction + self.caption_noun_fraction > 1:
+            raise ValueError(f"TextPretrainConfig: lexicon_size must be >= 0 and lexicon_fraction + "
+                             f"caption_noun_fraction <= 1 (got {self.lexicon_size}, {self.lexicon_fraction}, "
+                             f"{self.caption_noun_fraction})")
         self.task_weights = tuple(float(w) for w in self.task_weights)
         if len(self.task_weights) != len(TASKS) or min(self.task_weights) < 0 or not sum(self.task_weights):
             raise ValueError(f"TextPretrainConfig.task_weights must be {len(TASKS)} weights >= 0 (one per task "
@@ -180,11 +197,24 @@ class CopyText:
     answer: str  # the first answer (what copy_accuracy checks)
     fresh: list[tuple[int, int]] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)
+    turns: list[tuple[str, str]] = field(default_factory=list)  # (user, answer) of a chat text
 
     @property
     def prompt(self) -> str:
         """Text up to the first answer (a generation prompt)."""
         return self.text[:self.spans[0][0]]
+
+
+def llava_conversation(sample: CopyText) -> list[dict[str, str]]:
+    """A chat copy text as LLaVA-format conversation turns (a text-only instruction sample).
+
+    Raises:
+        ValueError: ``sample`` is a plain (non-chat) text.
+    """
+    if not sample.turns:
+        raise ValueError(f"a {sample.task} text rendered as plain Q/A text has no chat turns")
+    return [turn for user, answer in sample.turns for turn in ({"from": "human", "value": user},
+                                                                {"from": "gpt", "value": answer})]
 
 
 def render_chat(turns: list[tuple[str, str]]) -> tuple[str, list[tuple[int, int]]]:
@@ -217,14 +247,19 @@ class CopyTextGenerator:
         forbidden: strings no text may contain (case-insensitive); such texts are drawn again.
         chat_fraction: share rendered as ChatML conversations (the rest as plain Q/A text).
         pool, pool_fraction: draw this share of names from ``pool`` (the rest fresh).
+        words, words_fraction: draw this share of names from ``words`` instead (e.g. the nouns of the
+            captions: the tiny LLM's "known words", which a real LLM copies as easily as made-up ones).
     """
 
     def __init__(self, seed: int, known_words: Iterable[str] = (), forbidden: Iterable[str] = (),
                  chat_fraction: float = 0.75, pool: Iterable[str] = (), pool_fraction: float = 0.0,
-                 task_weights: tuple[float, ...] = TextPretrainConfig.task_weights) -> None:
+                 task_weights: tuple[float, ...] = TextPretrainConfig.task_weights,
+                 words: Iterable[str] = (), words_fraction: float = 0.0) -> None:
         self.rng = random.Random(seed)
         self.pool = list(dict.fromkeys(pool))
         self.pool_fraction = pool_fraction if self.pool else 0.0
+        self.words = list(dict.fromkeys(words))
+        self.words_fraction = words_fraction if self.words else 0.0
         self.known = {w.lower() for w in known_words}
         forbidden = sorted({s.lower() for s in forbidden if s}, key=len, reverse=True)
         self._forbidden = re.compile("|".join(map(re.escape, forbidden)), re.IGNORECASE) if forbidden else None
@@ -237,8 +272,9 @@ class CopyTextGenerator:
         """``k`` distinct fresh names, none a known word nor a prefix-plural of another."""
         out: list[str] = []
         while len(out) < k:
-            if self.rng.random() < self.pool_fraction:
-                n = self.rng.choice(self.pool)
+            draw = self.rng.random()
+            if draw < self.pool_fraction + self.words_fraction:
+                n = self.rng.choice(self.pool if draw < self.pool_fraction else self.words)
                 if n not in out:
                     out.append(n)
                 continue
@@ -275,8 +311,8 @@ class CopyTextGenerator:
             turns = [(context + sep + qa[0][0], qa[0][1])] + qa[1:]
             text, spans = render_chat(turns)
         else:
-            text, spans = render_plain(context, qa, self.rng)
-        return CopyText(task, text, spans, qa[0][1])
+            text, spans, turns = *render_plain(context, qa, self.rng), []
+        return CopyText(task, text, spans, qa[0][1], turns=turns)
 
     def _objects(self, k: int) -> list[dict[str, str]]:
         names = self.names(k)
@@ -399,14 +435,32 @@ class CopyTextGenerator:
 # ---------------------------------------------------------------- training
 
 
-def _tokenizer_lines(caption_vocab: set[str], gen: CopyTextGenerator, n: int) -> list[str]:
-    """Generated texts plus each caption word once: world names then split into the same kind of
-    syllable pieces as the random names (so copying them is the skill the copy texts train)."""
-    lines = [" ".join(sorted(caption_vocab))]
+def make_lexicon(seed: int, n: int, known_words: Iterable[str] = ()) -> list[str]:
+    """``n`` distinct made-up names (as :func:`_name` draws them), none a known word or its plural."""
+    rng, known = random.Random(seed), {w.lower() for w in known_words}
+    names: dict[str, None] = {}
+    while len(names) < n:
+        name = _name(rng)
+        if name not in known and name.rstrip("s") not in known:
+            names[name] = None
+    return list(names)
+
+
+def _tokenizer_lines(captions: list[str], lexicon: list[str], gen: CopyTextGenerator, n: int,
+                     repeats: int = 8) -> list[str]:
+    """The tokenizer's training text: the captions, ``n`` generated texts and each lexicon name
+    ``repeats`` times, so caption words and lexicon names become whole tokens."""
+    lines = list(captions) + [" ".join(lexicon)] * repeats
     for _ in range(n):
         text = gen.sample().text
         lines.append(text.replace("<|im_start|>", "\n").replace(END_OF_TURN, "\n"))
     return lines
+
+
+def single_token_share(tokenizer: Any, words: Iterable[str]) -> float:
+    """Share of ``words`` that the tokenizer keeps whole after a space (as in " Tags: kelbo")."""
+    words = list(words)
+    return sum(len(tokenizer.tokenize(" " + w)) <= 2 for w in words) / max(1, len(words))  # " " + word
 
 
 def _encode(tok: Any, texts: list[str], samples: list[CopyText | None], answer_weight: float,
@@ -473,6 +527,53 @@ def _lr_at(step: int, config: TextPretrainConfig) -> float:
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def name_pools(captions: list[str], config: TextPretrainConfig, known: set[str] | None = None) -> dict[str, Any]:
+    """The :class:`CopyTextGenerator` name arguments of ``config``: its lexicon and the caption nouns."""
+    known = caption_words(captions) if known is None else known
+    return {"pool": make_lexicon(config.seed * 2 + 3, config.lexicon_size, known),
+            "pool_fraction": config.lexicon_fraction, "words": caption_nouns(captions),
+            "words_fraction": config.caption_noun_fraction}
+
+
+REPLAY_TASKS = ("tags_single", "tags_attr", "scene", "list", "echo")
+
+
+def text_replay_records(captions: list[str], n: int, config: TextPretrainConfig | None = None, seed: int = 1,
+                        suffix_share: float = 0.7) -> list[dict[str, Any]]:
+    """``n`` text-only LLaVA records (``{id, conversations}``) of copy conversations for instruction tuning.
+
+    The counterpart of the ShareGPT text-only share of LLaVA-1.5's 665K mix: mixed into stage 2, they
+    keep the LLM's language and copy prior (names from the same pools as :func:`pretrain_text_llm`:
+    its lexicon, the caption nouns, fresh names) from being overwritten by a few visual classes. No
+    image, and nothing from an eval set. ``suffix_share`` of the questions end with LLaVA-1.5's
+    short-answer prompt (the instruction data's format).
+    """
+    from datastore.synth.questions import SHORT_ANSWER_PROMPT
+
+    config = config or TextPretrainConfig()
+    captions = [c.strip() for c in captions if c and c.strip()]
+    known = caption_words(captions)
+    gen = CopyTextGenerator(config.seed * 2 + 100 + seed, known, config.forbidden, chat_fraction=1.0,
+                            **name_pools(captions, config, known))
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        conversation = llava_conversation(gen.sample(REPLAY_TASKS[i % len(REPLAY_TASKS)], chat=True))
+        for turn in conversation[::2]:
+            if rng.random() < suffix_share:
+                turn["value"] += "\n" + SHORT_ANSWER_PROMPT
+        records.append({"id": f"text-{i:06d}", "conversations": conversation})
+    return records
+
+
+def caption_nouns(captions: Iterable[str]) -> list[str]:
+    """The captions' nouns: single-word tags of the ``rule`` tag parser, in first-seen order."""
+    from datastore.tags import build_tag_parser
+
+    parser = build_tag_parser("rule")
+    return list(dict.fromkeys(t for tags in parser.parse_batch(captions) for t in tags if " " not in t))
+
+
 def caption_words(captions: Iterable[str]) -> set[str]:
     """Lower-case words of the captions (names generated for copy texts avoid them)."""
     return {w for c in captions for w in re.findall(r"[a-z]+", c.lower())}
@@ -508,20 +609,23 @@ def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPret
 
     # Tokenizer: captions + generated texts (own seed stream, not the training stream).
     known = caption_words(captions)
+    names = name_pools(captions, config, known)
+    lexicon = names["pool"]
     gen = CopyTextGenerator(config.seed * 2 + 1, known, config.forbidden, config.chat_fraction,
-                            task_weights=config.task_weights)
-    tok = train_tokenizer(_tokenizer_lines(known, gen, config.tokenizer_samples), config.pre_tokenizer,
-                          config.vocab_size)
+                            task_weights=config.task_weights, **names)
+    tok = train_tokenizer(_tokenizer_lines(captions, lexicon, gen, config.tokenizer_samples),
+                          config.pre_tokenizer, config.vocab_size)
     save_hf_tokenizer(tok, out)
     hf_tok = AutoTokenizer.from_pretrained(str(out))
     vocab = len(hf_tok)
+    whole = {"caption_words": single_token_share(hf_tok, known), "lexicon": single_token_share(hf_tok, lexicon)}
     timings["tokenizer_s"] = time.perf_counter() - t0
 
     # Data: a stream of caption / generated samples packed into steps * batch rows.
     t1 = time.perf_counter()
     rng = random.Random(config.seed)
     gen = CopyTextGenerator(config.seed * 2 + 2, known, config.forbidden, config.chat_fraction,
-                            task_weights=config.task_weights)
+                            task_weights=config.task_weights, **names)
     eos, pad = hf_tok.eos_token_id, hf_tok.pad_token_id
     counts = {"captions": 0, **{t: 0 for t in TASKS}}
 
@@ -557,7 +661,8 @@ def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPret
     dropped = rest[3]
     fill = float((data != pad).float().mean())
     timings["data_s"] = time.perf_counter() - t1
-    say(f"text pretrain: vocab {vocab}, {n_rows} rows x {config.max_length} tokens ({fill:.0%} filled, "
+    say(f"text pretrain: vocab {vocab} (single tokens: {whole['caption_words']:.0%} of caption words, "
+        f"{whole['lexicon']:.0%} of the {len(lexicon)} lexicon names), {n_rows} rows x {config.max_length} tokens ({fill:.0%} filled, "
         f"{dropped} too long), samples {counts}, {gen.rejected} forbidden texts redrawn, "
         f"tokenizer {timings['tokenizer_s']:.1f}s, data {timings['data_s']:.1f}s")
 
@@ -606,7 +711,8 @@ def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPret
     model.generation_config.pad_token_id = pad
     model.save_pretrained(str(out))
     timings["total_s"] = time.perf_counter() - t0
-    record = {"config": asdict(config), "vocab": vocab, "params": n_params, "samples": counts,
+    record = {"config": asdict(config), "vocab": vocab, "single_token_share": whole, "params": n_params,
+              "samples": counts,
               "rows": n_rows, "fill": fill, "dropped": dropped, "losses": losses, "timings": timings}
     (out / "text_pretrain.json").write_text(json.dumps(record, indent=1))
     say(f"text pretrain: {n_params / 1e6:.2f}M params, train {timings['train_s']:.1f}s "

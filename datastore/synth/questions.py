@@ -19,6 +19,9 @@ PRETRAIN_PROMPTS = (
     "Describe the image briefly.", "What is in this picture?", "Write a short caption for the image.",
     "Give a brief description of the image.", "Summarize the visual content of the image.",
 )
+# LLaVA-1.5's format prompt for short answers: its VQA-style instruction data appends it to every
+# question turn, and its evaluation appends it to the benchmark questions (eval.benchmarks.SHORT_ANSWER).
+SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 LETTERS = "ABCD"
 POPE_SPLITS = ("random", "popular", "adversarial")
@@ -65,14 +68,15 @@ def pretrain_record(record: dict[str, Any], seed: int) -> dict[str, Any]:
 
 
 def instruct_record(record: dict[str, Any], world: WorldCatalogue, seed: int) -> dict[str, Any]:
-    """LLaVA multi-turn instruction sample with 3-5 questions about the image (seen names only)."""
+    """LLaVA multi-turn instruction sample with 3-5 questions about the image (seen names only), each
+    question followed by LLaVA-1.5's short-answer prompt on a new line."""
     rng = sample_rng(seed, "instruct_qa", record["index"])
     rng.integers(len(PRETRAIN_PROMPTS))  # keep this stream aligned with pretrain_record's draw
     pairs = _qa_pairs(record["scene"], world, rng)
     chosen = [pairs[i] for i in rng.permutation(len(pairs))[: int(rng.integers(3, 6))]]
     turns = []
     for i, (question, answer) in enumerate(chosen):
-        turns.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + question})
+        turns.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + f"{question}\n{SHORT_ANSWER_PROMPT}"})
         turns.append({"from": "gpt", "value": answer})
     return {"id": record["key"], "image": record["image"], "conversations": turns}
 

@@ -73,6 +73,9 @@ def test_novel_names_never_in_instruction_data(world_dir):
     instruct = json.loads((world_dir / "llava" / "instruct.json").read_text())
     assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in instruct)
     assert all(len(r["conversations"]) % 2 == 0 for r in instruct)
+    from datastore.synth.questions import SHORT_ANSWER_PROMPT  # LLaVA-1.5's format prompt on every question
+
+    assert all(t["value"].endswith("?\n" + SHORT_ANSWER_PROMPT) for r in instruct for t in r["conversations"][::2])
     assert all((world_dir / "images" / r["image"]).is_file() for r in instruct)
     novel_eval = [q["text"] for q in _jsonl(world_dir / "eval" / "pope" / "questions.jsonl") if q["novelty"] == "novel"]
     assert any(name in t for t in novel_eval for name in novel)

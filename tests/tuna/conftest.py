@@ -70,17 +70,27 @@ def tiny_llm_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_tied_llm_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """The tiny Qwen2 with tied input/output embeddings (as Qwen2-0.5B/1.5B ship)."""
+    from tuna.tiny import save_tiny_llm
+
+    return save_tiny_llm(tmp_path_factory.mktemp("tiny_tied_llm"), vocab_size=len(tiny_tokenizer),
+                         tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
 def make_model(tiny_llm_dir, tiny_tokenizer):
-    """Factory: a TunaForCausalLM around the tiny LLM (from disk) and the tiny CLIP; kwargs -> TunaConfig."""
+    """Factory: a TunaForCausalLM around the tiny LLM (from disk, or ``llm_dir``) and the tiny CLIP;
+    other kwargs -> TunaConfig."""
     import torch
 
     from datastore.clip import ClipSpec
     from tuna.modeling_tuna import TunaForCausalLM
 
-    def make(seed: int = 0, **config):
+    def make(seed: int = 0, llm_dir: Path | None = None, **config):
         torch.manual_seed(seed)
         config = {"template": "chat_template", "tag_hidden_dim": 32, "tag_num_heads": 2, **config}
-        return TunaForCausalLM.from_components(str(tiny_llm_dir), ClipSpec(model="tuna-tiny-clip"),
+        return TunaForCausalLM.from_components(str(llm_dir or tiny_llm_dir), ClipSpec(model="tuna-tiny-clip"),
                                                tiny_tokenizer, **config)
 
     return make

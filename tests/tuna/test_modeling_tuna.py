@@ -453,8 +453,12 @@ def test_every_trainable_module_is_in_the_graph_of_every_batch(make_model, tiny_
         assert not any(p.grad.any() for p in model.tag_encoder.parameters())
 
 
-def test_checkpoint_with_active_lora_reloads_with_its_adapters(make_model, tiny_tokenizer, tmp_path):
-    model = make_model()
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied_embeddings"])
+def test_checkpoint_with_active_lora_reloads_with_its_adapters(make_model, tiny_tokenizer, tiny_tied_llm_dir,
+                                                               tmp_path, tied):
+    model = make_model(llm_dir=tiny_tied_llm_dir if tied else None)
+    lm_head = model.get_output_embeddings().weight
+    assert (lm_head is model.get_input_embeddings().weight) == tied
     model.enable_lora(r=4, alpha=8, dropout=0.0)
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -465,6 +469,7 @@ def test_checkpoint_with_active_lora_reloads_with_its_adapters(make_model, tiny_
     assert loaded.config.lora == {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+        assert (loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight) == tied
         loaded.merge_lora()
         loaded.save_pretrained(tmp_path / "final")
         final = TunaForCausalLM.from_pretrained(tmp_path / "final")

@@ -112,6 +112,26 @@ def test_output_depends_on_patches_and_tags():
     torch.testing.assert_close(moved[0], base[0])
 
 
+def test_patch_positions_make_the_output_depend_on_where_patches_are():
+    text, patches = inputs()
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    flipped = patches.flip(1)  # the same patch features, in mirrored positions
+    plain = encoder()
+    with torch.no_grad():  # without positions, attention pooling cannot tell where a patch was
+        assert torch.allclose(plain(text, patches, mask), plain(text, flipped, mask), atol=1e-5)
+    torch.manual_seed(0)
+    cfg = TagEncoderConfig(text_dim=TEXT, vision_dim=VISION, hidden_dim=32, num_heads=4, num_layers=2,
+                           num_queries_per_tag=2, num_patches=P)
+    positioned = ImageAwareTagEncoder(cfg).eval()
+    assert positioned.patch_pos.shape == (P, 32)
+    with torch.no_grad():
+        assert not torch.allclose(positioned(text, patches, mask), positioned(text, flipped, mask), atol=1e-3)
+    with pytest.raises(ValueError, match=f"has {P - 1} patches; this encoder's position embedding has {P}"):
+        positioned(text, patches[:, 1:], mask)
+    with pytest.raises(ValueError, match="num_patches"):
+        TagEncoderConfig(text_dim=TEXT, vision_dim=VISION, num_patches=-1)
+
+
 def test_queries_per_tag_differ():
     out = encoder(nq=3)(*inputs(), torch.ones(2, 4, dtype=torch.bool))
     assert (out[:, :, 0] - out[:, :, 1]).abs().max() > 1e-4

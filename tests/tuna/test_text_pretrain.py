@@ -8,13 +8,15 @@ import random
 import pytest
 
 from tuna.text_pretrain import (
-    TASKS, CopyTextGenerator, TextPretrainConfig, caption_words, copy_accuracy, pretrain_text_llm, render_chat,
+    TASKS, CopyTextGenerator, TextPretrainConfig, caption_nouns, caption_words, copy_accuracy, llava_conversation,
+    make_lexicon, name_pools, pretrain_text_llm, render_chat, text_replay_records,
 )
 
 CAPTIONS = [f"a photo of a {c} {n}{p}" for c in ("red", "blue", "small green", "large pink")
             for n in ("drerik", "tulbel", "jadub", "two zutags") for p in ("", " on the left", " in the middle")]
 TINY = dict(vocab_size=400, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
-            max_length=128, steps=12, batch_size=4, lr=3e-3, warmup_steps=2, tokenizer_samples=300, log_every=6)
+            max_length=128, steps=12, batch_size=4, lr=6e-3, warmup_steps=2, tokenizer_samples=300, log_every=6,
+            lexicon_size=40)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +146,8 @@ def test_copy_accuracy_counts_exact_matches(run):
 
 
 @pytest.mark.parametrize("bad", [dict(hidden_size=30, num_heads=4), dict(steps=0), dict(caption_fraction=1.5),
-                                 dict(lr=0.0), dict(forbidden="blue")])
+                                 dict(lr=0.0), dict(forbidden="blue"), dict(lexicon_size=-1),
+                                 dict(lexicon_fraction=0.8, caption_noun_fraction=0.3)])
 def test_bad_config_is_rejected(bad):
     with pytest.raises(ValueError, match="TextPretrainConfig"):
         TextPretrainConfig(**bad)
@@ -155,3 +158,62 @@ def test_unknown_pre_tokenizer_is_rejected():
 
     with pytest.raises(ValueError, match="unknown pre_tokenizer 'wordpiece'"):
         train_tokenizer(["a b"], "wordpiece")
+
+
+def test_lexicon_names_and_caption_words_become_single_tokens(run, tmp_path):
+    from transformers import AutoTokenizer
+
+    from tuna.text_pretrain import _tokenizer_lines, single_token_share
+    from tuna.tiny import save_hf_tokenizer, train_tokenizer
+
+    known = caption_words(CAPTIONS)
+    lexicon = make_lexicon(3, 40, known)
+    assert len(set(lexicon)) == 40 and not set(lexicon) & known and lexicon == make_lexicon(3, 40, known)
+    lines = _tokenizer_lines(CAPTIONS, lexicon, CopyTextGenerator(1, known, pool=lexicon, pool_fraction=1.0), 200)
+    tok = AutoTokenizer.from_pretrained(str(save_hf_tokenizer(train_tokenizer(lines, "bytelevel-words", 1000),
+                                                              tmp_path)))
+    assert single_token_share(tok, lexicon) == single_token_share(tok, known) == 1.0
+    assert tok.tokenize(" drerik") == ["Ġ", "drerik"]
+    out, record = run  # the tiny run's vocabulary (400) is too small for that; its record says so
+    tiny = AutoTokenizer.from_pretrained(str(out))
+    assert record["single_token_share"]["caption_words"] == single_token_share(tiny, known) < 1.0
+
+
+def test_caption_nouns_are_the_parsers_single_word_tags():
+    assert caption_nouns(["a photo of a red drerik and two zutags", "large pink tulbel on the left"]) == \
+        ["drerik", "zutag", "tulbel"]
+
+
+def test_copy_texts_draw_names_from_the_pools():
+    pools = name_pools(CAPTIONS, TextPretrainConfig(lexicon_size=30, lexicon_fraction=0.5, caption_noun_fraction=0.5))
+    assert pools["words"] == ["drerik", "tulbel", "jadub", "zutag"] and len(pools["pool"]) == 30
+    gen = CopyTextGenerator(4, caption_words(CAPTIONS), **pools)
+    drawn = [n for _ in range(300) for n in gen.names(2)]
+    from_lexicon = sum(n in pools["pool"] for n in drawn) / len(drawn)
+    from_words = sum(n in pools["words"] for n in drawn) / len(drawn)
+    assert from_lexicon + from_words == 1.0 and 0.4 < from_lexicon < 0.6
+
+
+def test_text_replay_records_are_text_only_llava_copy_conversations():
+    from datastore.synth.questions import SHORT_ANSWER_PROMPT
+
+    config = TextPretrainConfig(lexicon_size=30)
+    records = text_replay_records(CAPTIONS, 40, config, seed=2)
+    assert records == text_replay_records(CAPTIONS, 40, config, seed=2)  # deterministic
+    assert len(records) == 40 and len({r["id"] for r in records}) == 40
+    for r in records:
+        assert set(r) == {"id", "conversations"}  # no image
+        turns = r["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        first_answer = turns[1]["value"]
+        assert all(part.strip() in turns[0]["value"] for part in first_answer.split(","))  # copied
+    suffixed = [t["value"].endswith("\n" + SHORT_ANSWER_PROMPT) for r in records for t in r["conversations"][::2]]
+    assert 0.4 < sum(suffixed) / len(suffixed) < 0.95  # suffix_share 0.7
+
+
+def test_plain_texts_have_no_llava_conversation():
+    gen = CopyTextGenerator(0)
+    with pytest.raises(ValueError, match="plain Q/A text has no chat turns"):
+        llava_conversation(gen.sample("define"))
+    turns = llava_conversation(gen.sample("tags_single", chat=True))
+    assert turns[0]["from"] == "human" and " Tags: " in turns[0]["value"]

@@ -1,0 +1,96 @@
+"""``tuna quickstart`` end to end at reduced sizes (the CI-sized run of README command #1)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tuna.quickstart import RUNS, QuickstartConfig, expected_outcome, results_markdown
+
+# Smaller corpora and eval sets; the training budgets stay the defaults' (with half of them, the CLIP's
+# purity falls to ~60 % and stage 2 learns no copying: novel naming 0 %). Full run: docs/quickstart.md.
+REDUCED = ["--corpus-size", "10000", "--n-eval", "96", "--swap-corpus-size", "3000"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("quickstart") / "qs"
+    proc = subprocess.run([sys.executable, "-m", "tuna.cli", "quickstart", "--out", str(out), *REDUCED],
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_every_stage_ran_and_was_timed(run):
+    out, stdout = run
+    seconds = json.loads((out / "stages.json").read_text())["seconds"]
+    assert list(seconds) == ["world", "clip", "llm", "datastore", "train", "eval", "report"]
+    for n, stage in enumerate(seconds, 1):
+        assert f"== [{n}/7] {stage}" in stdout
+    assert "stage seconds: world" in stdout and f"written: {out / 'results.json'}" in stdout
+    for name in ("baseline", "tuna"):
+        for stage in (1, 2):
+            assert (out / "logs" / f"train-{name}-stage{stage}.log").is_file()
+    assert (out / "models" / "tuna-stage2" / "config.json").is_file()
+
+
+def test_results_table_json_and_chart(run):
+    out, stdout = run
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["runs"]) == set(RUNS)
+    for metrics in results["runs"].values():
+        assert set(metrics) == {"identification", "attributes", "pope_f1"}
+        assert all(set(v) == {"seen", "novel"} for v in metrics.values())
+        assert all(0 <= x <= 100 for v in metrics.values() for x in v.values() if x is not None)
+    diagnostics = results["diagnostics"]
+    assert set(diagnostics) >= {"purity", "name_in_tags", "name_top_weighted"}
+    assert set(diagnostics["purity"]) == {"seen", "novel"}
+    assert set(results["swap"]) >= {"baseline", "tuna", "purity"}
+    assert set(results["checks"]) == {"novel_gain", "seen_difference", "random_tags_vs_baseline_novel", "swap_gain"}
+    table = (out / "results.md").read_text()
+    assert table == results_markdown(results) and table in stdout
+    lines = table.splitlines()
+    assert lines[0] == "| run | id seen | id novel | attr seen | attr novel | POPE F1 seen | POPE F1 novel |"
+    assert [line.split(" | ")[0] for line in lines[2:6]] == [
+        "| baseline (no tags)", "| TUNA", "| TUNA, random tags", "| TUNA, uniform weights"]
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tuna_names_novel_objects_the_baseline_cannot(run):
+    out, _ = run
+    ident = {run: m["identification"] for run, m in json.loads((out / "results.json").read_text())["runs"].items()}
+    assert ident["tuna"]["novel"] > ident["baseline"]["novel"] + 5
+
+
+def test_rerun_skips_finished_stages(run):
+    out, _ = run
+    proc = subprocess.run([sys.executable, "-m", "tuna.cli", "quickstart", "--out", str(out), *REDUCED],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("done in an earlier run") == 6  # every stage but the (cheap) report
+    other = subprocess.run([sys.executable, "-m", "tuna.cli", "quickstart", "--out", str(out), "--seed", "3"],
+                           capture_output=True, text=True, timeout=300)
+    assert other.returncode == 1 and "holds a quickstart run with other settings" in other.stderr
+
+
+def test_expected_outcome_checks():
+    runs = {"baseline": {"identification": {"seen": 50.0, "novel": 2.0}},
+            "tuna": {"identification": {"seen": 49.0, "novel": 40.0}},
+            "tuna_random_tags": {"identification": {"seen": 10.0, "novel": 4.0}}}
+    checks = expected_outcome({"runs": runs})
+    assert checks["novel_gain"] == {"value": 38.0, "goal": ">= 30 points", "met": True}
+    assert checks["seen_difference"]["value"] == -1.0 and checks["seen_difference"]["met"]
+    assert checks["random_tags_vs_baseline_novel"]["value"] == 2.0 and checks["random_tags_vs_baseline_novel"]["met"]
+    runs["tuna"]["identification"]["seen"] = 45.0
+    assert not expected_outcome({"runs": runs})["seen_difference"]["met"]
+
+
+def test_bad_settings_are_rejected():
+    with pytest.raises(ValueError, match="steps=0"):
+        QuickstartConfig(steps=0)
+    with pytest.raises(ValueError, match="exceeds the catalogue"):
+        QuickstartConfig(n_seen=60, n_novel=40)

@@ -5,8 +5,8 @@ directory; the same questions (the first ``n/len(benches)`` of each benchmark) a
 eval.runner.answer_batch (live datastore retrieval, no cache) at every batch size, with a freshly
 loaded model per batch size, and the answers are checked to be identical.
 
-Time shares come from timers wrapped (monkeypatched) around: TagSource.__call__ (retrieval: query
-image encoding + faiss search), VisionTower.embed_tags + ImageAwareTagEncoder.forward +
+Time shares come from timers wrapped (monkeypatched) around: TagSource.__call__ and TagSource.prefetch
+(retrieval: query image encoding + faiss search; the runner prefetches each batch's new images), VisionTower.embed_tags + ImageAwareTagEncoder.forward +
 TunaForCausalLM.tag_weights (tag encoding), VisionTower.forward (vision tower), TunaForCausalLM.generate
 (generation). Timers are exclusive: nested time is charged to the innermost timer only (so
 "generation" is the LLM prefill/decode and the splicing, without the vision tower and tag encoding it
@@ -122,7 +122,8 @@ def instrumented(timers: Timers) -> Iterator[None]:
     from tuna.tag_source import TagSource
     from tuna.vision import VisionTower
 
-    targets = [(TagSource, "__call__", "retrieval"), (VisionTower, "embed_tags", "tag encoding"),
+    targets = [(TagSource, "__call__", "retrieval"), (TagSource, "prefetch", "retrieval"),
+               (VisionTower, "embed_tags", "tag encoding"),
                (ImageAwareTagEncoder, "forward", "tag encoding"), (TunaForCausalLM, "tag_weights", "tag encoding"),
                (VisionTower, "forward", "vision tower"), (TunaForCausalLM, "generate", "generation")]
     originals = [(cls, attr, cls.__dict__[attr]) for cls, attr, _ in targets]

@@ -120,14 +120,12 @@ def format_purity(report: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def world_categories(world_dir: str | Path, keys: Sequence[str]) -> tuple[list[frozenset[str]], list[str]]:
-    """Ground truth of synthetic-world sample keys ("c000000007", "e000000001", or image paths ending in them).
+def world_scenes(world_dir: str | Path, keys: Sequence[str]) -> list:
+    """The scenes (``datastore.synth.scene.Scene``) of synthetic-world sample keys ("c000000007",
+    "e000000001", or image paths ending in them).
 
     The scene of every sample is a pure function of the world's arguments, so it is re-sampled (not
     rendered) from ``world.json``; this works for corpus, instruction and eval images alike.
-
-    Returns:
-        (category-name sets, novelty per key: "seen", "novel" or "mixed").
 
     Raises:
         ValueError: a key that is not a synthetic-world key, or a missing world.json.
@@ -140,14 +138,19 @@ def world_categories(world_dir: str | Path, keys: Sequence[str]) -> tuple[list[f
         raise ValueError(f"{path} not found: world_dir must be a tuna-synth output folder")
     args = json.loads(path.read_text())["args"]
     world = WorldCatalogue(args["n_seen"], args["n_novel"], args["category_offset"])
-    categories, novelty = [], []
+    scenes = []
     for key in keys:
         match = KEY_PATTERN.match(Path(str(key)).stem)
         if match is None:
             raise ValueError(f"{key!r} is not a synthetic-world key (expected c/i/e + digits, e.g. e000000001)")
         stream, index = STREAM_OF_PREFIX[match.group(1)], int(match.group(2))
         pool, first = sample_pool(world, stream, index)
-        scene = sample_scene(pool, args["image_size"], sample_rng(args["seed"], stream, index), first)
-        categories.append(frozenset(o.category.name for o in scene.objects))
-        novelty.append(scene.novelty)
-    return categories, novelty
+        scenes.append(sample_scene(pool, args["image_size"], sample_rng(args["seed"], stream, index), first))
+    return scenes
+
+
+def world_categories(world_dir: str | Path, keys: Sequence[str]) -> tuple[list[frozenset[str]], list[str]]:
+    """Ground-truth category-name sets and novelty ("seen", "novel" or "mixed") of synthetic-world keys
+    (see :func:`world_scenes`)."""
+    scenes = world_scenes(world_dir, keys)
+    return [frozenset(o.category.name for o in s.objects) for s in scenes], [s.novelty for s in scenes]

@@ -241,19 +241,6 @@ def corpus_shards(world: Path) -> list[str]:
     return shards
 
 
-def corpus_captions(world: Path) -> list[str]:
-    """The corpus captions (text pretraining reads only these, never eval images or questions)."""
-    import tarfile
-
-    captions = []
-    for shard in corpus_shards(world):
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if member.name.endswith(".txt"):
-                    captions.append(tar.extractfile(member).read().decode().strip())
-    return captions
-
-
 def stage_clip(config: QuickstartConfig, paths: Paths) -> None:
     from datastore.clip_train import ClipTrainConfig, train_clip
 
@@ -273,9 +260,9 @@ def clip_args(paths: Paths) -> dict[str, str]:
 
 def stage_llm(config: QuickstartConfig, paths: Paths) -> None:
     """Text-only LLM pretraining, and the text-only conversations mixed into instruction tuning."""
-    from tuna.text_pretrain import TextPretrainConfig, pretrain_text_llm, text_replay_records
+    from tuna.text_pretrain import TextPretrainConfig, pretrain_text_llm, read_world_captions, text_replay_records
 
-    captions = corpus_captions(paths.world)
+    captions = read_world_captions(paths.world)  # text pretraining reads only these, never eval images or questions
     llm_config = TextPretrainConfig(steps=config.llm_steps, hidden_size=config.llm_hidden,
                                     num_layers=config.llm_layers, seed=config.seed,
                                     threads=_threads(config) * config.nproc, **config.extra.get("llm", {}))
@@ -441,6 +428,22 @@ def run_metrics(run_dir: Path, pope: bool = True) -> dict[str, dict[str, float |
     return out
 
 
+def identification_by_scene(run_dir: Path, world: Path) -> dict[str, dict[str, float | None]]:
+    """Identification accuracy split by scene: one object ("What is this object?") or several (the
+    question names a position), each per novelty."""
+    from datastore.purity import world_scenes
+
+    records = [r for r in _records(run_dir, "synth_open") if r["category"] == "identification"]
+    images = list(dict.fromkeys(r["image"] for r in records))
+    n_objects = {image: len(scene.objects) for image, scene in zip(images, world_scenes(world, images))}
+    out: dict[str, dict[str, float | None]] = {"single": {}, "multi": {}}
+    for novelty in ("seen", "novel"):
+        rows = [r for r in records if r["novelty"] == novelty]
+        out["single"][novelty] = _mean([r["score"] for r in rows if n_objects[r["image"]] == 1])
+        out["multi"][novelty] = _mean([r["score"] for r in rows if n_objects[r["image"]] > 1])
+    return out
+
+
 def tag_diagnostics(run_dir: Path) -> dict[str, dict[str, float | None]]:
     """Identification questions: is the right name in the tag block, and is it the top-weighted tag?"""
     def has(tag: str, name: str) -> bool:
@@ -466,7 +469,9 @@ def report(config: QuickstartConfig, paths: Paths) -> dict[str, Any]:
     runs = {run: run_metrics(paths.eval / run) for run in RUNS}
     diagnostics = {"purity": neighbour_purity(paths.cache, paths.world),
                    **tag_diagnostics(paths.eval / "tuna")}
-    results: dict[str, Any] = {"config": asdict(config), "runs": runs, "diagnostics": diagnostics,
+    by_scene = {run: identification_by_scene(paths.eval / run, paths.world) for run in RUNS}
+    results: dict[str, Any] = {"config": asdict(config), "runs": runs, "identification_by_scene": by_scene,
+                               "diagnostics": diagnostics,
                                "seconds": json.loads((paths.root / "stages.json").read_text())["seconds"]}
     if config.swap:
         swap = {run: run_metrics(paths.eval / f"swap_{run}", pope=False) for run in ("baseline", "tuna")}
@@ -509,6 +514,12 @@ def results_markdown(results: dict) -> str:
         lines.append(f"| {LABELS[run]} | " + " | ".join(
             _fmt(m[metric][nov]) for metric in ("identification", "attributes", "pope_f1")
             for nov in ("seen", "novel")) + " |")
+    if "identification_by_scene" in results:
+        lines += ["", "| identification by scene | one object, seen | one object, novel | several, seen | "
+                      "several, novel |", "|---|---|---|---|---|"]
+        for run, m in results["identification_by_scene"].items():
+            lines.append(f"| {LABELS[run]} | " + " | ".join(_fmt(m[scene][nov]) for scene in ("single", "multi")
+                                                            for nov in ("seen", "novel")) + " |")
     d = results["diagnostics"]
     lines += ["", "| diagnostic (TUNA, eval images) | seen | novel |", "|---|---|---|"]
     lines += [f"| neighbour purity top-1 | {_fmt(d['purity'].get('seen', {}).get('top1'))} | "

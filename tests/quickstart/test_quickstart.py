@@ -46,6 +46,8 @@ def test_results_table_json_and_chart(run):
         assert set(metrics) == {"identification", "attributes", "pope_f1"}
         assert all(set(v) == {"seen", "novel"} for v in metrics.values())
         assert all(0 <= x <= 100 for v in metrics.values() for x in v.values() if x is not None)
+    by_scene = results["identification_by_scene"]
+    assert set(by_scene) == set(RUNS) and all(set(m) == {"single", "multi"} for m in by_scene.values())
     diagnostics = results["diagnostics"]
     assert set(diagnostics) >= {"purity", "name_in_tags", "name_top_weighted"}
     assert set(diagnostics["purity"]) == {"seen", "novel"}

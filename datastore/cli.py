@@ -141,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=int, default=ClipTrainConfig.workers, help="shard decoding processes")
     t.add_argument("--max-minutes", type=float, help="stop training after this long (breaks determinism)")
     t.add_argument("--max-samples", type=int, help="use only the first N samples")
+    t.add_argument("--device", default=ClipTrainConfig.device, help="cpu, cuda or cuda:N")
 
     i = sub.add_parser("info", **defaults, help="print a datastore's manifest summary")
     i.add_argument("--datastore", required=True, help="datastore directory")
@@ -224,7 +225,7 @@ def cmd_train_clip(args) -> None:
         lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, text_mode=args.text_mode,
         multi_positive=not args.no_multi_positive, colour_augment=not args.no_colour_augment, shift=args.shift,
         seed=args.seed, threads=args.threads, workers=args.workers, max_minutes=args.max_minutes,
-        max_samples=args.max_samples)
+        max_samples=args.max_samples, device=args.device)
     result = train_clip(args.input, args.out, config, progress=True)
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     print(f"clip {result.spec.model}: {result.steps} steps ({result.step_seconds:.3f}s/step), "

@@ -219,13 +219,10 @@ def cmd_cache(args) -> None:
 
 def cmd_train_clip(args) -> None:
     from datastore.clip_train import ClipTrainConfig, train_clip
+    from datastore.utils import config_from_args
 
-    config = ClipTrainConfig(
-        model_config=args.model_config, image_size=args.image_size, steps=args.steps, batch_size=args.batch_size,
-        lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, text_mode=args.text_mode,
-        multi_positive=not args.no_multi_positive, colour_augment=not args.no_colour_augment, shift=args.shift,
-        seed=args.seed, threads=args.threads, workers=args.workers, max_minutes=args.max_minutes,
-        max_samples=args.max_samples, device=args.device)
+    config = config_from_args(ClipTrainConfig, args, multi_positive=not args.no_multi_positive,
+                              colour_augment=not args.no_colour_augment)
     result = train_clip(args.input, args.out, config, progress=True)
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     print(f"clip {result.spec.model}: {result.steps} steps ({result.step_seconds:.3f}s/step), "

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from datastore.clip import BUILTIN_CONFIG_DIR, ClipSpec, load_clip, register_model_config, weights_sha256
-from datastore.utils import StageTimer
+from datastore.utils import StageTimer, warmup_cosine_lr
 
 logger = logging.getLogger(__name__)
 
@@ -349,13 +349,6 @@ def _augment(batch, config: ClipTrainConfig, gen):
     return x
 
 
-def _lr_at(step: int, config: ClipTrainConfig) -> float:
-    if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def _param_groups(model, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -461,7 +454,7 @@ def train_clip(shards: list[str] | str, out_dir: str | os.PathLike, config: Clip
             pixels = ((pixels - mean) / std).contiguous(memory_format=torch.channels_last)
             texts, pos = batch_texts(idx)
             for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, config)
+                group["lr"] = warmup_cosine_lr(step, config.steps, config.warmup, config.lr)
             img = model.encode_image(pixels, normalize=True)
             txt = model.encode_text(tokens(texts).to(device), normalize=True)
             loss = _contrastive_loss(img, txt, model.logit_scale.exp(), pos.to(device))

@@ -1,14 +1,16 @@
-"""Small shared helpers: stage timers, byte-size parsing, hashing, rank-0 logging."""
+"""Small shared helpers: stage timers, byte-size parsing, hashing, rank-0 logging, lr schedule, CLI configs."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+import math
 import os
 import re
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -82,3 +84,19 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s")
     for name in TUNA_LOGGERS:
         logging.getLogger(name).setLevel(level)
+
+
+def warmup_cosine_lr(step: int, steps: int, warmup: int, lr: float, min_ratio: float = 0.0) -> float:
+    """Learning rate at ``step`` (0-based): linear warmup over ``warmup`` steps, then cosine decay from
+    ``lr`` to ``lr * min_ratio`` at ``steps``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def config_from_args(cls: type, args: Any, **overrides: Any) -> Any:
+    """A dataclass config from parsed CLI arguments: every field whose name is an argument's ``dest``,
+    then ``overrides`` (for options spelled differently, e.g. ``--no-swap`` -> ``swap``)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **overrides})

@@ -94,16 +94,10 @@ def _add_quickstart_parser(sub) -> None:
 
 
 def quickstart(args) -> dict:
+    from datastore.utils import config_from_args
     from tuna.quickstart import QuickstartConfig, run_quickstart
 
-    return run_quickstart(QuickstartConfig(
-        out=args.out, seed=args.seed, corpus_size=args.corpus_size, n_instruct=args.n_instruct, n_eval=args.n_eval,
-        n_seen=args.n_seen, n_novel=args.n_novel, text_replay=args.text_replay,
-        swap=not args.no_swap, swap_corpus_size=args.swap_corpus_size, clip_steps=args.clip_steps,
-        llm_steps=args.llm_steps, llm_hidden=args.llm_hidden, llm_layers=args.llm_layers,
-        stage1_steps=args.stage1_steps, steps=args.steps, batch_size=args.batch_size, nproc=args.nproc,
-        ds_config=args.ds_config, eval_batch_size=args.eval_batch_size, device=args.device,
-        overwrite=args.overwrite))
+    return run_quickstart(config_from_args(QuickstartConfig, args, swap=not args.no_swap))
 
 
 def _tag_source(args, model):

@@ -35,7 +35,6 @@ from typing import Any, Callable
 from datastore.synth.world import CATALOGUE_SIZE
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("world", "clip", "llm", "datastore", "train", "eval", "report")
 RUNS = {  # evaluation run -> (trained model, flags)
     "baseline": ("baseline", ["--no-tags"]),
     "tuna": ("tuna", []),
@@ -305,7 +304,8 @@ def train_command(config: QuickstartConfig, paths: Paths, name: str, stage: int)
         "model_name_or_path": str(paths.llm), "stage": "pretrain" if stage == 1 else "finetune",
         "clip_model_config": clip["model_config"], "clip_pretrained": clip["pretrained"],
         "data_path": [str(paths.world / "llava" / "pretrain.json")] if stage == 1 else
-                     [str(paths.world / "llava" / "instruct.json")] + ([str(paths.text_replay)] if config.text_replay else []),
+                     [str(paths.world / "llava" / "instruct.json")]
+                     + ([str(paths.text_replay)] if config.text_replay else []),
         "image_folder": str(paths.world / "images"),
         "template": "plain" if stage == 1 else "chat_template",
         "output_dir": str(paths.model(name, stage)), "max_steps": steps,
@@ -361,9 +361,8 @@ def stage_train(config: QuickstartConfig, paths: Paths) -> None:
 def eval_runs(config: QuickstartConfig, paths: Paths) -> dict[str, tuple[str, Path, list[str], list[str]]]:
     """run name -> (model, data root, benches, tag flags)."""
     tags = ["--retrieval-cache", str(paths.cache), "--datastore", str(paths.datastore)]
-    runs = {run: (model, paths.world, ["synth_open", "synth_pope"], [] if flags == ["--no-tags"] else tags)
+    runs = {run: (model, paths.world, ["synth_open", "synth_pope"], flags if "--no-tags" in flags else tags + flags)
             for run, (model, flags) in RUNS.items()}
-    runs = {run: (m, root, b, t + RUNS[run][1]) for run, (m, root, b, t) in runs.items()}
     if config.swap:
         runs["swap_baseline"] = ("baseline", paths.world2, ["synth_open"], ["--no-tags"])
         runs["swap_tuna"] = ("tuna", paths.world2, ["synth_open"],
@@ -383,7 +382,7 @@ def stage_eval(config: QuickstartConfig, paths: Paths) -> None:
 
 
 # ------------------------------------------------------------------------------------------ report
-def neighbour_purity(cache_file: Path, world: Path) -> dict[str, dict[str, float]]:
+def eval_image_purity(cache_file: Path, world: Path) -> dict[str, dict[str, float]]:
     """Top-1 / top-5 neighbour category purity (%) of the world's eval images, per novelty.
 
     A neighbour is pure when it shows one of the query's categories (:mod:`datastore.purity`); the
@@ -467,7 +466,7 @@ def _fmt(value: float | None) -> str:
 def report(config: QuickstartConfig, paths: Paths) -> dict[str, Any]:
     """Collect every run's metrics and diagnostics; write results.json, results.md and results.png."""
     runs = {run: run_metrics(paths.eval / run) for run in RUNS}
-    diagnostics = {"purity": neighbour_purity(paths.cache, paths.world),
+    diagnostics = {"purity": eval_image_purity(paths.cache, paths.world),
                    **tag_diagnostics(paths.eval / "tuna")}
     by_scene = {run: identification_by_scene(paths.eval / run, paths.world) for run in RUNS}
     results: dict[str, Any] = {"config": asdict(config), "runs": runs, "identification_by_scene": by_scene,
@@ -475,7 +474,7 @@ def report(config: QuickstartConfig, paths: Paths) -> dict[str, Any]:
                                "seconds": json.loads((paths.root / "stages.json").read_text())["seconds"]}
     if config.swap:
         swap = {run: run_metrics(paths.eval / f"swap_{run}", pope=False) for run in ("baseline", "tuna")}
-        results["swap"] = {**swap, "purity": neighbour_purity(paths.cache2, paths.world2),
+        results["swap"] = {**swap, "purity": eval_image_purity(paths.cache2, paths.world2),
                            **tag_diagnostics(paths.eval / "swap_tuna")}
     results["checks"] = expected_outcome(results)
     (paths.root / "results.json").write_text(json.dumps(results, indent=2))
@@ -577,7 +576,7 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
     paths = Paths(config.root)
     pipeline = Pipeline(config)
     print(f"tuna quickstart -> {paths.root}", flush=True)
-    holder: dict[str, Any] = {}
+    holder: dict[str, Any] = {}  # the report stage always runs (it is never skipped)
     pipeline.run({
         "world": lambda: stage_world(config, paths),
         "clip": lambda: stage_clip(config, paths),
@@ -587,9 +586,9 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
         "eval": lambda: stage_eval(config, paths),
         "report": lambda: holder.update(results=report(config, paths)),
     })
-    results = holder.get("results") or json.loads((paths.root / "results.json").read_text())
+    results = holder["results"]
     print()
-    print((paths.root / "results.md").read_text())
+    print(results_markdown(results))
     seconds = pipeline.state["seconds"]
     print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
           + f"; total {sum(seconds.values()):.0f} s")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import random
 import re
 import sys
@@ -520,13 +519,6 @@ def _pack(samples: Iterator[tuple[list[int], list[float]]], n_rows: int, length:
     return torch.tensor(ids, dtype=torch.long), torch.tensor(weights), torch.tensor(positions), dropped
 
 
-def _lr_at(step: int, config: TextPretrainConfig) -> float:
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def name_pools(captions: list[str], config: TextPretrainConfig, known: set[str] | None = None) -> dict[str, Any]:
     """The :class:`CopyTextGenerator` name arguments of ``config``: its lexicon and the caption nouns."""
     known = caption_words(captions) if known is None else known
@@ -597,6 +589,7 @@ def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPret
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from datastore.utils import warmup_cosine_lr
     from tuna.tiny import save_hf_tokenizer, tiny_llm_config, train_tokenizer
 
     config = config or TextPretrainConfig()
@@ -683,7 +676,8 @@ def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPret
         losses, t2, window = [], time.perf_counter(), time.perf_counter()
         for step in range(config.steps):
             for group in opt.param_groups:
-                group["lr"] = _lr_at(step, config)
+                group["lr"] = warmup_cosine_lr(step, config.steps, config.warmup_steps, config.lr,
+                                               config.min_lr_ratio)
             rows = slice(step * config.batch_size, (step + 1) * config.batch_size)
             ids, w = data[rows], weights[rows]
             logits = model(input_ids=ids, position_ids=positions[rows], use_cache=False).logits[:, :-1].float()

@@ -33,6 +33,9 @@ class ModelArguments:
     tag_num_heads: int = field(default=4, metadata={"help": "tag encoder attention heads"})
     tag_num_layers: int = field(default=1, metadata={"help": "tag encoder cross-attention blocks"})
     tag_queries: int = field(default=1, metadata={"help": "visual tokens per tag"})
+    image_patch_positions: bool = field(default=False, metadata={
+        "help": "learned position embedding added to the patch features before the connector (for "
+                "convolutional CLIP towers, whose features do not say where a patch is)"})
     tag_patch_positions: bool = field(default=True, metadata={
         "help": "learned patch position embedding in the tag encoder's keys/values (a tag's visual token says "
                 "where it matched)"})

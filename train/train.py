@@ -61,8 +61,8 @@ def build_model(margs: ModelArguments, targs: TagArguments, tokenizer, dtype: to
             vision_feature_layer=margs.vision_feature_layer, connector_type=margs.connector_type,
             template=margs.template, tag_hidden_dim=margs.tag_hidden_dim, tag_num_heads=margs.tag_num_heads,
             tag_num_layers=margs.tag_num_layers, tag_queries=margs.tag_queries,
-            tag_patch_positions=margs.tag_patch_positions, weight_mode=margs.weight_mode,
-            weight_scaling=margs.weight_scaling, **tag_settings)
+            tag_patch_positions=margs.tag_patch_positions, image_patch_positions=margs.image_patch_positions,
+            weight_mode=margs.weight_mode, weight_scaling=margs.weight_scaling, **tag_settings)
     if margs.stage1_checkpoint:
         model.load_trainable(margs.stage1_checkpoint)
     model.set_llm_trainable(margs.stage == "finetune")

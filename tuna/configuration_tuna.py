@@ -20,6 +20,9 @@ class TunaConfig(PretrainedConfig):
         clip_identity: the tower's identity (weights sha256 ...), checked against datastores.
         vision_feature_layer: CLIP block whose patch tokens feed the connector (LLaVA-1.5: -2).
         connector_type: "linear", "identity" or "mlp{N}x_gelu".
+        image_patch_positions: add a learned position embedding to the patch features before the
+            connector (what a ViT's features carry already; for convolutional towers, whose features do
+            not say where a patch is). Off by default, as in LLaVA.
         tag_hidden_dim, tag_num_heads, tag_num_layers, tag_queries: image-aware tag encoder shape.
         tag_patch_positions: add a learned position embedding to the patches the tags attend over (so a
             tag's visual token says where it matched; needed with convolutional towers).
@@ -48,7 +51,8 @@ class TunaConfig(PretrainedConfig):
 
     def __init__(self, text_config: dict | PretrainedConfig | None = None, clip: dict | None = None,
                  clip_identity: dict | None = None, vision_feature_layer: int = -2,
-                 connector_type: str = "mlp2x_gelu", tag_hidden_dim: int = 256, tag_num_heads: int = 4,
+                 connector_type: str = "mlp2x_gelu", image_patch_positions: bool = False,
+                 tag_hidden_dim: int = 256, tag_num_heads: int = 4,
                  tag_num_layers: int = 1, tag_queries: int = 1, tag_patch_positions: bool = True, max_tags: int = 10,
                  tag_temperature: float = 0.1, weight_scaling: str = "count", weight_mode: str = "scale_and_bias",
                  ablation: str = "none", template: str = "vicuna_v1", vision_hidden_size: int = 0,
@@ -67,6 +71,7 @@ class TunaConfig(PretrainedConfig):
         self.clip_identity = clip_identity or {}
         self.vision_feature_layer = vision_feature_layer
         self.connector_type = connector_type
+        self.image_patch_positions = image_patch_positions
         self.tag_hidden_dim, self.tag_num_heads = tag_hidden_dim, tag_num_heads
         self.tag_num_layers, self.tag_queries = tag_num_layers, tag_queries
         self.tag_patch_positions = tag_patch_positions

@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 CLIP_DIR = "clip"
 TRAINABLE_FILE = "tuna_trainable.safetensors"
-TRAINABLE_PREFIXES = ("connector.", "tag_encoder.")
+TRAINABLE_PREFIXES = ("connector.", "image_patch_pos", "tag_encoder.")
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,9 @@ class TunaForCausalLM(PreTrainedModel):
         self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
         hidden = config.text_config.hidden_size
         self.connector = build_connector(config.connector_type, config.vision_hidden_size, hidden)
+        # (P, Dv) learned positions added to the patch features before the connector (see TunaConfig)
+        self.image_patch_pos = nn.Parameter(torch.zeros(config.num_image_tokens, config.vision_hidden_size)
+                                            ) if config.image_patch_positions else None
         self.tag_encoder = ImageAwareTagEncoder(TagEncoderConfig(
             text_dim=config.clip_embed_dim, vision_dim=config.vision_hidden_size, hidden_dim=config.tag_hidden_dim,
             num_heads=config.tag_num_heads, num_layers=config.tag_num_layers,
@@ -154,6 +157,8 @@ class TunaForCausalLM(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, TunaForCausalLM) and module.image_patch_pos is not None:
+            nn.init.normal_(module.image_patch_pos, std=0.02)
         elif isinstance(module, ImageAwareTagEncoder):
             nn.init.normal_(module.query_offsets, std=0.02)
             if module.patch_pos is not None:
@@ -394,6 +399,8 @@ class TunaForCausalLM(PreTrainedModel):
             probes.append(self.tag_encoder(torch.zeros(1, 1, self.config.clip_embed_dim, dtype=dtype, device=device),
                                            torch.zeros(1, n_patches, width, dtype=dtype, device=device),
                                            torch.ones(1, 1, dtype=torch.bool, device=device)))
+        if patches is not None and self.image_patch_pos is not None:
+            patches = patches + self.image_patch_pos.to(patches.dtype)  # (N, P, Dv); after the tag encoder
         rows = [x.reshape(-1, width) for x in (patches, encoded) if x is not None]
         projected = self.connector(torch.cat(rows) if rows else torch.zeros(1, width, dtype=dtype, device=device))
         if not rows:

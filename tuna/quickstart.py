@@ -87,6 +87,9 @@ class QuickstartConfig:
     # stage 2 keeps the LLM's embeddings / LM head frozen: with a few seen names as the only answers, a
     # trained LM head learns to prefer them over every other word (novel names included)
     freeze_llm_embeddings: bool = True
+    # learned patch positions before the connector: the convnet tower's features do not say where a patch
+    # is (a ViT's do), and the questions about several-object scenes name a position
+    image_patch_positions: bool = True
     nproc: int = 2
     ds_config: str = "zero2.json"
     # retrieval and evaluation
@@ -324,6 +327,7 @@ def train_command(config: QuickstartConfig, paths: Paths, name: str, stage: int)
     if stage == 2:
         args["stage1_checkpoint"] = str(paths.model(name, 1))
         args["freeze_llm_embeddings"] = str(config.freeze_llm_embeddings).lower()
+    args["image_patch_positions"] = str(config.image_patch_positions).lower()
     if config.device == "cpu":
         args["use_cpu"] = "true"
     cmd = [_bin("deepspeed"), "--num_gpus", str(config.nproc), "--master_port", str(_free_port()),
@@ -444,18 +448,21 @@ def identification_by_scene(run_dir: Path, world: Path) -> dict[str, dict[str, f
 
 
 def tag_diagnostics(run_dir: Path) -> dict[str, dict[str, float | None]]:
-    """Identification questions: is the right name in the tag block, and is it the top-weighted tag?"""
+    """Identification questions: is the right name in the tag block, is it the top-weighted tag, and the
+    accuracy on the questions whose block lacks it (there only the model itself can know the name)."""
     def has(tag: str, name: str) -> bool:
         return tag == name or tag.endswith(" " + name)
 
-    out: dict[str, dict[str, float | None]] = {"name_in_tags": {}, "name_top_weighted": {}}
+    out: dict[str, dict[str, float | None]] = {"name_in_tags": {}, "name_top_weighted": {},
+                                                "accuracy_without_name": {}}
     records = [r for r in _records(run_dir, "synth_open") if r["category"] == "identification"]
     for novelty in ("seen", "novel"):
         rows = [r for r in records if r["novelty"] == novelty]
-        out["name_in_tags"][novelty] = _mean([float(any(has(t["tag"], r["answers"][0]) for t in r["tags"]))
-                                              for r in rows])
+        found = [any(has(t["tag"], r["answers"][0]) for t in r["tags"]) for r in rows]
+        out["name_in_tags"][novelty] = _mean([float(f) for f in found])
         top = [max(r["tags"], key=lambda t: t["weight"] or 0.0)["tag"] if r["tags"] else "" for r in rows]
         out["name_top_weighted"][novelty] = _mean([float(has(t, r["answers"][0])) for t, r in zip(top, rows)])
+        out["accuracy_without_name"][novelty] = _mean([float(r["score"]) for r, f in zip(rows, found) if not f])
     return out
 
 
@@ -466,8 +473,8 @@ def _fmt(value: float | None) -> str:
 def report(config: QuickstartConfig, paths: Paths) -> dict[str, Any]:
     """Collect every run's metrics and diagnostics; write results.json, results.md and results.png."""
     runs = {run: run_metrics(paths.eval / run) for run in RUNS}
-    diagnostics = {"purity": eval_image_purity(paths.cache, paths.world),
-                   **tag_diagnostics(paths.eval / "tuna")}
+    diagnostics = {"purity": eval_image_purity(paths.cache, paths.world), **tag_diagnostics(paths.eval / "tuna"),
+                   "random_tags": tag_diagnostics(paths.eval / "tuna_random_tags")}
     by_scene = {run: identification_by_scene(paths.eval / run, paths.world) for run in RUNS}
     results: dict[str, Any] = {"config": asdict(config), "runs": runs, "identification_by_scene": by_scene,
                                "diagnostics": diagnostics,
@@ -528,6 +535,12 @@ def results_markdown(results: dict) -> str:
               f"| right name in the tag block | {_fmt(d['name_in_tags']['seen'])} | {_fmt(d['name_in_tags']['novel'])} |",
               f"| right name is the top-weighted tag | {_fmt(d['name_top_weighted']['seen'])} | "
               f"{_fmt(d['name_top_weighted']['novel'])} |"]
+    if "random_tags" in d:  # a small world's random tags often hold the right name by chance
+        r = d["random_tags"]
+        lines += [f"| random tags: right name in the block by chance | {_fmt(r['name_in_tags']['seen'])} | "
+                  f"{_fmt(r['name_in_tags']['novel'])} |",
+                  f"| random tags: identification when it is not | {_fmt(r['accuracy_without_name']['seen'])} | "
+                  f"{_fmt(r['accuracy_without_name']['novel'])} |"]
     if "swap" in results:
         s = results["swap"]
         lines += ["", "| zero-shot datastore swap (second world, categories never trained on) | identification | "

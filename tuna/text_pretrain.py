@@ -31,8 +31,8 @@ logger = logging.getLogger(__name__)
 
 SYSTEM_TURN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"  # tiny.CHATML_TEMPLATE's default
 END_OF_TURN = "<|im_end|>"
-TASKS = ("tags_single", "tags_attr", "scene", "list", "define", "tags_plain", "echo")
-EVAL_TASKS = ("tags_single", "tags_attr", "scene", "list")
+TASKS = ("tags_single", "tags_attr", "scene", "list", "define", "tags_plain", "echo", "tags_place")
+EVAL_TASKS = ("tags_single", "tags_attr", "scene", "list", "tags_place")
 
 
 @dataclass
@@ -91,7 +91,7 @@ class TextPretrainConfig:
     weight_decay: float = 0.0
     caption_fraction: float = 0.2
     chat_fraction: float = 0.75
-    task_weights: tuple[float, ...] = (25, 20, 20, 15, 10, 10, 10)
+    task_weights: tuple[float, ...] = (25, 20, 20, 15, 10, 10, 10, 15)
     answer_weight: float = 1.0
     context_weight: float = 0.0
     short_fraction: float = 0.4
@@ -360,6 +360,18 @@ class CopyTextGenerator:
             qa.append((self._q(_BY_ATTR, a=o["size"] if z and r.random() < 0.3 else o["colour"]), o["name"]))
         return self._finish("tags_attr", context, qa, chat)
 
+    def _tags_place(self, chat: bool) -> CopyText:
+        """Tags led by where their object is ("left red kelbo"), as a tag's image-grounded token leads its
+        words in TUNA's tag block; name objects by place."""
+        r = self.rng
+        objs = self._objects(r.choice((2, 2, 3)))
+        places = r.sample(("left", "middle", "right"), len(objs))
+        tags = [f"{p} {t}" for o, p in zip(objs, places) for t in self._tag_phrases(o, r.randint(1, 2))]
+        r.shuffle(tags)
+        qa = [(self._q(_BY_PLACE, p=r.choice(PLACES[p])), o["name"])
+              for o, p in r.sample(list(zip(objs, places)), r.randint(1, len(objs)))]
+        return self._finish("tags_place", " Tags: " + ", ".join(tags) + ".", qa, chat)
+
     def _scene(self, chat: bool) -> CopyText:
         """A described scene; names by place, places and colours by name."""
         r = self.rng
@@ -527,7 +539,7 @@ def name_pools(captions: list[str], config: TextPretrainConfig, known: set[str] 
             "words_fraction": config.caption_noun_fraction}
 
 
-REPLAY_TASKS = ("tags_single", "tags_attr", "scene", "list", "echo")
+REPLAY_TASKS = ("tags_single", "tags_attr", "scene", "list", "echo", "tags_place")
 
 
 def text_replay_records(captions: list[str], n: int, config: TextPretrainConfig | None = None, seed: int = 1,

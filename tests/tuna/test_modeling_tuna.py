@@ -499,3 +499,29 @@ def test_generate_returns_the_tag_weights_it_used(model, tiny_tokenizer):
     expected = model.weights_for(inputs["pixel_values"], inputs["tags"])
     for n, tags in enumerate(inputs["tags"]):
         assert torch.allclose(weights[n, :len(tags)], torch.tensor(expected[n]), atol=1e-6)
+
+
+def test_image_patch_positions_say_where_a_patch_is_train_and_hand_over(make_model, tiny_tokenizer, tmp_path):
+    plain = make_model()
+    assert plain.image_patch_pos is None
+    model = make_model(seed=1, image_patch_positions=True).train()
+    cfg = model.config
+    assert model.image_patch_pos.shape == (cfg.num_image_tokens, cfg.vision_hidden_size)
+    assert model.image_patch_pos.std() > 0.01  # initialised, not left at zero
+    patches = torch.randn(1, cfg.num_image_tokens, cfg.vision_hidden_size)
+    swapped = patches[:, [1, 0, *range(2, cfg.num_image_tokens)]]
+    with torch.no_grad():
+        tokens = {name: [m._visual_tokens(x, None, torch.float32)[0] for x in (patches, swapped)]
+                  for name, m in (("plain", plain), ("positions", model))}
+    # without positions the connector is per patch: swapping two patches swaps their tokens exactly
+    assert torch.equal(tokens["plain"][0][:, [1, 0]], tokens["plain"][1][:, :2])
+    assert not torch.allclose(tokens["positions"][0][:, [1, 0]], tokens["positions"][1][:, :2], atol=1e-4)
+    model.set_llm_trainable(False)
+    model(**train_batch(model, tiny_tokenizer)).loss.backward()
+    assert model.image_patch_pos.grad.abs().sum() > 0
+    model.save_trainable(tmp_path / "stage1")
+    other = make_model(seed=2, image_patch_positions=True)
+    other.load_trainable(tmp_path / "stage1")
+    assert torch.equal(other.image_patch_pos, model.image_patch_pos)
+    with pytest.raises(ValueError, match="unexpected image_patch_pos"):
+        plain.load_trainable(tmp_path / "stage1")

@@ -113,6 +113,20 @@ def test_tag_reading_answer_is_the_dominant_first_tag():
             else True
 
 
+def test_place_tags_answer_is_the_name_led_by_the_asked_place():
+    from tuna.text_pretrain import PLACES
+
+    gen = CopyTextGenerator(4)
+    for _ in range(200):
+        s = gen.sample("tags_place", chat=True)
+        tags = s.prompt.split(" Tags: ", 1)[1].split(".", 1)[0].split(", ")
+        where = {t.split()[0]: t.split()[-1] for t in tags}  # place -> name
+        assert len(where) == len(set(where.values())) >= 2  # one object per place
+        for question, answer in s.turns:
+            place = [p for p, phrases in PLACES.items() if any(ph in question for ph in phrases)]
+            assert len(place) == 1 and where[place[0]] == answer
+
+
 def test_forbidden_strings_never_generated():
     from datastore.synth.questions import PRETRAIN_PROMPTS
 
@@ -138,11 +152,11 @@ def test_too_broad_forbidden_list_is_one_line_error():
 
 def test_copy_accuracy_counts_exact_matches(run):
     out, _ = run
-    acc = copy_accuracy(out, n=8, seed=5, max_new_tokens=4)
-    assert acc.n == 8 and set(acc.by_task) == {"tags_single", "tags_attr", "scene", "list"}
-    assert acc.accuracy == sum(acc.by_task.values()) / 4  # two prompts per task
+    acc = copy_accuracy(out, n=10, seed=5, max_new_tokens=4)
+    assert acc.n == 10 and set(acc.by_task) == {"tags_single", "tags_attr", "scene", "list", "tags_place"}
+    assert acc.accuracy == pytest.approx(sum(acc.by_task.values()) / 5)  # two prompts per task
     assert all(e["output"] != e["answer"] or e["answer"] in e["prompt"] for e in acc.examples)
-    assert len(acc.examples) == 8 and all(e["answer"] in e["prompt"] for e in acc.examples)
+    assert len(acc.examples) == 8 and all(e["answer"] in e["prompt"] for e in acc.examples)  # the first 8 kept
 
 
 @pytest.mark.parametrize("bad", [dict(hidden_size=30, num_heads=4), dict(steps=0), dict(caption_fraction=1.5),

@@ -1,7 +1,7 @@
 """Do TUNA's image-aware tag tokens look like the place word of their object's column?
 
-For every tag of a several-object quickstart eval image whose object has one known column (from the
-identification questions), compare the connector's output for the tag's image-grounded token with the
+For every tag of a several-object quickstart eval image that names an object standing in one column
+(ground truth re-derived from the world, ``datastore.purity.world_scenes``), compare the connector's output for the tag's image-grounded token with the
 LLM's embeddings of " left", " middle" and " right", and count how often the nearest is the right one
 (chance: 1/3).
 
@@ -15,8 +15,6 @@ import collections
 import json
 from pathlib import Path
 
-PLACES = ("left", "middle", "right")
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -28,7 +26,11 @@ def main() -> None:
     from PIL import Image
     from transformers import AutoTokenizer
 
+    from datastore.purity import world_scenes
+    from datastore.synth.scene import POSITION_PHRASES
     from tuna.modeling_tuna import TunaForCausalLM
+
+    places = list(POSITION_PHRASES)  # the world's columns: left, middle, right
 
     model_dir = root / "models" / "tuna-stage2"
     predictions = root / "eval" / "tuna" / "synth_open" / "predictions.jsonl"
@@ -38,33 +40,32 @@ def main() -> None:
     model = TunaForCausalLM.from_pretrained(str(model_dir)).eval()
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     table = model.get_input_embeddings().weight
-    place_embeds = torch.stack([table[tok(" " + p, add_special_tokens=False).input_ids].mean(0) for p in PLACES])
+    place_embeds = torch.stack([table[tok(" " + p, add_special_tokens=False).input_ids].mean(0) for p in places])
 
-    scenes: dict[str, dict] = collections.defaultdict(lambda: {"where": {}, "row": None})
+    rows = {}  # image -> one prediction row (its tags and novelty are the image's)
     for line in predictions.open():
         r = json.loads(line)
-        places = [p for p in PLACES if p in r["text"]]
-        if r["category"] == "identification" and places:
-            scene = scenes[r["image"]]
-            scene["where"].setdefault(r["answers"][0], set()).add(places[0])
-            scene["row"] = r
+        if r["category"] == "identification" and r["tags"]:
+            rows.setdefault(r["image"], r)
     hits: collections.Counter = collections.Counter()
-    for image, scene in scenes.items():
-        r = scene["row"]
-        tags = [t["tag"] for t in r["tags"]]
-        if not tags:
+    for (image, r), scene in zip(rows.items(), world_scenes(root / "world", list(rows))):
+        if len(scene.objects) < 2:
             continue
+        columns: dict[str, set[str]] = {}  # category name -> the columns it stands in
+        for obj in scene.objects:
+            columns.setdefault(obj.category.name, set()).add(obj.position)
+        tags = [t["tag"] for t in r["tags"]]
         pixels = model.vision.clip.preprocess(Image.open(root / "world" / "images" / image).convert("RGB"))[None]
         with torch.no_grad():
             mask = torch.ones(1, len(tags), dtype=torch.bool)
             encoded = model.tag_encoder(model._tag_text_embeddings([tags], mask), model.vision(pixels).patches, mask)
-            tokens = model.connector(encoded.reshape(len(tags), -1))  # (T, H): the first query per tag
+            tokens = model.connector(encoded[0, :, 0])  # (T, H): each tag's first image-aware token
             sims = torch.nn.functional.cosine_similarity(tokens[:, None], place_embeds[None], dim=-1)  # (T, 3)
         for tag, sim in zip(tags, sims):
-            where = scene["where"].get(tag.split()[-1], set())
+            where = columns.get(tag.split()[-1], set())
             if len(where) == 1:
                 hits[r["novelty"], "n"] += 1
-                hits[r["novelty"], "hit"] += PLACES[int(sim.argmax())] in where
+                hits[r["novelty"], "hit"] += places[int(sim.argmax())] in where
     for novelty in ("seen", "novel"):
         n = hits[novelty, "n"]
         if n:

@@ -413,6 +413,10 @@ def _records(run_dir: Path, bench: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _identification_records(run_dir: Path) -> list[dict]:
+    return [r for r in _records(run_dir, "synth_open") if r["category"] == "identification"]
+
+
 def _mean(values: list[float]) -> float | None:
     return 100 * sum(values) / len(values) if values else None
 
@@ -436,7 +440,7 @@ def identification_by_scene(run_dir: Path, world: Path) -> dict[str, dict[str, f
     question names a position), each per novelty."""
     from datastore.purity import world_scenes
 
-    records = [r for r in _records(run_dir, "synth_open") if r["category"] == "identification"]
+    records = _identification_records(run_dir)
     images = list(dict.fromkeys(r["image"] for r in records))
     n_objects = {image: len(scene.objects) for image, scene in zip(images, world_scenes(world, images))}
     out: dict[str, dict[str, float | None]] = {"single": {}, "multi": {}}
@@ -455,7 +459,7 @@ def tag_diagnostics(run_dir: Path) -> dict[str, dict[str, float | None]]:
 
     out: dict[str, dict[str, float | None]] = {"name_in_tags": {}, "name_top_weighted": {},
                                                 "accuracy_without_name": {}}
-    records = [r for r in _records(run_dir, "synth_open") if r["category"] == "identification"]
+    records = _identification_records(run_dir)
     for novelty in ("seen", "novel"):
         rows = [r for r in records if r["novelty"] == novelty]
         found = [any(has(t["tag"], r["answers"][0]) for t in r["tags"]) for r in rows]

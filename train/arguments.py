@@ -97,5 +97,8 @@ class TunaTrainingArguments(TrainingArguments):
     """HF TrainingArguments plus resume and a test hook."""
 
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in --output_dir"})
+    mm_projector_lr: float | None = field(default=None, metadata={
+        "help": "learning rate of the multimodal modules (connector, tag encoder, patch positions) when it should "
+                "differ from --learning_rate, which then applies to the LLM (LLaVA's --mm_projector_lr)"})
     stop_after_steps: int = field(default=0, metadata={
         "help": "stop after this many steps without the final export, as if interrupted (for tests)"})

@@ -152,6 +152,18 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
+def remove_shm_allreduce_buffer() -> None:
+    """Unlink this rank's DeepSpeed CPU shared-memory allreduce buffer (``/dev/shm``, ~65 MB).
+
+    DeepSpeed's CPU backend creates ``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` when all ranks
+    share a machine and never removes it, so every CPU run would leave its buffers in RAM. The peers map
+    it only at init, so once training is over the name can go; the mappings stay valid until exit.
+    """
+    name = "_".join(["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
+                     os.environ.get("MASTER_PORT", ""), os.environ.get("RANK", "0")])
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         code = run(argv)
@@ -160,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         code = 1
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+        remove_shm_allreduce_buffer()
         # Rarely a rank aborts in interpreter teardown after finishing (C++ destructors of DeepSpeed /
         # gloo threads: "terminate called ..."); everything is written and closed by now, so skip it.
         logging.shutdown()

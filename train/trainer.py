@@ -35,6 +35,22 @@ class TunaTrainer(Trainer):
         self._last_log: float | None = None  # set at the first step: setup time is not throughput
         self._config = self.model.config
 
+    def create_optimizer(self):
+        """The Trainer's optimizer; with ``mm_projector_lr`` the multimodal modules get their own rate."""
+        if self.optimizer is not None or self.args.mm_projector_lr is None:
+            return super().create_optimizer()
+        decay = set(self.get_decay_parameter_names(self.model))
+        groups: dict[tuple[bool, bool], list] = {}
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                groups.setdefault((name.startswith(TRAINABLE_PREFIXES), name in decay), []).append(param)
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        self.optimizer = optimizer_cls(
+            [{"params": params, "weight_decay": self.args.weight_decay if decayed else 0.0,
+              **({"lr": self.args.mm_projector_lr} if multimodal else {})}
+             for (multimodal, decayed), params in sorted(groups.items())], **kwargs)
+        return self.optimizer
+
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.group_by_modality_length and hasattr(dataset, "lengths"):

@@ -44,6 +44,7 @@ RUNS = {  # evaluation run -> (trained model, flags)
 LABELS = {"baseline": "baseline (no tags)", "tuna": "TUNA", "tuna_random_tags": "TUNA, random tags",
           "tuna_uniform_weights": "TUNA, uniform weights"}
 ATTRIBUTES = ("color", "size", "count")
+TEXT_REFERENCE = "llm_tags_as_text"  # eval folder of the text-only LLM reading TUNA's tag blocks
 
 
 class QuickstartError(RuntimeError):
@@ -383,6 +384,40 @@ def stage_eval(config: QuickstartConfig, paths: Paths) -> None:
         env = {**_env(config), "OMP_NUM_THREADS": str(_threads(config) * config.nproc)}
         run_logged(cmd, paths.logs / f"eval-{run}.log", env, f"evaluation {run}")
         print(f"   {run}: {time.perf_counter() - start:.1f} s", flush=True)
+    start = time.perf_counter()
+    text_llm_reference(paths)
+    print(f"   {TEXT_REFERENCE} (the text-only LLM reading TUNA's tag blocks): {time.perf_counter() - start:.1f} s",
+          flush=True)
+
+
+def _user_message(prompt: str) -> str:
+    """The user turn of a rendered ChatML prompt."""
+    if "<|im_start|>user\n" not in prompt:
+        raise QuickstartError(f"not a ChatML prompt: {prompt[:80]!r}")
+    return prompt.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
+
+
+def text_llm_reference(paths: Paths) -> None:
+    """The text-only LLM (before any image) on TUNA's identification questions, the image replaced by the
+    tag block TUNA read, as text (" Tags: a, b."). It is the copy prior the multimodal training starts
+    from: TUNA should name novel objects at least this well. Scored like ``synth_open`` (the gold name
+    as a whole word of the answer)."""
+    import re
+
+    from tuna.conversation import IMAGE_MARKER
+    from tuna.text_pretrain import greedy_answers
+
+    records = _identification_records(paths.eval / "tuna")
+    users = [_user_message(r["prompt"]).replace(IMAGE_MARKER, " Tags: " + ", ".join(t["tag"] for t in r["tags"])
+                                                + ".", 1) for r in records]
+    out = []
+    for r, user, prediction in zip(records, users, greedy_answers(paths.llm, users, max_new_tokens=8)):
+        hit = any(re.search(rf"(?<!\w){re.escape(a.lower())}(?!\w)", prediction.lower()) for a in r["answers"])
+        out.append({k: r[k] for k in ("question_id", "image", "category", "novelty", "answers", "text")}
+                   | {"prompt": user, "prediction": prediction, "score": float(hit)})
+    target = paths.eval / TEXT_REFERENCE / "synth_open"
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out))
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -480,6 +515,13 @@ def report(config: QuickstartConfig, paths: Paths) -> dict[str, Any]:
     diagnostics = {"purity": eval_image_purity(paths.cache, paths.world), **tag_diagnostics(paths.eval / "tuna"),
                    "random_tags": tag_diagnostics(paths.eval / "tuna_random_tags")}
     by_scene = {run: identification_by_scene(paths.eval / run, paths.world) for run in RUNS}
+    if not (paths.eval / TEXT_REFERENCE / "synth_open" / "predictions.jsonl").is_file():
+        text_llm_reference(paths)  # an eval stage of an older version did not write it
+    reference = _identification_records(paths.eval / TEXT_REFERENCE)
+    diagnostics["text_llm_tags"] = {
+        "identification": {nov: _mean([r["score"] for r in reference if r["novelty"] == nov])
+                           for nov in ("seen", "novel")},
+        **identification_by_scene(paths.eval / TEXT_REFERENCE, paths.world)}
     results: dict[str, Any] = {"config": asdict(config), "runs": runs, "identification_by_scene": by_scene,
                                "diagnostics": diagnostics,
                                "seconds": json.loads((paths.root / "stages.json").read_text())["seconds"]}
@@ -539,6 +581,12 @@ def results_markdown(results: dict) -> str:
               f"| right name in the tag block | {_fmt(d['name_in_tags']['seen'])} | {_fmt(d['name_in_tags']['novel'])} |",
               f"| right name is the top-weighted tag | {_fmt(d['name_top_weighted']['seen'])} | "
               f"{_fmt(d['name_top_weighted']['novel'])} |"]
+    if "text_llm_tags" in d:  # the copy prior TUNA starts from
+        t = d["text_llm_tags"]
+        lines += [f"| text-only LLM, TUNA's tag block as text (no image): identification | "
+                  f"{_fmt(t['identification']['seen'])} | {_fmt(t['identification']['novel'])} |",
+                  f"| the same, one object / several objects | {_fmt(t['single']['seen'])} / "
+                  f"{_fmt(t['multi']['seen'])} | {_fmt(t['single']['novel'])} / {_fmt(t['multi']['novel'])} |"]
     if "random_tags" in d:  # a small world's random tags often hold the right name by chance
         r = d["random_tags"]
         lines += [f"| random tags: right name in the block by chance | {_fmt(r['name_in_tags']['seen'])} | "

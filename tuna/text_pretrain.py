@@ -740,6 +740,26 @@ class CopyAccuracy:
     examples: list[dict[str, str]] = field(default_factory=list)  # a few (prompt tail, answer, output)
 
 
+def greedy_answers(model_dir: str | Path, users: list[str], max_new_tokens: int = 16) -> list[str]:
+    """Greedy first answers of the text-only LLM in ``model_dir`` to user messages (its chat template)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    stop = [tok.eos_token_id, tok.convert_tokens_to_ids(END_OF_TURN)]
+    answers = []
+    for user in users:
+        prompt = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                         add_generation_prompt=True)
+        ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.no_grad():
+            gen_ids = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
+                                     pad_token_id=tok.pad_token_id)
+        answers.append(tok.decode(gen_ids[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return answers
+
+
 def copy_accuracy(model_dir: str | Path, n: int = 200, seed: int = 12345, tasks: tuple[str, ...] = EVAL_TASKS,
                   known_words: Iterable[str] = (), names: Iterable[str] | None = None,
                   max_new_tokens: int = 16) -> CopyAccuracy:
@@ -750,27 +770,16 @@ def copy_accuracy(model_dir: str | Path, n: int = 200, seed: int = 12345, tasks:
     are fresh random ones, or drawn from ``names`` (e.g. a world's novel categories, which training
     only saw in captions).
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
-    stop = [tok.eos_token_id, tok.convert_tokens_to_ids(END_OF_TURN)]
     names = list(names or ())
     gen = CopyTextGenerator(seed, known_words, pool=names, pool_fraction=1.0 if names else 0.0)
+    samples = [gen.sample(tasks[i % len(tasks)], chat=True) for i in range(n)]
+    users = [s.prompt[len(SYSTEM_TURN):].split("<|im_start|>user\n", 1)[1].rsplit(END_OF_TURN, 1)[0]
+             for s in samples]
+    outputs = greedy_answers(model_dir, users, max_new_tokens)
     hits: dict[str, list[bool]] = {t: [] for t in tasks}
     examples = []
-    for i in range(n):
-        task = tasks[i % len(tasks)]
-        s = gen.sample(task, chat=True)
-        user = s.prompt[len(SYSTEM_TURN):].split("<|im_start|>user\n", 1)[1].rsplit(END_OF_TURN, 1)[0]
-        prompt = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                         add_generation_prompt=True)
-        ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-        with torch.no_grad():
-            gen_ids = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
-                                     pad_token_id=tok.pad_token_id)
-        answer = tok.decode(gen_ids[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    for s, user, answer in zip(samples, users, outputs):
+        task = s.task
         hits[task].append(answer == s.answer)
         if len(examples) < 8:
             examples.append({"task": task, "prompt": user, "answer": s.answer, "output": answer})

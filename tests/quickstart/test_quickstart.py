@@ -51,6 +51,14 @@ def test_results_table_json_and_chart(run):
     diagnostics = results["diagnostics"]
     assert set(diagnostics) >= {"purity", "name_in_tags", "name_top_weighted"}
     assert set(diagnostics["purity"]) == {"seen", "novel"}
+    text_llm = diagnostics["text_llm_tags"]  # the text-only LLM reading TUNA's tag blocks, no image
+    assert set(text_llm) == {"identification", "single", "multi"}
+    assert all(0 <= x <= 100 for v in text_llm.values() for x in v.values() if x is not None)
+    reference = [json.loads(line) for line in (out / "eval" / "llm_tags_as_text" / "synth_open" /
+                                               "predictions.jsonl").read_text().splitlines()]
+    assert len(reference) == sum(r["category"] == "identification" for r in map(json.loads, (
+        out / "eval" / "tuna" / "synth_open" / "predictions.jsonl").read_text().splitlines()))
+    assert all(r["prompt"].startswith(" Tags: ") and "<image>" not in r["prompt"] for r in reference)
     assert set(results["swap"]) >= {"baseline", "tuna", "purity"}
     assert set(results["checks"]) == {"novel_gain", "seen_difference", "random_tags_vs_baseline_novel", "swap_gain"}
     table = (out / "results.md").read_text()

@@ -40,7 +40,8 @@ def common_args(world: dict, out: Path, **overrides) -> list[str]:
 
 
 def launch(argv: list[str], deepspeed_config: str | None = "zero2.json", nproc: int = 2,
-           timeout: int = 600, launcher: str = "deepspeed") -> subprocess.CompletedProcess:
+           timeout: int = 600, launcher: str = "deepspeed", master_port: int | None = None
+           ) -> subprocess.CompletedProcess:
     """Run train/train.py under the deepspeed launcher or torchrun (``nproc`` CPU processes), or plain python.
 
     ``deepspeed_config=None`` with the deepspeed launcher means plain python (one process).
@@ -50,14 +51,15 @@ def launch(argv: list[str], deepspeed_config: str | None = "zero2.json", nproc: 
     script = str(REPO / "train" / "train.py")
     ds_args = [] if deepspeed_config is None else ["--deepspeed", str(REPO / "ds_configs" / deepspeed_config)]
     bindir = Path(sys.executable).parent
+    port = str(master_port or free_port())
     if launcher == "torchrun":
-        cmd = [str(bindir / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
+        cmd = [str(bindir / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", port,
                script, *ds_args, *argv]
     elif deepspeed_config is None:
-        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         cmd = [sys.executable, script, *argv]
     else:
-        cmd = [str(bindir / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), script,
+        cmd = [str(bindir / "deepspeed"), "--num_gpus", str(nproc), "--master_port", port, script,
                *ds_args, *argv]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=str(REPO))
 

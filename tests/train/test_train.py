@@ -116,3 +116,29 @@ def test_torchrun_ddp_without_deepspeed(world, tmp_path):
     assert torch.equal(model.get_input_embeddings().weight, llm.get_input_embeddings().weight)
     assert torch.equal(model.get_output_embeddings().weight, llm.get_output_embeddings().weight)
     assert not torch.equal(model.language_model.model.layers[0].mlp.up_proj.weight, llm.model.layers[0].mlp.up_proj.weight)
+
+
+def test_mm_projector_lr_and_no_shm_buffers_left(world, tmp_path):
+    # --learning_rate 0 with --mm_projector_lr: only the multimodal modules may move
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    from datastore.clip import ClipSpec
+    from tests.train.conftest import free_port
+
+    out, port = tmp_path / "mmlr", free_port()
+    check(launch(common_args(world, out, max_steps=2, save_steps=2, learning_rate=0.0, mm_projector_lr=3e-3),
+                 master_port=port))
+    model, llm = TunaForCausalLM.from_pretrained(out), AutoModelForCausalLM.from_pretrained(world["llm"])
+    assert torch.equal(model.language_model.model.layers[0].mlp.up_proj.weight, llm.model.layers[0].mlp.up_proj.weight)
+    assert torch.equal(model.get_input_embeddings().weight, llm.get_input_embeddings().weight)
+    set_seed(0)
+    initial = TunaForCausalLM.from_components(str(world["llm"]), ClipSpec(model="tuna-tiny-clip"),
+                                              AutoTokenizer.from_pretrained(world["llm"]), tag_hidden_dim=32,
+                                              tag_num_heads=2, max_tags=5).trainable_state_dict()
+    trained = model.trainable_state_dict()
+    assert not torch.equal(initial["connector.0.weight"], trained["connector.0.weight"])
+    assert not torch.equal(initial["tag_encoder.text_proj.weight"], trained["tag_encoder.text_proj.weight"])
+    # DeepSpeed's CPU allreduce buffers of this run (named by its port) are gone from /dev/shm
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))

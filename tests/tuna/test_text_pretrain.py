@@ -8,8 +8,8 @@ import random
 import pytest
 
 from tuna.text_pretrain import (
-    TASKS, CopyTextGenerator, TextPretrainConfig, caption_nouns, caption_words, copy_accuracy, llava_conversation,
-    make_lexicon, name_pools, pretrain_text_llm, render_chat, text_replay_records,
+    TASKS, CopyTextGenerator, TextPretrainConfig, caption_nouns, caption_words, copy_accuracy, greedy_answers,
+    llava_conversation, make_lexicon, name_pools, pretrain_text_llm, render_chat, text_replay_records,
 )
 
 CAPTIONS = [f"a photo of a {c} {n}{p}" for c in ("red", "blue", "small green", "large pink")
@@ -157,6 +157,8 @@ def test_copy_accuracy_counts_exact_matches(run):
     assert acc.accuracy == pytest.approx(sum(acc.by_task.values()) / 5)  # two prompts per task
     assert all(e["output"] != e["answer"] or e["answer"] in e["prompt"] for e in acc.examples)
     assert len(acc.examples) == 8 and all(e["answer"] in e["prompt"] for e in acc.examples)  # the first 8 kept
+    # the same greedy decoding answers arbitrary user messages (the quickstart's text-only reference)
+    assert greedy_answers(out, [e["prompt"] for e in acc.examples[:3]], 4) == [e["output"] for e in acc.examples[:3]]
 
 
 @pytest.mark.parametrize("bad", [dict(hidden_size=30, num_heads=4), dict(steps=0), dict(caption_fraction=1.5),

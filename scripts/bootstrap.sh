@@ -24,5 +24,10 @@ start=$(date +%s)
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip >&2
 "$VENV/bin/pip" install -q -c "$ROOT/constraints.txt" -e "$ROOT[test]" >&2
+# DeepSpeed JIT-compiles its CPU shared-memory communication op at the first training run (~45 s, g++);
+# do it now, so the first `tuna quickstart` does not pay for it (cached in ~/.cache/torch_extensions)
+echo "[bootstrap] compiling DeepSpeed's CPU communication op (once, ~45 s)" >&2
+"$VENV/bin/python" -c 'from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()' \
+    >/dev/null 2>&1 || echo "[bootstrap] warning: could not pre-build it (is g++ installed?); the first training run will build it" >&2
 echo "$LOCK_HASH" > "$STAMP"
 echo "[bootstrap] virtualenv ready in $(( $(date +%s) - start ))s" >&2

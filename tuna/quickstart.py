@@ -408,8 +408,10 @@ def text_llm_reference(paths: Paths) -> None:
     from tuna.text_pretrain import greedy_answers
 
     records = _identification_records(paths.eval / "tuna")
-    users = [_user_message(r["prompt"]).replace(IMAGE_MARKER, " Tags: " + ", ".join(t["tag"] for t in r["tags"])
-                                                + ".", 1) for r in records]
+    cfg = json.loads((paths.model("tuna", 2) / "config.json").read_text())  # the tag block's delimiters
+    blocks = [cfg["tag_prefix"] + " " + f"{cfg['tag_separator']} ".join(t["tag"] for t in r["tags"]) + cfg["tag_suffix"]
+              for r in records]
+    users = [_user_message(r["prompt"]).replace(IMAGE_MARKER, block, 1) for r, block in zip(records, blocks)]
     out = []
     for r, user, prediction in zip(records, users, greedy_answers(paths.llm, users, max_new_tokens=8)):
         hit = any(re.search(rf"(?<!\w){re.escape(a.lower())}(?!\w)", prediction.lower()) for a in r["answers"])

@@ -6,7 +6,7 @@ then trained (stage 1 + 2, the quickstart's own commands, seed and budget) and e
 ``synth_open`` with that cache. The gap to the quickstart's TUNA is what wrong tags in the block cost;
 it is an upper bound for better retrieval, not a method (the eval blocks use the answers).
 
-    python bench/exp_oracle_tags.py --quickstart runs/quickstart      # ~6 min on 2 cores
+    python bench/exp_oracle_tags.py --quickstart runs/quickstart      # ~4 min on 2 cores
 
 Writes ``QUICKSTART/oracle_tags/`` (cache, models, eval) and prints the comparison as markdown.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def clean_cache(cache: Path, world: Path, out: Path) -> dict[str, float]:
+def clean_cache(cache: Path, world: Path, out: Path) -> dict[str, int]:
     """Copy ``cache`` to ``out`` keeping, for instruction and eval images, only tags naming a present object."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -51,8 +50,8 @@ def main() -> int:
     parser.add_argument("--quickstart", required=True, help="a finished `tuna quickstart --out` directory")
     args = parser.parse_args()
 
-    from tuna.quickstart import (Paths, QuickstartConfig, _bin, _env, identification_by_scene, run_logged,
-                                 run_metrics, train_command)
+    from tuna.quickstart import (Paths, QuickstartConfig, _env, eval_command, identification_by_scene,
+                                 run_logged, run_metrics, train_command)
 
     root = Path(args.quickstart).resolve()
     stages = root / "stages.json"
@@ -64,20 +63,20 @@ def main() -> int:
     cache = out / "tags.parquet"
     counts = clean_cache(paths.cache, paths.world, cache)
     print(f"oracle cache: kept {counts['tags_kept']} of {counts['tags_before']} tags -> {cache}", flush=True)
+    extra = recipe.get("extra", {})
     start = time.perf_counter()
     for stage in (1, 2):
         overrides = {"retrieval_cache": str(cache), "output_dir": str(out / f"tuna-stage{stage}")}
         if stage == 2:
             overrides["stage1_checkpoint"] = str(out / "tuna-stage1")
-        config = QuickstartConfig(**{**recipe, "out": str(root), "extra": {
-            **recipe.get("extra", {}), "train": {**recipe.get("extra", {}).get("train", {}), **overrides}}})
+        config = QuickstartConfig(**{**recipe, "out": str(root),
+                                     "extra": {**extra, "train": {**extra.get("train", {}), **overrides}}})
         run_logged(train_command(config, paths, "tuna", stage), out / f"train-stage{stage}.log", _env(config),
                    f"training tuna stage {stage} on oracle tags")
     print(f"trained in {time.perf_counter() - start:.0f} s", flush=True)
-    cmd = [_bin("tuna-eval"), "--model", str(out / "tuna-stage2"), "--bench", "synth_open", "--data-root",
-           str(paths.world), "--out", str(out / "eval"), "--batch-size", "32", "--device", config.device,
-           "--retrieval-cache", str(cache), "--datastore", str(paths.datastore)]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(config))
+    cmd, env = eval_command(config, out / "tuna-stage2", paths.world, ["synth_open"], out / "eval",
+                            ["--retrieval-cache", str(cache), "--datastore", str(paths.datastore)])
+    run_logged(cmd, out / "eval.log", env, "evaluation on oracle tags")
     print("| run | id seen | id novel | one object, novel | several, novel |\n|---|---|---|---|---|")
     for name, run_dir in (("baseline (no tags)", paths.eval / "baseline"), ("TUNA, retrieved tags", paths.eval / "tuna"),
                           ("TUNA, oracle-clean tags (train + eval)", out / "eval")):
@@ -91,6 +90,6 @@ def main() -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (RuntimeError, subprocess.CalledProcessError) as err:  # QuickstartError names the failed log
+    except RuntimeError as err:  # QuickstartError: which step failed, and its log
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

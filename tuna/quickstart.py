@@ -375,13 +375,19 @@ def eval_runs(config: QuickstartConfig, paths: Paths) -> dict[str, tuple[str, Pa
     return runs
 
 
+def eval_command(config: QuickstartConfig, model_dir: Path, data_root: Path, benches: list[str], out: Path,
+                 flags: list[str]) -> tuple[list[str], dict[str, str]]:
+    """``tuna-eval`` of ``model_dir`` on ``benches`` (tag flags in ``flags``), and its environment."""
+    cmd = [_bin("tuna-eval"), "--model", str(model_dir), "--bench", ",".join(benches), "--data-root", str(data_root),
+           "--out", str(out), "--batch-size", str(config.eval_batch_size), "--device", config.device,
+           "--k-images", str(config.k_images), *flags]
+    return cmd, {**_env(config), "OMP_NUM_THREADS": str(_threads(config) * config.nproc)}
+
+
 def stage_eval(config: QuickstartConfig, paths: Paths) -> None:
     for run, (model, root, benches, flags) in eval_runs(config, paths).items():
         start = time.perf_counter()
-        cmd = [_bin("tuna-eval"), "--model", str(paths.model(model, 2)), "--bench", ",".join(benches),
-               "--data-root", str(root), "--out", str(paths.eval / run), "--batch-size", str(config.eval_batch_size),
-               "--device", config.device, "--k-images", str(config.k_images), *flags]
-        env = {**_env(config), "OMP_NUM_THREADS": str(_threads(config) * config.nproc)}
+        cmd, env = eval_command(config, paths.model(model, 2), root, benches, paths.eval / run, flags)
         run_logged(cmd, paths.logs / f"eval-{run}.log", env, f"evaluation {run}")
         print(f"   {run}: {time.perf_counter() - start:.1f} s", flush=True)
     start = time.perf_counter()

@@ -124,7 +124,8 @@ class Datastore:
         return SearchResult(keys=keys, scores=np.where(valid, scores, -np.inf).astype(np.float32), ids=ids)
 
     def retrieve_tags(self, images: Sequence[Any] | None = None, embeddings: Any = None, k_images: int = 5,
-                      max_tags: int | None = None, aggregate: str = "sum") -> list[RetrievedTags]:
+                      max_tags: int | None = None, aggregate: str = "sum",
+                      min_support: float = 0.0) -> list[RetrievedTags]:
         """Tags of each query's ``k_images`` nearest images, ranked by aggregated similarity.
 
         A tag's score is the sum (or max) of the cosine similarities of the neighbours whose caption
@@ -136,9 +137,13 @@ class Datastore:
             k_images: neighbours per query.
             max_tags: keep at most this many tags per query (None = all).
             aggregate: "sum" or "max".
+            min_support: keep only tags whose entity has at least this support (see
+                :func:`filter_by_support`; needs ``aggregate="sum"``); 0 keeps all.
         """
         if aggregate not in AGGREGATIONS:
             raise ValueError(f"aggregate={aggregate!r}: expected one of {AGGREGATIONS}")
+        if min_support and aggregate != "sum":
+            raise ValueError("min_support needs aggregate='sum' (a tag's score must be its neighbours' summed similarity)")
         if (images is None) == (embeddings is None):
             raise ValueError("give exactly one of images or embeddings")
         if embeddings is None:
@@ -150,7 +155,9 @@ class Datastore:
             n = len(result.keys[q])
             rows = flat_tags[q * k_images: q * k_images + n]
             sims = result.scores[q, :n].tolist()
-            out.append(_aggregate(rows, sims, result.keys[q], aggregate, max_tags))
+            found = _aggregate(rows, sims, result.keys[q], aggregate)
+            found = filter_by_support(found, min_support) if min_support else found
+            out.append(_truncate(found, max_tags))
         return out
 
     def vocabulary(self) -> list[str]:
@@ -160,14 +167,52 @@ class Datastore:
         return sorted(pc.unique(pc.list_flatten(self._tags)).to_pylist())
 
 
-def _aggregate(rows: list[list[str]], sims: list[float], keys: list[str], how: str,
-               max_tags: int | None) -> RetrievedTags:
+def entity_of(tag: str) -> str:
+    """The entity a tag names: its last word ("small red kelbo" -> "kelbo"), as the rule parser emits them."""
+    words = tag.split()
+    return words[-1] if words else tag
+
+
+def filter_by_support(found: RetrievedTags, min_support: float) -> RetrievedTags:
+    """Keep the tags whose entity is named by neighbours holding at least ``min_support`` of the neighbours'
+    summed similarity (a similarity-weighted vote: 0.5 is a majority, e.g. 3 of 5 about equally close
+    neighbours).
+
+    An entity's support is the largest sum-aggregated score among its tags (the bare entity tag, which
+    the parser emits for every caption naming it, has the sum over all of them) divided by the sum of
+    ``neighbour_scores``. The other objects of a neighbour's scene then stay out of the block unless most
+    neighbours show them too. Order and scores of the kept tags are unchanged.
+
+    Raises:
+        ValueError: ``min_support`` outside [0, 1].
+    """
+    if not 0.0 <= min_support <= 1.0:
+        raise ValueError(f"min_support={min_support}: must be in [0, 1]")
+    if min_support == 0 or not found.tags:
+        return found
+    total = sum(s for s in found.neighbour_scores if np.isfinite(s))
+    if total <= 0:
+        return RetrievedTags([], [], found.neighbours, found.neighbour_scores)
+    support: dict[str, float] = defaultdict(float)
+    for tag, score in zip(found.tags, found.scores):
+        support[entity_of(tag)] = max(support[entity_of(tag)], score / total)
+    keep = [j for j, tag in enumerate(found.tags) if support[entity_of(tag)] >= min_support - 1e-6]
+    return RetrievedTags([found.tags[j] for j in keep], [found.scores[j] for j in keep], found.neighbours,
+                         found.neighbour_scores)
+
+
+def _truncate(found: RetrievedTags, max_tags: int | None) -> RetrievedTags:
+    if max_tags is None or len(found.tags) <= max_tags:
+        return found
+    return RetrievedTags(found.tags[:max_tags], found.scores[:max_tags], found.neighbours, found.neighbour_scores)
+
+
+def _aggregate(rows: list[list[str]], sims: list[float], keys: list[str], how: str) -> RetrievedTags:
     score: dict[str, float] = defaultdict(float)
     for tags, sim in zip(rows, sims):
         for tag in dict.fromkeys(tags):  # a neighbour votes once per tag
             score[tag] = score[tag] + sim if how == "sum" else max(score.get(tag, -np.inf), sim)
     order = sorted(score, key=lambda t: -score[t])  # stable: ties keep first-appearance order
-    order = order[:max_tags] if max_tags is not None else order
     return RetrievedTags(tags=order, scores=[round(float(score[t]), 6) for t in order],
                          neighbours=list(keys), neighbour_scores=[round(float(s), 6) for s in sims])
 

@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="questions per generate call (answers do not depend on it)")
     p.add_argument("--limit", type=int, help="first N questions of each benchmark (smoke runs)")
     p.add_argument("--k-images", type=int, default=5, help="neighbours per live retrieval")
+    p.add_argument("--min-tag-support", type=float, default=0.0,
+                   help="read only tags whose entity neighbours holding at least this share of the neighbours' "
+                        "summed similarity name (0.5: a majority vote; 0: every retrieved tag, the default)")
     p.add_argument("--judge-url", help="OpenAI-compatible API base (e.g. https://api.openai.com/v1) for LLaVA-W and "
                                       "MM-Vet; key from $OPENAI_API_KEY. Without it they are 'not scored: no judge'")
     p.add_argument("--judge-model", default="gpt-4-0613", help="judge model name")
@@ -94,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         config = EvalConfig(model=args.model, benches=[b for b in args.bench.split(",") if b], data_root=args.data_root,
                             out=args.out, datastore=args.datastore, retrieval_cache=args.retrieval_cache,
                             no_tags=args.no_tags, ablation=args.ablation, batch_size=args.batch_size, limit=args.limit,
-                            k_images=args.k_images, device=_device(args.device), judge_url=args.judge_url,
+                            k_images=args.k_images, min_tag_support=args.min_tag_support,
+                            device=_device(args.device), judge_url=args.judge_url,
                             judge_model=args.judge_model)
         results = evaluate(config)
         if results is not None:

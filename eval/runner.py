@@ -37,6 +37,7 @@ class EvalConfig:
     batch_size: int = DEFAULT_BATCH_SIZE
     limit: int | None = None
     k_images: int = 5
+    min_tag_support: float = 0.0
     device: str = "cpu"
     judge_url: str | None = None
     judge_model: str | None = None
@@ -90,7 +91,8 @@ def load_model(config: EvalConfig):
         if cache is None and store is None:
             raise ValueError("tags need --datastore or --retrieval-cache (or --no-tags for the baseline)")
         source = TagSource(cache=cache, datastore=store, k_images=config.k_images, max_tags=model.config.max_tags,
-                           ablation="random_tags" if model.config.ablation == "random_tags" else "none")
+                           ablation="random_tags" if model.config.ablation == "random_tags" else "none",
+                           min_support=config.min_tag_support)
     return model, tokenizer, TunaProcessor.from_model(model, tokenizer, tag_source=source)
 
 

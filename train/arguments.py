@@ -90,6 +90,13 @@ class TagArguments:
     ablation: str = field(default="none", metadata={
         "help": "none, no_tags (plain LLaVA), random_tags, uniform_weights, no_image_aware, text_tags"})
     random_tags_seed: int = field(default=0, metadata={"help": "seed of the random_tags draw"})
+    min_tag_support: float = field(default=0.0, metadata={
+        "help": "read only tags whose entity neighbours holding at least this share of the neighbours' summed "
+                "similarity name (datastore.store.filter_by_support; 0: every retrieved tag)"})
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_tag_support <= 1.0:
+            raise ValueError(f"--min_tag_support {self.min_tag_support}: must be in [0, 1]")
 
 
 @dataclass

@@ -103,7 +103,7 @@ def build_tag_source(targs: TagArguments, model: TunaForCausalLM) -> TagSource |
         raise ValueError("tags need --retrieval_cache and/or --datastore (or --ablation no_tags)")
     source_ablation = "random_tags" if targs.ablation == "random_tags" else "none"
     return TagSource(cache=cache, datastore=datastore, k_images=targs.k_images, max_tags=targs.max_tags,
-                     ablation=source_ablation, seed=targs.random_tags_seed)
+                     ablation=source_ablation, seed=targs.random_tags_seed, min_support=targs.min_tag_support)
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     tags.add_argument("--image-id", help="the image's key in the retrieval cache (default: the --image path)")
     tags.add_argument("--tags", help="comma-separated tags to use instead of retrieval")
     tags.add_argument("--k-images", type=int, default=5, help="neighbours retrieved per query image")
+    tags.add_argument("--min-tag-support", type=float, default=0.0,
+                      help="read only tags whose entity neighbours holding at least this share of the neighbours' "
+                           "summed similarity name (0.5: a majority vote; 0: all)")
     a.add_argument("--ablation", choices=ABLATIONS, help="override the model's ablation switch")
     a.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit")
     a.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
@@ -88,6 +91,9 @@ def _add_quickstart_parser(sub) -> None:
     q.add_argument("--batch-size", type=int, default=d.batch_size, help="per-process training batch")
     q.add_argument("--nproc", type=int, default=d.nproc, help="training processes (deepspeed --num_gpus)")
     q.add_argument("--ds-config", default=d.ds_config, help="file in ds_configs/")
+    q.add_argument("--eval-min-tag-support", type=float, default=d.eval_min_tag_support,
+                   help="at evaluation, read only tags whose entity a (similarity-weighted) share of at least this "
+                        "of the neighbours names; 0: every retrieved tag")
     q.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     q.add_argument("--device", default=d.device, help="cpu or cuda")
     q.add_argument("--overwrite", action="store_true", help="delete --out first instead of resuming")
@@ -114,7 +120,8 @@ def _tag_source(args, model):
         from datastore.store import Datastore
 
         datastore = Datastore.open(args.datastore, clip=model.vision.clip)
-    return TagSource(cache=cache, datastore=datastore, k_images=args.k_images, max_tags=model.config.max_tags)
+    return TagSource(cache=cache, datastore=datastore, k_images=args.k_images, max_tags=model.config.max_tags,
+                     min_support=args.min_tag_support)
 
 
 def ask(args) -> dict:

@@ -96,6 +96,11 @@ class QuickstartConfig:
     # retrieval and evaluation
     k_images: int = 5
     max_tags: int = 6
+    # at evaluation TUNA reads only the tags of entities a majority of the neighbours name (similarity-
+    # weighted; datastore.store.filter_by_support): the other objects of neighbour scenes are what makes
+    # up to a third of a block wrong. Training reads every retrieved tag (filtered training blocks did
+    # not help). docs/quickstart.md, "Wrong tags in the block"
+    eval_min_tag_support: float = 0.5
     eval_batch_size: int = 32
     threads: int = 0  # torch threads per process; 0 = cores / nproc
     device: str = "cpu"
@@ -107,6 +112,8 @@ class QuickstartConfig:
                      "batch_size", "nproc", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if not 0.0 <= self.eval_min_tag_support <= 1.0:
+            raise ValueError(f"eval_min_tag_support={self.eval_min_tag_support}: must be in [0, 1]")
         if self.n_seen < 1 or self.n_novel < 1 or self.text_replay < 0:
             raise ValueError("n_seen and n_novel must be >= 1 and text_replay >= 0")
         if self.swap and self.n_seen + self.n_novel + self.swap_categories > CATALOGUE_SIZE:
@@ -365,13 +372,14 @@ def stage_train(config: QuickstartConfig, paths: Paths) -> None:
 
 def eval_runs(config: QuickstartConfig, paths: Paths) -> dict[str, tuple[str, Path, list[str], list[str]]]:
     """run name -> (model, data root, benches, tag flags)."""
-    tags = ["--retrieval-cache", str(paths.cache), "--datastore", str(paths.datastore)]
+    support = ["--min-tag-support", str(config.eval_min_tag_support)]
+    tags = ["--retrieval-cache", str(paths.cache), "--datastore", str(paths.datastore), *support]
     runs = {run: (model, paths.world, ["synth_open", "synth_pope"], flags if "--no-tags" in flags else tags + flags)
             for run, (model, flags) in RUNS.items()}
     if config.swap:
         runs["swap_baseline"] = ("baseline", paths.world2, ["synth_open"], ["--no-tags"])
         runs["swap_tuna"] = ("tuna", paths.world2, ["synth_open"],
-                             ["--retrieval-cache", str(paths.cache2), "--datastore", str(paths.datastore2)])
+                             ["--retrieval-cache", str(paths.cache2), "--datastore", str(paths.datastore2), *support])
     return runs
 
 

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from datastore.cache import RetrievalCache
-from datastore.store import Datastore, RetrievedTags
+from datastore.store import Datastore, RetrievedTags, filter_by_support
 
 TAG_ABLATIONS = ("none", "no_tags", "random_tags")
 LIVE_CACHE_SIZE = 4096  # live retrievals remembered per image id
@@ -37,18 +37,24 @@ class TagSource:
             drawn from ``vocabulary`` or the datastore's, deterministically per image id and seed).
         vocabulary: tag vocabulary for random tags (defaults to the datastore's).
         seed: seed of the random-tags draw.
+        min_support: keep only tags whose entity most neighbours name
+            (:func:`datastore.store.filter_by_support`; 0 keeps all), applied before ``max_tags``;
+            the random-tags ablation then draws as many tags as survive.
 
     Raises:
-        ValueError: unknown ablation, or random tags without any vocabulary.
+        ValueError: unknown ablation, random tags without any vocabulary, or ``min_support`` outside [0, 1].
     """
 
     def __init__(self, cache: RetrievalCache | None = None, datastore: Datastore | None = None,
                  k_images: int = 5, max_tags: int = 10, ablation: str = "none",
-                 vocabulary: Sequence[str] | None = None, seed: int = 0) -> None:
+                 vocabulary: Sequence[str] | None = None, seed: int = 0, min_support: float = 0.0) -> None:
         if ablation not in TAG_ABLATIONS:
             raise ValueError(f"ablation={ablation!r}: expected one of {list(TAG_ABLATIONS)}")
         if ablation == "random_tags" and vocabulary is None and datastore is None:
             raise ValueError("random_tags needs a vocabulary or a datastore to draw tags from")
+        if not 0.0 <= min_support <= 1.0:
+            raise ValueError(f"min_support={min_support}: must be in [0, 1]")
+        self.min_support = min_support
         self.cache, self.datastore = cache, datastore
         self.k_images, self.max_tags, self.ablation, self.seed = k_images, max_tags, ablation, seed
         self._vocabulary = list(vocabulary) if vocabulary is not None else None
@@ -65,6 +71,8 @@ class TagSource:
         if self.ablation == "no_tags":
             return RetrievedTags(tags=[], scores=[], neighbours=[], neighbour_scores=[])
         found = self._lookup(image_id, image)
+        if self.min_support:
+            found = filter_by_support(found, self.min_support)
         n = min(len(found.tags), self.max_tags)
         found = RetrievedTags(found.tags[:n], found.scores[:n], found.neighbours, found.neighbour_scores)
         return self._randomise(image_id, found) if self.ablation == "random_tags" else found
@@ -91,7 +99,7 @@ class TagSource:
                 missing[image_id] = image
         if missing:
             found = self.datastore.retrieve_tags(images=list(missing.values()), k_images=self.k_images,
-                                                 max_tags=self.max_tags)
+                                                 max_tags=self.max_tags, min_support=self.min_support)
             for image_id, tags in zip(missing, found):
                 self._remember(image_id, tags)
         return len(missing)
@@ -116,7 +124,8 @@ class TagSource:
             self._live.move_to_end(image_id)
             return self._live[image_id]
         if self.datastore is not None and image is not None:
-            found = self.datastore.retrieve_tags(images=[image], k_images=self.k_images, max_tags=self.max_tags)[0]
+            found = self.datastore.retrieve_tags(images=[image], k_images=self.k_images, max_tags=self.max_tags,
+                                                 min_support=self.min_support)[0]
             self._remember(image_id, found)
             return found
         where = f"retrieval cache {self.cache.path}" if self.cache is not None else "no retrieval cache"

@@ -156,3 +156,19 @@ def test_unreadable_image_is_a_one_line_error(tmp_path):
     (tmp_path / "bad.jpg").write_text("not an image")
     with pytest.raises(ValueError, match=r"^question 3: cannot read image '.*bad.jpg': "):
         _image_of({"question_id": 3, "image": "bad.jpg"}, tmp_path)
+
+
+def test_min_tag_support_flag_filters_the_blocks_read(world, model_dir, tmp_path):
+    from datastore.store import Datastore, filter_by_support
+
+    code = main(["--model", str(model_dir), "--bench", "synth_open", "--data-root", str(world["data_root"]),
+                 "--datastore", str(world["datastore"]), "--limit", "8", "--min-tag-support", "0.5",
+                 "--out", str(tmp_path / "s")])
+    assert code == 0
+    assert json.loads((tmp_path / "s" / "results.json").read_text())["flags"]["min_tag_support"] == 0.5
+    store = Datastore.open(world["datastore"])
+    records = predictions(tmp_path / "s", "synth_open")
+    full = store.retrieve_tags(images=[world["images"] / r["image"] for r in records], k_images=5)
+    expected = [filter_by_support(f, 0.5).tags[:5] for f in full]
+    assert [[t["tag"] for t in r["tags"]] for r in records] == expected
+    assert any(e != f.tags[:5] for e, f in zip(expected, full))  # the filter removed something here

@@ -104,3 +104,17 @@ def test_bad_settings_are_rejected():
         QuickstartConfig(steps=0)
     with pytest.raises(ValueError, match="exceeds the catalogue"):
         QuickstartConfig(n_seen=60, n_novel=40)
+    with pytest.raises(ValueError, match="eval_min_tag_support=1.5"):
+        QuickstartConfig(eval_min_tag_support=1.5)
+
+
+def test_every_tuna_evaluation_reads_majority_supported_tags(tmp_path):
+    from tuna.quickstart import Paths, eval_runs
+
+    runs = eval_runs(QuickstartConfig(out=str(tmp_path)), Paths(tmp_path))
+    for name, (model, _, _, flags) in runs.items():
+        if model == "tuna":
+            assert flags[flags.index("--min-tag-support") + 1] == "0.5", name
+        else:
+            assert flags == ["--no-tags"], name
+    assert {"tuna", "tuna_random_tags", "tuna_uniform_weights", "swap_tuna"} <= set(runs)

@@ -69,3 +69,19 @@ def test_live_retrieval_is_remembered_per_image_id(store_and_cache):
     assert again == first and len(calls) == 1
     source("other.jpg", image=sample_image(8))
     assert len(calls) == 2
+
+
+def test_min_support_filters_cache_and_live_results_alike(store_and_cache):
+    from datastore.store import filter_by_support
+
+    store, cache = store_and_cache
+    strict = TagSource(cache=cache, datastore=store, k_images=3, max_tags=3, min_support=0.6)
+    assert strict("a.jpg").tags == filter_by_support(cache["a.jpg"], 0.6).tags[:3]
+    live = strict("unseen.jpg", image=sample_image(7))
+    full = store.retrieve_tags(images=[sample_image(7)], k_images=3)[0]
+    assert live.tags == filter_by_support(full, 0.6).tags[:3]
+    assert store.retrieve_tags(images=[sample_image(7)], k_images=3, max_tags=3, min_support=0.6)[0].tags == live.tags
+    with pytest.raises(ValueError, match="min_support=2"):
+        TagSource(cache=cache, min_support=2)
+    with pytest.raises(ValueError, match="min_support needs aggregate='sum'"):
+        store.retrieve_tags(images=[sample_image(7)], aggregate="max", min_support=0.5)

@@ -42,7 +42,8 @@ class TagSource:
             the random-tags ablation then draws as many tags as survive.
 
     Raises:
-        ValueError: unknown ablation, random tags without any vocabulary, or ``min_support`` outside [0, 1].
+        ValueError: unknown ablation, random tags without any vocabulary, ``min_support`` outside [0, 1],
+            or ``min_support`` with a cache of max-aggregated scores.
     """
 
     def __init__(self, cache: RetrievalCache | None = None, datastore: Datastore | None = None,
@@ -54,6 +55,9 @@ class TagSource:
             raise ValueError("random_tags needs a vocabulary or a datastore to draw tags from")
         if not 0.0 <= min_support <= 1.0:
             raise ValueError(f"min_support={min_support}: must be in [0, 1]")
+        if min_support and cache is not None and cache.meta.get("aggregate", "sum") != "sum":
+            raise ValueError(f"min_support needs a cache built with aggregate='sum'; {cache.path} has "
+                             f"aggregate={cache.meta['aggregate']!r}")
         self.min_support = min_support
         self.cache, self.datastore = cache, datastore
         self.k_images, self.max_tags, self.ablation, self.seed = k_images, max_tags, ablation, seed

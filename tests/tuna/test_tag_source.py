@@ -83,5 +83,9 @@ def test_min_support_filters_cache_and_live_results_alike(store_and_cache):
     assert store.retrieve_tags(images=[sample_image(7)], k_images=3, max_tags=3, min_support=0.6)[0].tags == live.tags
     with pytest.raises(ValueError, match="min_support=2"):
         TagSource(cache=cache, min_support=2)
+    max_cache = RetrievalCache(cache.path)
+    max_cache.meta = {**cache.meta, "aggregate": "max"}
+    with pytest.raises(ValueError, match="min_support needs a cache built with aggregate='sum'"):
+        TagSource(cache=max_cache, min_support=0.5)
     with pytest.raises(ValueError, match="min_support needs aggregate='sum'"):
         store.retrieve_tags(images=[sample_image(7)], aggregate="max", min_support=0.5)

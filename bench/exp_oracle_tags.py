@@ -29,6 +29,7 @@ def clean_cache(cache: Path, world: Path, out: Path) -> dict[str, int]:
     import pyarrow.parquet as pq
 
     from datastore.purity import world_scenes
+    from datastore.store import entity_of
 
     table = pq.read_table(cache)
     cols = table.to_pydict()
@@ -36,7 +37,7 @@ def clean_cache(cache: Path, world: Path, out: Path) -> dict[str, int]:
     kept = total = 0
     for i, scene in zip(rows, world_scenes(world, [cols["image"][i] for i in rows])):
         present = {o.category.name for o in scene.objects}
-        keep = [j for j, tag in enumerate(cols["tags"][i]) if tag.split()[-1] in present]
+        keep = [j for j, tag in enumerate(cols["tags"][i]) if entity_of(tag) in present]
         kept, total = kept + len(keep), total + len(cols["tags"][i])
         cols["tags"][i] = [cols["tags"][i][j] for j in keep]
         cols["scores"][i] = [cols["scores"][i][j] for j in keep]

@@ -155,9 +155,8 @@ class Datastore:
             n = len(result.keys[q])
             rows = flat_tags[q * k_images: q * k_images + n]
             sims = result.scores[q, :n].tolist()
-            found = _aggregate(rows, sims, result.keys[q], aggregate)
-            found = filter_by_support(found, min_support) if min_support else found
-            out.append(_truncate(found, max_tags))
+            found = filter_by_support(_aggregate(rows, sims, result.keys[q], aggregate), min_support)
+            out.append(truncate_tags(found, max_tags))
         return out
 
     def vocabulary(self) -> list[str]:
@@ -201,10 +200,10 @@ def filter_by_support(found: RetrievedTags, min_support: float) -> RetrievedTags
                          found.neighbour_scores)
 
 
-def _truncate(found: RetrievedTags, max_tags: int | None) -> RetrievedTags:
-    if max_tags is None or len(found.tags) <= max_tags:
-        return found
-    return RetrievedTags(found.tags[:max_tags], found.scores[:max_tags], found.neighbours, found.neighbour_scores)
+def truncate_tags(found: RetrievedTags, max_tags: int | None) -> RetrievedTags:
+    """A copy of ``found`` with its first ``max_tags`` tags (and scores); None keeps all."""
+    n = len(found.tags) if max_tags is None else max_tags
+    return RetrievedTags(found.tags[:n], found.scores[:n], found.neighbours, found.neighbour_scores)
 
 
 def _aggregate(rows: list[list[str]], sims: list[float], keys: list[str], how: str) -> RetrievedTags:

@@ -99,7 +99,7 @@ class QuickstartConfig:
     # at evaluation TUNA reads only the tags of entities a majority of the neighbours name (similarity-
     # weighted; datastore.store.filter_by_support): the other objects of neighbour scenes are what makes
     # up to a third of a block wrong. Training reads every retrieved tag (filtered training blocks did
-    # not help). docs/quickstart.md, "Wrong tags in the block"
+    # not help). docs/quickstart.md, "Majority-supported tags at evaluation"
     eval_min_tag_support: float = 0.5
     eval_batch_size: int = 32
     threads: int = 0  # torch threads per process; 0 = cores / nproc

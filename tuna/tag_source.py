@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from datastore.cache import RetrievalCache
-from datastore.store import Datastore, RetrievedTags, filter_by_support
+from datastore.store import Datastore, RetrievedTags, filter_by_support, truncate_tags
 
 TAG_ABLATIONS = ("none", "no_tags", "random_tags")
 LIVE_CACHE_SIZE = 4096  # live retrievals remembered per image id
@@ -74,11 +74,7 @@ class TagSource:
         """Tags of ``image_id`` (``image``: a PIL image or path, used only for live retrieval)."""
         if self.ablation == "no_tags":
             return RetrievedTags(tags=[], scores=[], neighbours=[], neighbour_scores=[])
-        found = self._lookup(image_id, image)
-        if self.min_support:
-            found = filter_by_support(found, self.min_support)
-        n = min(len(found.tags), self.max_tags)
-        found = RetrievedTags(found.tags[:n], found.scores[:n], found.neighbours, found.neighbour_scores)
+        found = truncate_tags(self._lookup(image_id, image), self.max_tags)
         return self._randomise(image_id, found) if self.ablation == "random_tags" else found
 
     def prefetch(self, image_ids: Sequence[str], images: Sequence[Any]) -> int:
@@ -123,7 +119,7 @@ class TagSource:
 
     def _lookup(self, image_id: str, image: Any) -> RetrievedTags:
         if self.cache is not None and image_id in self.cache:
-            return self.cache[image_id]
+            return filter_by_support(self.cache[image_id], self.min_support)  # live results come filtered
         if image_id in self._live:  # e.g. several questions about one eval image, or prefetched
             self._live.move_to_end(image_id)
             return self._live[image_id]

@@ -14,13 +14,13 @@ Writes ``QUICKSTART/oracle_tags/`` (cache, models, eval) and prints the comparis
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 
 def clean_cache(cache: Path, world: Path, out: Path) -> dict[str, int]:
@@ -51,40 +51,26 @@ def main() -> int:
     parser.add_argument("--quickstart", required=True, help="a finished `tuna quickstart --out` directory")
     args = parser.parse_args()
 
-    from tuna.quickstart import (Paths, QuickstartConfig, _env, eval_command, identification_by_scene,
-                                 run_logged, run_metrics, train_command)
+    from exp_retrain_tuna import evaluate, retrain, table
+
+    from tuna.quickstart import Paths
 
     root = Path(args.quickstart).resolve()
     stages = root / "stages.json"
     if not stages.is_file() or not (root / "eval" / "tuna").is_dir():
         print(f"error: {root} is not a finished quickstart (run `tuna quickstart --out {root}`)", file=sys.stderr)
         return 1
-    recipe = json.loads(stages.read_text())["recipe"]
     paths, out = Paths(root), root / "oracle_tags"
+    out.mkdir(exist_ok=True)
     cache = out / "tags.parquet"
     counts = clean_cache(paths.cache, paths.world, cache)
     print(f"oracle cache: kept {counts['tags_kept']} of {counts['tags_before']} tags -> {cache}", flush=True)
-    extra = recipe.get("extra", {})
     start = time.perf_counter()
-    for stage in (1, 2):
-        overrides = {"retrieval_cache": str(cache), "output_dir": str(out / f"tuna-stage{stage}")}
-        if stage == 2:
-            overrides["stage1_checkpoint"] = str(out / "tuna-stage1")
-        config = QuickstartConfig(**{**recipe, "out": str(root),
-                                     "extra": {**extra, "train": {**extra.get("train", {}), **overrides}}})
-        run_logged(train_command(config, paths, "tuna", stage), out / f"train-stage{stage}.log", _env(config),
-                   f"training tuna stage {stage} on oracle tags")
+    model = retrain(root, out, {}, {}, cache, "on oracle tags")
     print(f"trained in {time.perf_counter() - start:.0f} s", flush=True)
-    cmd, env = eval_command(config, out / "tuna-stage2", paths.world, ["synth_open"], out / "eval",
-                            ["--retrieval-cache", str(cache), "--datastore", str(paths.datastore)])
-    run_logged(cmd, out / "eval.log", env, "evaluation on oracle tags")
-    print("| run | id seen | id novel | one object, novel | several, novel |\n|---|---|---|---|---|")
-    for name, run_dir in (("baseline (no tags)", paths.eval / "baseline"), ("TUNA, retrieved tags", paths.eval / "tuna"),
-                          ("TUNA, oracle-clean tags (train + eval)", out / "eval")):
-        ident = run_metrics(run_dir, pope=False)["identification"]
-        scene = identification_by_scene(run_dir, paths.world)
-        print(f"| {name} | {ident['seen']:.1f} | {ident['novel']:.1f} | {scene['single']['novel']:.1f} | "
-              f"{scene['multi']['novel']:.1f} |")
+    evaluate(root, model, out / "eval", eval_cache=cache, min_support=0.0)  # the clean blocks, unfiltered
+    print(table(root, [("baseline (no tags)", paths.eval / "baseline"), ("TUNA, retrieved tags", paths.eval / "tuna"),
+                       ("TUNA, oracle-clean tags (train + eval)", out / "eval")]))
     return 0
 
 

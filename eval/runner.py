@@ -209,7 +209,8 @@ def evaluate(config: EvalConfig) -> dict[str, Any] | None:
     model, tokenizer, processor = load_model(config)
     results = {"model": str(config.model), "flags": {k: v for k, v in asdict(config).items() if k != "extra"},
                "model_config": {k: getattr(model.config, k) for k in ("ablation", "weight_mode", "weight_scaling",
-                                                                       "tag_temperature", "max_tags", "template")},
+                                                                       "tag_temperature", "tag_score_prior", "max_tags",
+                                                                       "template")},
                "clip_identity": model.config.clip_identity, "datastore": _datastore_identity(config),
                "benchmarks": {}}
     for name in config.benches:

@@ -87,6 +87,9 @@ class TagArguments:
     k_images: int = field(default=5, metadata={"help": "neighbour images per live query"})
     max_tags: int = field(default=10, metadata={"help": "tags read per image"})
     tag_temperature: float = field(default=0.1, metadata={"help": "softmax temperature of the adaptive weights"})
+    tag_score_prior: float = field(default=0.0, metadata={
+        "help": "λ of the adaptive weights' retrieval-score prior: softmax of cos/τ + λ·log(score), the score "
+                "being the tag's summed neighbour similarity from the cache / datastore (0: cosine alone)"})
     ablation: str = field(default="none", metadata={
         "help": "none, no_tags (plain LLaVA), random_tags, uniform_weights, no_image_aware, text_tags"})
     random_tags_seed: int = field(default=0, metadata={"help": "seed of the random_tags draw"})

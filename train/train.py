@@ -48,7 +48,8 @@ def _is_tuna_dir(path: str) -> bool:
 
 def build_model(margs: ModelArguments, targs: TagArguments, tokenizer, dtype: torch.dtype) -> TunaForCausalLM:
     """A saved TUNA model (continued) or a new one around the LLM; stage settings applied."""
-    tag_settings = {"max_tags": targs.max_tags, "tag_temperature": targs.tag_temperature, "ablation": targs.ablation}
+    tag_settings = {"max_tags": targs.max_tags, "tag_temperature": targs.tag_temperature,
+                    "tag_score_prior": targs.tag_score_prior, "ablation": targs.ablation}
     if _is_tuna_dir(margs.model_name_or_path):
         model = TunaForCausalLM.from_pretrained(margs.model_name_or_path, dtype=dtype)
         for key, value in tag_settings.items():

@@ -159,7 +159,7 @@ def ask(args) -> dict:
     tokens = model.generate(**batch, max_new_tokens=args.max_new_tokens, pad_token_id=pad)[0]
     stops = set(model.config.stop_token_ids) | {pad}
     answer = tokenizer.decode([t for t in tokens.tolist() if t not in stops], skip_special_tokens=True).strip()
-    weights = model.weights_for(batch["pixel_values"], batch["tags"])[0]
+    weights = model.weights_for(batch["pixel_values"], batch["tags"], batch["tag_scores"])[0]
     timings["generate_s"] = time.perf_counter() - start
     tags = batch["tags"][0]
     return {"answer": answer, "tags": [{"tag": t, "weight": w} for t, w in zip(tags, weights or [None] * len(tags))],

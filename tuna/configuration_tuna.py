@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
@@ -28,6 +29,10 @@ class TunaConfig(PretrainedConfig):
             tag's visual token says where it matched; needed with convolutional towers).
         max_tags: tags read per image.
         tag_temperature: τ of the adaptive weight softmax over cos(tag text, image).
+        tag_score_prior: λ of the retrieval-score prior in that softmax: the logits are
+            cos / τ + λ · log(score), the score being the tag's summed neighbour similarity from the
+            datastore (how many of the retrieved images name it, and how close they are). 0: the cosine
+            alone, the paper's rule; tags without scores (given by the caller) get an equal prior.
         weight_scaling: "raw" (weights sum to 1) or "count" (× number of tags; uniform = 1).
         weight_mode: how weights act on a tag's tokens: "scale" (multiply embeddings, the literal
             TUNA rule), "bias" (additive attention bias log(w·n)), or both.
@@ -54,7 +59,7 @@ class TunaConfig(PretrainedConfig):
                  connector_type: str = "mlp2x_gelu", image_patch_positions: bool = False,
                  tag_hidden_dim: int = 256, tag_num_heads: int = 4,
                  tag_num_layers: int = 1, tag_queries: int = 1, tag_patch_positions: bool = True, max_tags: int = 10,
-                 tag_temperature: float = 0.1, weight_scaling: str = "count", weight_mode: str = "scale_and_bias",
+                 tag_temperature: float = 0.1, tag_score_prior: float = 0.0, weight_scaling: str = "count", weight_mode: str = "scale_and_bias",
                  ablation: str = "none", template: str = "vicuna_v1", vision_hidden_size: int = 0,
                  clip_embed_dim: int = 0, num_image_tokens: int = 0, tag_prefix: str = " Tags:",
                  tag_separator: str = ",", tag_suffix: str = ".", tag_prefix_ids: list[int] | None = None,
@@ -76,6 +81,7 @@ class TunaConfig(PretrainedConfig):
         self.tag_num_layers, self.tag_queries = tag_num_layers, tag_queries
         self.tag_patch_positions = tag_patch_positions
         self.max_tags, self.tag_temperature = max_tags, tag_temperature
+        self.tag_score_prior = tag_score_prior
         self.weight_scaling, self.weight_mode = weight_scaling, weight_mode
         self.ablation, self.template = ablation, template
         self.vision_hidden_size, self.clip_embed_dim = vision_hidden_size, clip_embed_dim
@@ -91,6 +97,8 @@ class TunaConfig(PretrainedConfig):
         _check_choice("ablation", ablation, ABLATIONS)
         if tag_temperature <= 0:
             raise ValueError(f"tag_temperature={tag_temperature}: must be > 0")
+        if not (math.isfinite(tag_score_prior) and tag_score_prior >= 0):
+            raise ValueError(f"tag_score_prior={tag_score_prior}: must be a finite number >= 0")
         if max_tag_tokens < 1:
             raise ValueError(f"max_tag_tokens={max_tag_tokens}: must be >= 1")
         if max_tags < 0:

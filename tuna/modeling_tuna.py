@@ -329,25 +329,29 @@ class TunaForCausalLM(PreTrainedModel):
         return self.language_model.get_output_embeddings()
 
     # ------------------------------------------------------------------------------ splicing
-    def tag_weights(self, image_embeds: Tensor, tag_text: Tensor, tag_mask: Tensor) -> Tensor | None:
+    def tag_weights(self, image_embeds: Tensor, tag_text: Tensor, tag_mask: Tensor,
+                    tag_scores: Tensor | None = None) -> Tensor | None:
         """(N, T) weights of the tags under the configured ablation; None for unweighted text tags."""
         weighting = TAG_POLICIES[self.config.ablation].weighting
         if weighting == "adaptive":
             return AdaptiveWeightTuner.tag_weights(tag_text, image_embeds, tag_mask, self.config.tag_temperature,
-                                                   self.config.weight_scaling)
+                                                   self.config.weight_scaling, tag_scores,
+                                                   getattr(self.config, "tag_score_prior", 0.0))
         if weighting == "uniform":
             return AdaptiveWeightTuner.uniform_weights(tag_mask, self.config.weight_scaling)
         return None
 
     @torch.no_grad()
-    def weights_for(self, pixel_values: Tensor, tags: list[list[str]]) -> list[list[float]]:
+    def weights_for(self, pixel_values: Tensor, tags: list[list[str]], tag_scores: Tensor | None = None
+                    ) -> list[list[float]]:
         """The weights each image's tags get under the configured ablation (empty lists when unweighted)."""
         width = max((len(t) for t in tags), default=0)
         tag_mask = torch.tensor([[j < len(t) for j in range(width)] for t in tags], dtype=torch.bool)
         if width == 0 or not TAG_POLICIES[self.config.ablation].use_tags:
             return [[] for _ in tags]
         image_embeds = self._vision_on(self.device)(pixel_values).image_embeds.cpu()
-        weights = self.tag_weights(image_embeds, self._tag_text_embeddings(tags, tag_mask), tag_mask)
+        weights = self.tag_weights(image_embeds, self._tag_text_embeddings(tags, tag_mask), tag_mask,
+                                   None if tag_scores is None else tag_scores.cpu())
         return [[] if weights is None else weights[n, :len(t)].tolist() for n, t in enumerate(tags)]
 
     def _tag_text_embeddings(self, tags: list[list[str]], tag_mask: Tensor) -> Tensor:
@@ -360,7 +364,7 @@ class TunaForCausalLM(PreTrainedModel):
         return out.to(tag_mask.device)
 
     def _tag_inputs(self, image_embeds: Tensor | None, tags: list[list[str]] | None, tag_input_ids: Tensor | None,
-                    tag_attention_mask: Tensor | None) -> _Tags | None:
+                    tag_attention_mask: Tensor | None, tag_scores: Tensor | None = None) -> _Tags | None:
         """The batch's tags, their CLIP text embeddings and weights; None when the block is off or empty."""
         if tag_input_ids is None or tag_attention_mask is None:
             if tags is not None and any(len(t) for t in tags):
@@ -375,7 +379,8 @@ class TunaForCausalLM(PreTrainedModel):
         token_mask = tag_attention_mask.bool()  # (N, T, Lt)
         tag_mask = token_mask.any(-1)  # (N, T)
         text = self._tag_text_embeddings(tags, tag_mask)  # (N, T, D)
-        weights = self.tag_weights(image_embeds, text, tag_mask)  # (N, T) or None
+        scores = None if tag_scores is None else tag_scores.to(tag_mask.device)
+        weights = self.tag_weights(image_embeds, text, tag_mask, scores)  # (N, T) or None
         return _Tags(ids=tag_input_ids, token_mask=token_mask, tag_mask=tag_mask, text=text, weights=weights,
                      image_aware=policy.image_aware)
 
@@ -454,7 +459,7 @@ class TunaForCausalLM(PreTrainedModel):
     def prepare_inputs(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
                        pixel_values: Tensor | None = None, tags: list[list[str]] | None = None,
                        tag_input_ids: Tensor | None = None, tag_attention_mask: Tensor | None = None,
-                       padding_side: str = "right") -> MultimodalInputs:
+                       padding_side: str = "right", tag_scores: Tensor | None = None) -> MultimodalInputs:
         """Replace every image sentinel by patch tokens + tag block; re-pad on ``padding_side``.
 
         Args:
@@ -465,6 +470,8 @@ class TunaForCausalLM(PreTrainedModel):
             tags: N lists of tag strings; tag_input_ids / tag_attention_mask: (N, T, Lt) their
                 LLM token ids and mask (from the processor).
             padding_side: "right" (training) or "left" (generation).
+            tag_scores: (N, T) the tags' retrieval scores (the processor's, from its tag source), for the
+                weights' score prior (``config.tag_score_prior``); None: no prior.
 
         Raises:
             ValueError: sentinel count != number of images, or inconsistent tag inputs.
@@ -480,7 +487,7 @@ class TunaForCausalLM(PreTrainedModel):
         if n_images:
             out = self._vision_on(device)(pixel_values)
             patches, image_embeds = out.patches.to(self.connector_dtype), out.image_embeds.to(device)
-        tag_inputs = self._tag_inputs(image_embeds, tags, tag_input_ids, tag_attention_mask)
+        tag_inputs = self._tag_inputs(image_embeds, tags, tag_input_ids, tag_attention_mask, tag_scores)
         images, visual, anchor = self._visual_tokens(patches, tag_inputs, text.dtype)
         blocks = self._tag_blocks(tag_inputs, visual, n_images)
         weights = None if tag_inputs is None else tag_inputs.weights
@@ -525,14 +532,15 @@ class TunaForCausalLM(PreTrainedModel):
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 labels: Tensor | None = None, pixel_values: Tensor | None = None,
                 tags: list[list[str]] | None = None, tag_input_ids: Tensor | None = None,
-                tag_attention_mask: Tensor | None = None, **kwargs: Any) -> TunaCausalLMOutput:
+                tag_attention_mask: Tensor | None = None, tag_scores: Tensor | None = None,
+                **kwargs: Any) -> TunaCausalLMOutput:
         """Training / scoring forward pass; the loss covers only labelled (answer) tokens.
 
         Raises:
             ValueError: ``labels`` without a single answer token (a zero-loss batch), or bad inputs.
         """
         prepared = self.prepare_inputs(input_ids, attention_mask, labels, pixel_values, tags, tag_input_ids,
-                                       tag_attention_mask, padding_side="right")
+                                       tag_attention_mask, padding_side="right", tag_scores=tag_scores)
         if prepared.labels is not None and not bool((prepared.labels != IGNORE_INDEX).any()):
             raise ValueError("every label in this batch is IGNORE_INDEX: the batch would train on nothing")
         for ignored in ("position_ids", "use_cache", "return_dict", "past_key_values"):
@@ -546,13 +554,14 @@ class TunaForCausalLM(PreTrainedModel):
     @torch.no_grad()
     def score(self, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None,
               pixel_values: Tensor | None = None, tags: list[list[str]] | None = None,
-              tag_input_ids: Tensor | None = None, tag_attention_mask: Tensor | None = None) -> ScoreOutput:
+              tag_input_ids: Tensor | None = None, tag_attention_mask: Tensor | None = None,
+              tag_scores: Tensor | None = None) -> ScoreOutput:
         """Log-likelihood of the labelled tokens of each row (answers), per token and summed.
 
         Computes the LM head only at labelled positions, so long prompts with large vocabularies fit.
         """
         prepared = self.prepare_inputs(input_ids, attention_mask, labels, pixel_values, tags, tag_input_ids,
-                                       tag_attention_mask, padding_side="right")
+                                       tag_attention_mask, padding_side="right", tag_scores=tag_scores)
         hidden = self.language_model.get_decoder()(
             inputs_embeds=prepared.inputs_embeds, attention_mask=self.attention_inputs(prepared),
             position_ids=prepared.position_ids, use_cache=False).last_hidden_state  # (B, L, H)
@@ -569,7 +578,8 @@ class TunaForCausalLM(PreTrainedModel):
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,
                  tags: list[list[str]] | None = None, tag_input_ids: Tensor | None = None,
-                 tag_attention_mask: Tensor | None = None, max_new_tokens: int = 64, do_sample: bool = False,
+                 tag_attention_mask: Tensor | None = None, tag_scores: Tensor | None = None,
+                 max_new_tokens: int = 64, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, stop_token_ids: list[int] | None = None,
                  pad_token_id: int = 0, generator: torch.Generator | None = None,
                  return_tag_weights: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
@@ -587,7 +597,7 @@ class TunaForCausalLM(PreTrainedModel):
         stops = torch.tensor(stop_token_ids if stop_token_ids is not None else self.config.stop_token_ids,
                              dtype=torch.long, device=input_ids.device)
         prepared = self.prepare_inputs(input_ids, attention_mask, None, pixel_values, tags, tag_input_ids,
-                                       tag_attention_mask, padding_side="left")
+                                       tag_attention_mask, padding_side="left", tag_scores=tag_scores)
         lm = self.language_model
         cache = DynamicCache(config=lm.config)
         out = lm(inputs_embeds=prepared.inputs_embeds, attention_mask=self.attention_inputs(prepared),

@@ -4,7 +4,8 @@ One sample may hold several images at ``<image>`` markers, each with its own tag
 caller, else from a :class:`tuna.tag_source.TagSource` (retrieval cache, live datastore, ablations).
 A batch holds ``input_ids``/``attention_mask`` (and ``labels`` when answers are given) plus, for the N
 images in sentinel order: ``pixel_values`` (N, 3, H, W), ``tags`` (N lists of strings) and their LLM
-token ids ``tag_input_ids`` / ``tag_attention_mask`` (N, T, Lt).
+token ids ``tag_input_ids`` / ``tag_attention_mask`` (N, T, Lt), and ``tag_scores`` (N, T), the
+tags' retrieval scores when the tag source gave them (None when every tag came from the caller).
 """
 
 from __future__ import annotations
@@ -88,12 +89,16 @@ class TunaProcessor:
         ids = list(image_ids) if image_ids is not None else [
             str(im) if isinstance(im, (str, Path)) else f"{sample_id}:{i}" for i, im in enumerate(images)]
         pil = [_open_image(im, sample_id) for im in images]
+        scores: list[list[float] | None] = [None] * len(images)  # caller-given tags carry no scores
         if tags is None:
-            tags = [self.tag_source(i, im).tags if self.tag_source is not None else [] for i, im in zip(ids, pil)]
+            found = [self.tag_source(i, im) if self.tag_source is not None else None for i, im in zip(ids, pil)]
+            tags = [[] if f is None else f.tags for f in found]
+            scores = [None if f is None else list(f.scores)[:self.max_tags] for f in found]
         if len(tags) != len(images):
             raise ValueError(f"sample {sample_id!r}: tags for {len(tags)} images, but {len(images)} images")
         out["pixel_values"] = torch.stack([self.image_processor(im) for im in pil]) if pil else None
         out["tags"] = [list(t)[:self.max_tags] for t in tags]
+        out["tag_scores"] = scores
         out["sample_id"] = sample_id
         return out
 
@@ -136,6 +141,8 @@ class TunaProcessor:
         out = {"input_ids": input_ids, "attention_mask": attention_mask,
                "pixel_values": torch.cat(pixels) if pixels else None, "tags": tags}
         out["tag_input_ids"], out["tag_attention_mask"] = self._tag_tensors(tags, pad_id)
+        out["tag_scores"] = _score_tensor([s for sample in samples for s in sample.get("tag_scores", [None] * len(
+            sample["tags"]))], tags, out["tag_input_ids"].shape[1])
         if with_labels:
             out["labels"] = labels
         return out
@@ -194,3 +201,17 @@ def _open_image(image: Any, sample_id: str) -> Any:
         except (OSError, UnidentifiedImageError) as exc:
             raise ValueError(f"sample {sample_id!r}: cannot read image {str(image)!r}: {exc}") from exc
     return image.convert("RGB") if hasattr(image, "convert") else image
+
+
+def _score_tensor(scores: list[list[float] | None], tags: list[list[str]], width: int) -> torch.Tensor | None:
+    """(N, width) retrieval scores of the tags, 0 at padding; images without scores get an equal 1.0 each.
+    None when no image has scores (tags all given by the caller)."""
+    if all(s is None for s in scores):
+        return None
+    out = torch.zeros(len(tags), width)
+    for n, (row, t) in enumerate(zip(scores, tags)):
+        row = [1.0] * len(t) if row is None else row
+        if len(row) != len(t):
+            raise ValueError(f"image {n}: {len(row)} tag scores for {len(t)} tags")
+        out[n, :len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out

@@ -503,20 +503,24 @@ def identification_by_scene(run_dir: Path, world: Path) -> dict[str, dict[str, f
 
 
 def tag_diagnostics(run_dir: Path) -> dict[str, dict[str, float | None]]:
-    """Identification questions: is the right name in the tag block, is it the top-weighted tag, and the
-    accuracy on the questions whose block lacks it (there only the model itself can know the name)."""
+    """Identification questions: is the right name in the tag block, is it the top-weighted tag, the
+    accuracy on the questions whose top-weighted tag names it (how well the model copies what its weights
+    point at: for novel objects it never learned to answer with such names), and the accuracy on the
+    questions whose block lacks it (there only the model itself can know the name)."""
     def has(tag: str, name: str) -> bool:
         return tag == name or tag.endswith(" " + name)
 
     out: dict[str, dict[str, float | None]] = {"name_in_tags": {}, "name_top_weighted": {},
-                                                "accuracy_without_name": {}}
+                                                "accuracy_when_top_weighted": {}, "accuracy_without_name": {}}
     records = _identification_records(run_dir)
     for novelty in ("seen", "novel"):
         rows = [r for r in records if r["novelty"] == novelty]
         found = [any(has(t["tag"], r["answers"][0]) for t in r["tags"]) for r in rows]
         out["name_in_tags"][novelty] = _mean([float(f) for f in found])
         top = [max(r["tags"], key=lambda t: t["weight"] or 0.0)["tag"] if r["tags"] else "" for r in rows]
-        out["name_top_weighted"][novelty] = _mean([float(has(t, r["answers"][0])) for t, r in zip(top, rows)])
+        on_top = [has(t, r["answers"][0]) for t, r in zip(top, rows)]
+        out["name_top_weighted"][novelty] = _mean([float(o) for o in on_top])
+        out["accuracy_when_top_weighted"][novelty] = _mean([float(r["score"]) for r, o in zip(rows, on_top) if o])
         out["accuracy_without_name"][novelty] = _mean([float(r["score"]) for r, f in zip(rows, found) if not f])
     return out
 
@@ -597,6 +601,9 @@ def results_markdown(results: dict) -> str:
               f"| right name in the tag block | {_fmt(d['name_in_tags']['seen'])} | {_fmt(d['name_in_tags']['novel'])} |",
               f"| right name is the top-weighted tag | {_fmt(d['name_top_weighted']['seen'])} | "
               f"{_fmt(d['name_top_weighted']['novel'])} |"]
+    if "accuracy_when_top_weighted" in d:  # results of an older version lack it
+        lines += [f"| identification when it is (the copy rate) | {_fmt(d['accuracy_when_top_weighted']['seen'])} | "
+                  f"{_fmt(d['accuracy_when_top_weighted']['novel'])} |"]
     if "text_llm_tags" in d:  # the copy prior TUNA starts from
         t = d["text_llm_tags"]
         lines += [f"| text-only LLM, TUNA's tag block as text (no image): identification | "

@@ -171,6 +171,9 @@ def _count(tag_mask: Tensor) -> Tensor:
     return tag_mask.sum(dim=-1, keepdim=True).to(torch.float32)  # (B, 1) number of real tags
 
 
+_MIN_SCORE = 1e-6  # scores at or below it (no evidence) share one prior
+
+
 class AdaptiveWeightTuner(nn.Module):
     """Per-tag weights from tag/image CLIP similarity (parameter-free).
 
@@ -179,14 +182,14 @@ class AdaptiveWeightTuner(nn.Module):
     """
 
     def forward(self, tag_text_emb: Tensor, image_emb: Tensor, tag_mask: Tensor, temperature: float,
-                scaling: str) -> Tensor:
+                scaling: str, tag_scores: Tensor | None = None, score_prior: float = 0.0) -> Tensor:
         """Same as :meth:`tag_weights`."""
-        return self.tag_weights(tag_text_emb, image_emb, tag_mask, temperature, scaling)
+        return self.tag_weights(tag_text_emb, image_emb, tag_mask, temperature, scaling, tag_scores, score_prior)
 
     @staticmethod
     def tag_weights(tag_text_emb: Tensor, image_emb: Tensor, tag_mask: Tensor, temperature: float,
-                    scaling: str) -> Tensor:
-        """Softmax over real tags of cos(tag, image) / temperature.
+                    scaling: str, tag_scores: Tensor | None = None, score_prior: float = 0.0) -> Tensor:
+        """Softmax over real tags of cos(tag, image) / temperature [+ score_prior · log(tag_scores)].
 
         Args:
             tag_text_emb: (B, T, D) CLIP text embeddings of the tags.
@@ -194,6 +197,9 @@ class AdaptiveWeightTuner(nn.Module):
             tag_mask: (B, T) bool, True for real tags.
             temperature: softmax temperature, finite and > 0.
             scaling: ``"raw"`` or ``"count"``.
+            tag_scores: (B, T) retrieval scores of the tags (> 0; values <= 0, e.g. random tags, count
+                as equal), used when ``score_prior`` > 0.
+            score_prior: λ of the log-score prior (0: the cosine alone).
 
         Returns:
             (B, T) float32 weights, 0 at padded tags and for tag-less samples.
@@ -212,7 +218,12 @@ class AdaptiveWeightTuner(nn.Module):
                 f"{tuple(tag_text_emb.shape)} and {tuple(image_emb.shape)}"
             )
         cos = F.cosine_similarity(tag_text_emb.float(), image_emb.float()[:, None, :], dim=-1)  # (B, T)
-        logits = (cos / temperature).masked_fill(~tag_mask, torch.finfo(torch.float32).min)  # (B, T)
+        logits = cos / temperature
+        if score_prior and tag_scores is not None:
+            if tuple(tag_scores.shape) != (b, t):
+                raise ValueError(f"tag_scores {tuple(tag_scores.shape)} do not match the tags {(b, t)}")
+            logits = logits + score_prior * tag_scores.float().clamp_min(_MIN_SCORE).log()
+        logits = logits.masked_fill(~tag_mask, torch.finfo(torch.float32).min)  # (B, T)
         weights = torch.softmax(logits, dim=-1) * tag_mask  # (B, T); tag-less rows -> 0
         return weights * _count(tag_mask) if scaling == "count" else weights  # (B, T)
 

@@ -118,3 +118,28 @@ def test_every_tuna_evaluation_reads_majority_supported_tags(tmp_path):
         else:
             assert flags == ["--no-tags"], name
     assert {"tuna", "tuna_random_tags", "tuna_uniform_weights", "swap_tuna"} <= set(runs)
+
+
+def test_tag_diagnostics_count_the_copy_rate(tmp_path):
+    from tuna.quickstart import tag_diagnostics
+
+    def q(novelty, answer, tags, prediction):
+        return {"category": "identification", "novelty": novelty, "answers": [answer], "prediction": prediction,
+                "score": float(prediction == answer), "tags": [{"tag": t, "weight": w} for t, w in tags]}
+
+    records = [
+        q("novel", "spolem", [("red spolem", 2.0), ("pavik", 1.0)], "spolem"),  # top-weighted right, copied
+        q("novel", "spolem", [("spolem", 1.5), ("large spolem", 0.5)], "pavik"),  # top-weighted right, not copied
+        q("novel", "woodag", [("pavik", 1.5), ("woodag", 0.5)], "pavik"),  # in the block, not on top
+        q("novel", "wevor", [("zutag", 1.0)], "zutag"),  # not in the block
+        q("seen", "tulbel", [("tulbel", 1.0)], "tulbel"),
+        {"category": "color", "novelty": "seen", "answers": ["red"], "prediction": "red", "score": 1.0, "tags": []},
+    ]
+    (tmp_path / "synth_open").mkdir()
+    (tmp_path / "synth_open" / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    d = tag_diagnostics(tmp_path)
+    assert d["name_in_tags"]["novel"] == 75.0 and d["name_top_weighted"]["novel"] == 50.0
+    assert d["accuracy_when_top_weighted"] == {"seen": 100.0, "novel": 50.0}
+    assert d["accuracy_without_name"]["novel"] == 0.0
+    results = {"runs": {}, "diagnostics": {"purity": {}, **d}, "checks": {}}
+    assert "| identification when it is (the copy rate) | 100.0 | 50.0 |" in results_markdown(results)

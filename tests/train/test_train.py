@@ -105,14 +105,16 @@ def test_lora_run_with_zero3_offload(world, tmp_path):
 def test_torchrun_ddp_without_deepspeed(world, tmp_path):
     # plain DDP (gloo): every trainable module is used in every step, so DDP's reducer stays in step
     out = tmp_path / "ddp"
-    # (with --freeze_llm_embeddings: the LLM trains, its input embeddings and LM head stay as loaded)
+    # (with --freeze_llm_embeddings: the LLM trains, its input embeddings and LM head stay as loaded;
+    # with --tag_score_prior the batches carry the cache's tag scores into the weights)
     check(launch(common_args(world, out, max_steps=2, save_steps=2, ddp_find_unused_parameters="false",
-                             freeze_llm_embeddings="true"), deepspeed_config=None, launcher="torchrun"))
+                             freeze_llm_embeddings="true", tag_score_prior=0.5), deepspeed_config=None,
+                 launcher="torchrun"))
     assert sorted(step_losses(out)) == [1, 2]
     from transformers import AutoModelForCausalLM
 
     model, llm = TunaForCausalLM.from_pretrained(out), AutoModelForCausalLM.from_pretrained(world["llm"])
-    assert model.config.model_type == "tuna"
+    assert model.config.model_type == "tuna" and model.config.tag_score_prior == 0.5
     assert torch.equal(model.get_input_embeddings().weight, llm.get_input_embeddings().weight)
     assert torch.equal(model.get_output_embeddings().weight, llm.get_output_embeddings().weight)
     assert not torch.equal(model.language_model.model.layers[0].mlp.up_proj.weight, llm.model.layers[0].mlp.up_proj.weight)

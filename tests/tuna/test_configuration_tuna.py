@@ -12,12 +12,14 @@ LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "nu
 
 def test_round_trip(tmp_path):
     config = TunaConfig(text_config=LLAMA, clip={"model": "tuna-tiny-clip", "pretrained": None},
-                        connector_type="mlp2x_gelu", max_tags=7, tag_temperature=0.05, ablation="uniform_weights")
+                        connector_type="mlp2x_gelu", max_tags=7, tag_temperature=0.05, ablation="uniform_weights",
+                        tag_score_prior=0.7)
     config.save_pretrained(tmp_path)
     loaded = TunaConfig.from_pretrained(tmp_path)
     assert loaded.text_config.model_type == "llama" and loaded.text_config.hidden_size == 64
     assert loaded.clip == {"model": "tuna-tiny-clip", "pretrained": None}
     assert (loaded.max_tags, loaded.tag_temperature, loaded.ablation) == (7, 0.05, "uniform_weights")
+    assert loaded.tag_score_prior == 0.7
     assert loaded.to_dict()["text_config"]["num_key_value_heads"] == 2
 
 
@@ -26,6 +28,7 @@ def test_round_trip(tmp_path):
     ("weight_scaling", "sum", "weight_scaling='sum': expected one of \\['raw', 'count'\\]"),
     ("weight_mode", "x", "weight_mode='x'"),
     ("tag_temperature", 0.0, "tag_temperature=0.0: must be > 0"),
+    ("tag_score_prior", -0.5, "tag_score_prior=-0.5: must be a finite number >= 0"),
 ])
 def test_invalid_values_raise(field, value, message):
     with pytest.raises(ValueError, match=message):

@@ -501,6 +501,51 @@ def test_generate_returns_the_tag_weights_it_used(model, tiny_tokenizer):
         assert torch.allclose(weights[n, :len(tags)], torch.tensor(expected[n]), atol=1e-6)
 
 
+class ScoredTags:
+    """A tag source: the same retrieved tags and scores for every image (enough for the processor)."""
+
+    def __init__(self, tags, scores):
+        from datastore.store import RetrievedTags
+
+        self.found = RetrievedTags(tags=list(tags), scores=list(scores), neighbours=[], neighbour_scores=[])
+
+    def __call__(self, image_id, image=None):
+        return self.found
+
+
+def test_retrieval_scores_reach_the_weights_as_a_log_prior(make_model, tiny_tokenizer):
+    tags, scores = ["red blorp", "cat", "dog", "tree"], [1.0, 6.0, 0.5, 2.0]
+    images = random_images(2, seed=5)
+    model = make_model(tag_score_prior=1.5, max_tags=3)
+    proc = processor(model, tiny_tokenizer, tag_source=ScoredTags(tags, scores))
+    batch = proc(["What is it?", "What is it?"], images=[[images[0]], [images[1]]], tags=[None, [["cat", "dog"]]])
+    # the source's scores (cut to max_tags like the tags); caller-given tags get an equal prior of 1.0
+    assert batch["tags"] == [tags[:3], ["cat", "dog"]]
+    torch.testing.assert_close(batch["tag_scores"], torch.tensor([scores[:3], [1.0, 1.0, 0.0]]))
+    _, weights = model.generate(**batch, max_new_tokens=1, stop_token_ids=[], return_tag_weights=True)
+    image_embeds = model.vision(batch["pixel_values"]).image_embeds
+    text = torch.stack([model.vision.embed_tags(t + ["pad"] * (3 - len(t))) for t in batch["tags"]])
+    cos = F.cosine_similarity(text, image_embeds[:, None], dim=-1)
+    expected0 = torch.softmax(cos[0] / model.config.tag_temperature + 1.5 * torch.tensor(scores[:3]).log(), -1) * 3
+    torch.testing.assert_close(weights[0], expected0, atol=1e-5, rtol=1e-4)
+    expected1 = torch.softmax(cos[1, :2] / model.config.tag_temperature, -1) * 2  # equal prior: the cosine alone
+    torch.testing.assert_close(weights[1, :2], expected1, atol=1e-5, rtol=1e-4)
+    assert model.weights_for(batch["pixel_values"], batch["tags"], batch["tag_scores"])[0] == pytest.approx(
+        expected0.tolist(), abs=1e-5)
+    # λ = 0 (the default, the paper's rule): the scores change nothing
+    plain = make_model(max_tags=3)
+    _, unweighted = plain.generate(**batch, max_new_tokens=1, stop_token_ids=[], return_tag_weights=True)
+    torch.testing.assert_close(unweighted[0], torch.softmax(cos[0] / plain.config.tag_temperature, -1) * 3,
+                               atol=1e-5, rtol=1e-4)
+    # training batches carry them too, and the loss sees the prior
+    train = processor(model, tiny_tokenizer, tag_source=ScoredTags(tags, scores))([QA], images=[[images[0]]],
+                                                                                  padding_side="right")
+    loss = model(**train).loss
+    flat = dict(train, tag_scores=torch.ones_like(train["tag_scores"]))
+    assert not torch.isclose(loss, model(**flat).loss)
+    assert proc(["What?"], images=[[images[0]]], tags=[[["cat"]]])["tag_scores"] is None
+
+
 def test_image_patch_positions_say_where_a_patch_is_train_and_hand_over(make_model, tiny_tokenizer, tmp_path):
     plain = make_model()
     assert plain.image_patch_pos is None

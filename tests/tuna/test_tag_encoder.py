@@ -187,6 +187,23 @@ def test_weights_follow_cosine_order():
     assert w[1, 1] > w[1, 0]
 
 
+def test_score_prior_adds_lambda_log_score_to_the_logits():
+    tags, image = with_cosines(COS)
+    scores = torch.tensor([[1.0, 8.0, 0.5, 2.0], [3.0, 1.0, 0.0, 0.0]])
+    w = AdaptiveWeightTuner.tag_weights(tags, image, MASK, 0.5, "raw", scores, score_prior=0.8)
+    logits0 = torch.tensor(COS[0]) / 0.5 + 0.8 * scores[0].log()
+    torch.testing.assert_close(w[0], torch.softmax(logits0, 0))
+    torch.testing.assert_close(w[1, :2], torch.softmax(torch.tensor(COS[1][:2]) / 0.5 + 0.8 * scores[1, :2].log(), 0))
+    assert w[1, 2:].eq(0).all()
+    assert w[0].argmax() == 1  # the best-supported tag now leads, though its cosine is the lowest but one
+    plain = AdaptiveWeightTuner.tag_weights(tags, image, MASK, 0.5, "raw")
+    torch.testing.assert_close(AdaptiveWeightTuner.tag_weights(tags, image, MASK, 0.5, "raw", scores), plain)  # λ = 0
+    no_evidence = torch.zeros(2, 4)  # e.g. random tags: every tag the same prior, the cosine decides
+    torch.testing.assert_close(AdaptiveWeightTuner.tag_weights(tags, image, MASK, 0.5, "raw", no_evidence, 2.0), plain)
+    with pytest.raises(ValueError, match=r"tag_scores \(2, 3\) do not match the tags \(2, 4\)"):
+        AdaptiveWeightTuner.tag_weights(tags, image, MASK, 0.5, "raw", scores[:, :3], 1.0)
+
+
 def test_temperature_limits():
     tags, image = with_cosines(COS)
     cold = AdaptiveWeightTuner.tag_weights(tags, image, MASK, 1e-4, "raw")

@@ -29,6 +29,7 @@ ROWS = (("baseline seen", ("runs", "baseline", "identification", "seen")),
         ("TUNA novel", ("runs", "tuna", "identification", "novel")),
         ("one-object novel", ("identification_by_scene", "tuna", "single", "novel")),
         ("random tags novel", ("runs", "tuna_random_tags", "identification", "novel")),
+        ("copy rate novel", ("diagnostics", "accuracy_when_top_weighted", "novel")),
         ("novel gain", ("checks", "novel_gain", "value")))
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,26 +50,22 @@ def main() -> int:
     parser.add_argument("--quickstart", required=True, help="a finished `tuna quickstart --out` directory")
     args = parser.parse_args()
 
-    from exp_retrain_tuna import evaluate, retrain, table
+    from exp_retrain_tuna import compare, not_finished
 
     from tuna.quickstart import Paths
 
     root = Path(args.quickstart).resolve()
-    stages = root / "stages.json"
-    if not stages.is_file() or not (root / "eval" / "tuna").is_dir():
-        print(f"error: {root} is not a finished quickstart (run `tuna quickstart --out {root}`)", file=sys.stderr)
+    if problem := not_finished(root):
+        print(f"error: {problem}", file=sys.stderr)
         return 1
     paths, out = Paths(root), root / "oracle_tags"
     out.mkdir(exist_ok=True)
     cache = out / "tags.parquet"
     counts = clean_cache(paths.cache, paths.world, cache)
     print(f"oracle cache: kept {counts['tags_kept']} of {counts['tags_before']} tags -> {cache}", flush=True)
-    start = time.perf_counter()
-    model = retrain(root, out, {}, {}, cache, "on oracle tags")
-    print(f"trained in {time.perf_counter() - start:.0f} s", flush=True)
-    evaluate(root, model, out / "eval", eval_cache=cache, min_support=0.0)  # the clean blocks, unfiltered
-    print(table(root, [("baseline (no tags)", paths.eval / "baseline"), ("TUNA, retrieved tags", paths.eval / "tuna"),
-                       ("TUNA, oracle-clean tags (train + eval)", out / "eval")]))
+    # the clean blocks in training and evaluation, read unfiltered
+    print(compare(root, out, "TUNA, oracle-clean tags (train + eval)", train_cache=cache, eval_cache=cache,
+                  min_support=0.0, what="on oracle tags"))
     return 0
 
 

@@ -67,6 +67,28 @@ def evaluate(root: Path, model_dir: Path, out: Path, eval_cache: Path | None = N
     return out
 
 
+def not_finished(root: Path) -> str | None:
+    """Why ``root`` is not a finished quickstart to experiment on, or None."""
+    if not (root / "stages.json").is_file() or not (root / "eval" / "tuna").is_dir():
+        return f"{root} is not a finished quickstart (run `tuna quickstart --out {root}`)"
+    return None
+
+
+def compare(root: Path, out: Path, label: str, train: dict | None = None, stage2: dict | None = None,
+            train_cache: Path | None = None, eval_cache: Path | None = None, min_support: float | None = None,
+            what: str = "") -> str:
+    """Retrain into ``out``, evaluate, and the table: baseline, the quickstart's TUNA, this one (``label``)."""
+    from tuna.quickstart import Paths
+
+    start = time.perf_counter()
+    model = retrain(root, out, train or {}, stage2 or {}, train_cache, what)
+    print(f"trained in {time.perf_counter() - start:.0f} s", flush=True)
+    evaluate(root, model, out / "eval", eval_cache, min_support)
+    paths = Paths(root)
+    return table(root, [("baseline (no tags)", paths.eval / "baseline"), ("TUNA (quickstart)", paths.eval / "tuna"),
+                        (label, out / "eval")])
+
+
 def table(root: Path, rows: list[tuple[str, Path]]) -> str:
     from tuna.quickstart import Paths, identification_by_scene, run_metrics, tag_diagnostics
 
@@ -93,25 +115,17 @@ def main() -> int:
     parser.add_argument("--eval-cache", type=Path, help="retrieval cache to evaluate with (default: the run's)")
     args = parser.parse_args()
 
-    from tuna.quickstart import Paths
-
     root = Path(args.quickstart).resolve()
-    if not (root / "stages.json").is_file() or not (root / "eval" / "tuna").is_dir():
-        print(f"error: {root} is not a finished quickstart (run `tuna quickstart --out {root}`)", file=sys.stderr)
+    if problem := not_finished(root):
+        print(f"error: {problem}", file=sys.stderr)
         return 1
     try:
         train, stage2 = json.loads(args.train), json.loads(args.stage2)
     except json.JSONDecodeError as err:
         print(f"error: --train / --stage2 must be JSON objects: {err}", file=sys.stderr)
         return 1
-    out = root / args.name
-    start = time.perf_counter()
-    model = retrain(root, out, train, stage2, args.train_cache, f"({args.name})")
-    print(f"trained in {time.perf_counter() - start:.0f} s", flush=True)
-    evaluate(root, model, out / "eval", args.eval_cache)
-    paths = Paths(root)
-    print(table(root, [("baseline (no tags)", paths.eval / "baseline"), ("TUNA (quickstart)", paths.eval / "tuna"),
-                       (f"TUNA, {args.name}", out / "eval")]))
+    print(compare(root, root / args.name, f"TUNA, {args.name}", train, stage2, args.train_cache, args.eval_cache,
+                  what=f"({args.name})"))
     return 0
 
 

@@ -336,7 +336,7 @@ class TunaForCausalLM(PreTrainedModel):
         if weighting == "adaptive":
             return AdaptiveWeightTuner.tag_weights(tag_text, image_embeds, tag_mask, self.config.tag_temperature,
                                                    self.config.weight_scaling, tag_scores,
-                                                   getattr(self.config, "tag_score_prior", 0.0))
+                                                   self.config.tag_score_prior)
         if weighting == "uniform":
             return AdaptiveWeightTuner.uniform_weights(tag_mask, self.config.weight_scaling)
         return None

@@ -27,12 +27,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+def _recipe(root: Path) -> dict:
+    """The quickstart settings of ``root`` (runs from before name permutation existed trained without it)."""
+    return {"rename_p": 0.0, **json.loads((root / "stages.json").read_text())["recipe"]}
+
+
 def retrain(root: Path, out: Path, train: dict, stage2: dict, train_cache: Path | None, what: str) -> Path:
     """Train TUNA stage 1 + 2 into ``out`` as the quickstart at ``root`` did, with the overrides; the
     stage-2 model directory."""
     from tuna.quickstart import Paths, QuickstartConfig, _env, run_logged, train_command
 
-    recipe = json.loads((root / "stages.json").read_text())["recipe"]
+    recipe = _recipe(root)
     extra = recipe.get("extra", {})
     paths = Paths(root)
     config = None
@@ -55,7 +60,7 @@ def evaluate(root: Path, model_dir: Path, out: Path, eval_cache: Path | None = N
     cache, ``min_support`` its support filter); the eval directory."""
     from tuna.quickstart import Paths, QuickstartConfig, eval_command, eval_runs, run_logged
 
-    recipe = json.loads((root / "stages.json").read_text())["recipe"]
+    recipe = _recipe(root)
     config, paths = QuickstartConfig(**{**recipe, "out": str(root)}), Paths(root)
     flags = list(eval_runs(config, paths)["tuna"][3])
     if eval_cache is not None:

@@ -97,9 +97,20 @@ class TagArguments:
         "help": "read only tags whose entity neighbours holding at least this share of the neighbours' summed "
                 "similarity name (datastore.store.filter_by_support; 0: every retrieved tag)"})
 
+    rename_p: float = field(default=0.0, metadata={
+        "help": "share of training samples whose --rename_names words become random --rename_pool names on "
+                "the LLM side (questions, answers, tag words; the tags' CLIP side keeps the real name): the "
+                "model cannot answer them from memory, only by reading the tag block (train/rename.py)"})
+    rename_names: str | None = field(default=None, metadata={"help": "file: the words to rename, one per line"})
+    rename_pool: str | None = field(default=None, metadata={"help": "file: the replacement names, one per line"})
+
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_tag_support <= 1.0:
             raise ValueError(f"--min_tag_support {self.min_tag_support}: must be in [0, 1]")
+        if not 0.0 <= self.rename_p <= 1.0:
+            raise ValueError(f"--rename_p {self.rename_p}: must be in [0, 1]")
+        if self.rename_p > 0 and not (self.rename_names and self.rename_pool):
+            raise ValueError("--rename_p needs --rename_names and --rename_pool")
 
 
 @dataclass

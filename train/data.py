@@ -13,7 +13,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler
@@ -65,10 +65,11 @@ class LlavaJsonDataset(Dataset):
         image_folder: root of the relative image paths.
         processor: tokenizes, loads images and fetches tags.
         on_bad_sample: "error" (raise naming the sample) or "skip" (count and use the next sample).
+        renamer: sample index -> word map renaming names on the LLM side (train/rename.py), or None.
     """
 
     def __init__(self, paths: Sequence[str], image_folder: str | None, processor: TunaProcessor,
-                 on_bad_sample: str = "error") -> None:
+                 on_bad_sample: str = "error", renamer: Callable[[int], dict[str, str] | None] | None = None) -> None:
         if on_bad_sample not in BAD_SAMPLE_POLICIES:
             raise ValueError(f"on_bad_sample={on_bad_sample!r}: expected one of {list(BAD_SAMPLE_POLICIES)}")
         self.records = load_llava_json(paths)
@@ -77,7 +78,7 @@ class LlavaJsonDataset(Dataset):
         self.image_folder = Path(image_folder) if image_folder else None
         if self.image_folder is None and any(_images_of(r) for r in self.records):
             raise ValueError("the data has image samples: give --image_folder")
-        self.processor, self.on_bad_sample = processor, on_bad_sample
+        self.processor, self.on_bad_sample, self.renamer = processor, on_bad_sample, renamer
 
     def __len__(self) -> int:
         return len(self.records)
@@ -100,7 +101,8 @@ class LlavaJsonDataset(Dataset):
         if names and not any(IMAGE_MARKER in str(t.get("value", "")) for t in conversation):
             raise BadSampleError(f"sample {sample_id!r}: has an image but no {IMAGE_MARKER} marker")
         return self.processor.encode(conversation, images=[self.image_folder / n for n in names],
-                                     image_ids=names, sample_id=sample_id)
+                                     image_ids=names, sample_id=sample_id,
+                                     word_map=self.renamer(i) if self.renamer is not None else None)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         skipped = []

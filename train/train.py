@@ -29,6 +29,7 @@ from datastore.clip import ClipSpec  # noqa: E402
 from datastore.utils import setup_logging  # noqa: E402
 from train.arguments import DataArguments, ModelArguments, TagArguments, TunaTrainingArguments  # noqa: E402
 from train.data import LlavaJsonDataset, TrainCollator, WebDatasetSamples  # noqa: E402
+from train.rename import NameRandomiser  # noqa: E402
 from train.trainer import StopAfterSteps, TunaTrainer  # noqa: E402
 from tuna.modeling_tuna import TunaForCausalLM  # noqa: E402
 from tuna.processing_tuna import TunaProcessor  # noqa: E402
@@ -77,10 +78,18 @@ def build_model(margs: ModelArguments, targs: TagArguments, tokenizer, dtype: to
     return model
 
 
-def build_dataset(dargs: DataArguments, processor: TunaProcessor):
+def build_dataset(dargs: DataArguments, processor: TunaProcessor, targs: TagArguments | None = None, seed: int = 0):
     datasets = []
+    renamer = None
+    if targs is not None and targs.rename_p > 0:
+        if dargs.wds_shards:
+            raise ValueError("--rename_p works on --data_path (LLaVA JSON) samples only")
+        renamer = NameRandomiser.from_files(targs.rename_names, targs.rename_pool, targs.rename_p, seed)
+        logger.info("renaming %d names to %d pool names in %.0f%% of the samples", len(renamer.names),
+                    len(set(renamer.pool)), 100 * renamer.p)
     if dargs.data_path:
-        datasets.append(LlavaJsonDataset(dargs.data_path, dargs.image_folder, processor, dargs.on_bad_sample))
+        datasets.append(LlavaJsonDataset(dargs.data_path, dargs.image_folder, processor, dargs.on_bad_sample,
+                                         renamer=renamer))
     if dargs.wds_shards:
         datasets.append(WebDatasetSamples(dargs.wds_shards, processor, dargs.on_bad_sample))
     if len(datasets) > 1:
@@ -123,7 +132,7 @@ def run(argv: list[str] | None = None) -> int:
     model = build_model(margs, targs, tokenizer, _dtype(args))
     processor = TunaProcessor.from_model(model, tokenizer, tag_source=build_tag_source(targs, model),
                                          max_length=dargs.max_length)
-    dataset = build_dataset(dargs, processor)
+    dataset = build_dataset(dargs, processor, targs, args.seed)
     timings["setup_s"] = time.perf_counter() - start
     args.remove_unused_columns = False  # the batch carries tags and skip records the model consumes
     trainer = TunaTrainer(model=model, args=args, train_dataset=dataset, data_collator=TrainCollator(processor),

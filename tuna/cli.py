@@ -91,6 +91,9 @@ def _add_quickstart_parser(sub) -> None:
     q.add_argument("--batch-size", type=int, default=d.batch_size, help="per-process training batch")
     q.add_argument("--nproc", type=int, default=d.nproc, help="training processes (deepspeed --num_gpus)")
     q.add_argument("--ds-config", default=d.ds_config, help="file in ds_configs/")
+    q.add_argument("--rename-p", type=float, default=d.rename_p,
+                   help="share of TUNA's instruction samples whose seen names are permuted among each other on the "
+                        "LLM side (questions, answers, tag words): the tag block, not the image, gives the name; 0: off")
     q.add_argument("--eval-min-tag-support", type=float, default=d.eval_min_tag_support,
                    help="at evaluation, read only tags whose entity a (similarity-weighted) share of at least this "
                         "of the neighbours names; 0: every retrieved tag")

@@ -6,6 +6,9 @@ A batch holds ``input_ids``/``attention_mask`` (and ``labels`` when answers are 
 images in sentinel order: ``pixel_values`` (N, 3, H, W), ``tags`` (N lists of strings) and their LLM
 token ids ``tag_input_ids`` / ``tag_attention_mask`` (N, T, Lt), and ``tag_scores`` (N, T), the
 tags' retrieval scores when the tag source gave them (None when every tag came from the caller).
+
+A ``word_map`` renames words on the LLM side only (conversation text and the tag words it reads) while
+the CLIP side keeps the original tags: training-time name randomisation (``train/rename.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+import re
 
 import torch
 
@@ -61,7 +66,8 @@ class TunaProcessor:
 
     # ------------------------------------------------------------------------------ samples
     def encode(self, conversation: list[dict] | str, images: Sequence[Any] = (), image_ids: Sequence[str] | None = None,
-               tags: Sequence[Sequence[str]] | None = None, sample_id: str = "?") -> dict[str, Any]:
+               tags: Sequence[Sequence[str]] | None = None, sample_id: str = "?",
+               word_map: dict[str, str] | None = None) -> dict[str, Any]:
         """One sample, unpadded.
 
         Args:
@@ -72,12 +78,18 @@ class TunaProcessor:
             image_ids: ids for the tag lookup (default: the path, or ``"{sample_id}:{i}"``).
             tags: tags per image; None = ask ``tag_source``.
             sample_id: named in errors.
+            word_map: whole words (and their "-s" plurals) to replace in the conversation and in the tag
+                words the LLM reads; the tags' CLIP text embeddings still read the original tags.
 
         Raises:
             ValueError: marker/image count mismatch, unreadable image, bad conversation.
             tuna.tag_source.MissingTagsError: no tags for an image and no way to retrieve them.
         """
         images = list(images)
+        rename = _renamer(word_map)
+        if rename is not None:
+            conversation = rename(conversation) if isinstance(conversation, str) else [
+                {**turn, "value": rename(str(turn.get("value", "")))} for turn in conversation]
         conversation = _with_markers(conversation, len(images))
         if isinstance(conversation, list) and conversation and conversation[-1].get("from") in ("gpt", "assistant"):
             out = tokenize_conversation(conversation, self.tokenizer, self.template, sample_id=sample_id,
@@ -98,6 +110,7 @@ class TunaProcessor:
             raise ValueError(f"sample {sample_id!r}: tags for {len(tags)} images, but {len(images)} images")
         out["pixel_values"] = torch.stack([self.image_processor(im) for im in pil]) if pil else None
         out["tags"] = [list(t)[:self.max_tags] for t in tags]
+        out["tag_words"] = out["tags"] if rename is None else [[rename(t) for t in row] for row in out["tags"]]
         out["tag_scores"] = scores
         out["sample_id"] = sample_id
         return out
@@ -138,9 +151,10 @@ class TunaProcessor:
                 labels[b, span] = s["labels"]
         pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
         tags = [t for s in samples for t in s["tags"]]
+        words = [t for s in samples for t in s.get("tag_words", s["tags"])]
         out = {"input_ids": input_ids, "attention_mask": attention_mask,
                "pixel_values": torch.cat(pixels) if pixels else None, "tags": tags}
-        out["tag_input_ids"], out["tag_attention_mask"] = self._tag_tensors(tags, pad_id)
+        out["tag_input_ids"], out["tag_attention_mask"] = self._tag_tensors(words, pad_id)
         out["tag_scores"] = _score_tensor([s for sample in samples for s in sample.get("tag_scores", [None] * len(
             sample["tags"]))], tags, out["tag_input_ids"].shape[1])
         if with_labels:
@@ -172,6 +186,14 @@ class TunaProcessor:
                 ids[n, j, :len(tok)] = torch.tensor(tok)
                 mask[n, j, :len(tok)] = True
         return ids, mask
+
+
+def _renamer(word_map: dict[str, str] | None) -> Callable[[str], str] | None:
+    """A function replacing ``word_map``'s whole words (and their "-s" plurals) in a text; None if empty."""
+    if not word_map:
+        return None
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, sorted(word_map, key=len, reverse=True))) + r")(s?)\b")
+    return lambda text: pattern.sub(lambda m: word_map[m.group(1)] + m.group(2), text)
 
 
 def _with_markers(conversation: list[dict] | str, n_images: int) -> list[dict] | str:

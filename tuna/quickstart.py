@@ -91,6 +91,11 @@ class QuickstartConfig:
     # learned patch positions before the connector: the convnet tower's features do not say where a patch
     # is (a ViT's do), and the questions about several-object scenes name a position
     image_patch_positions: bool = True
+    # TUNA's stage 2 may permute the seen names among each other in this share of its samples, on the
+    # LLM side only (questions, answers, tag words; CLIP still reads the real tag: train/rename.py), so a
+    # name memorised from the image is wrong and the tag block right. Off: at p = 0.5 it helped at seed
+    # 1 (+10.9 novel) and hurt at seed 2 (-5.1) (docs/quickstart.md, "Name permutation")
+    rename_p: float = 0.0
     nproc: int = 2
     ds_config: str = "zero2.json"
     # retrieval and evaluation
@@ -112,8 +117,9 @@ class QuickstartConfig:
                      "batch_size", "nproc", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
-        if not 0.0 <= self.eval_min_tag_support <= 1.0:
-            raise ValueError(f"eval_min_tag_support={self.eval_min_tag_support}: must be in [0, 1]")
+        for name in ("eval_min_tag_support", "rename_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1]")
         if self.n_seen < 1 or self.n_novel < 1 or self.text_replay < 0:
             raise ValueError("n_seen and n_novel must be >= 1 and text_replay >= 0")
         if self.swap and self.n_seen + self.n_novel + self.swap_categories > CATALOGUE_SIZE:
@@ -217,6 +223,7 @@ class Paths:
         self.clip = root / "clip"
         self.llm = root / "llm"
         self.text_replay = root / "text_replay.json"
+        self.seen_names = root / "seen_names.txt"  # the names TUNA's stage 2 permutes (rename_p)
         self.datastore, self.datastore2 = root / "datastore", root / "datastore_swap"
         self.cache, self.cache2 = root / "tags.parquet", root / "tags_swap.parquet"
         self.models = root / "models"
@@ -281,6 +288,8 @@ def stage_llm(config: QuickstartConfig, paths: Paths) -> None:
                                   seed=config.seed + 1)
     paths.text_replay.write_text(json.dumps(records, indent=1))
     print(f"   {len(records)} text-only conversations for instruction tuning -> {paths.text_replay}", flush=True)
+    categories = json.loads((paths.world / "world.json").read_text())["categories"]
+    paths.seen_names.write_text("".join(c["name"] + "\n" for c in categories if c["novelty"] == "seen"))
 
 
 def eval_question_files(world: Path) -> list[str]:
@@ -335,6 +344,9 @@ def train_command(config: QuickstartConfig, paths: Paths, name: str, stage: int)
     if stage == 2:
         args["stage1_checkpoint"] = str(paths.model(name, 1))
         args["freeze_llm_embeddings"] = str(config.freeze_llm_embeddings).lower()
+        if name == "tuna" and config.rename_p > 0:  # the baseline has no tag block to read another name from
+            args.update(rename_p=config.rename_p, rename_names=str(paths.seen_names),
+                        rename_pool=str(paths.seen_names))
     args["image_patch_positions"] = str(config.image_patch_positions).lower()
     if config.device == "cpu":
         args["use_cpu"] = "true"

@@ -106,6 +106,29 @@ def test_bad_settings_are_rejected():
         QuickstartConfig(n_seen=60, n_novel=40)
     with pytest.raises(ValueError, match="eval_min_tag_support=1.5"):
         QuickstartConfig(eval_min_tag_support=1.5)
+    with pytest.raises(ValueError, match="rename_p=-0.1"):
+        QuickstartConfig(rename_p=-0.1)
+
+
+def test_only_tunas_instruction_tuning_permutes_the_seen_names(run):
+    from tuna.quickstart import Paths, train_command
+
+    out, _ = run
+    paths = Paths(out)
+    world = json.loads((out / "world" / "world.json").read_text())["categories"]
+    assert paths.seen_names.read_text().split() == [c["name"] for c in world if c["novelty"] == "seen"]
+    for p in (0.0, 0.5):
+        for name in ("baseline", "tuna"):
+            for stage in (1, 2):
+                cmd = train_command(QuickstartConfig(out=str(out), rename_p=p), paths, name, stage)
+                renames = (name, stage) == ("tuna", 2) and p > 0
+                assert ("--rename_p" in cmd) == renames, (p, name, stage)
+                if renames:
+                    assert [cmd[cmd.index(f"--{k}") + 1] for k in ("rename_p", "rename_names", "rename_pool")] == [
+                        "0.5", str(paths.seen_names), str(paths.seen_names)]
+    # the run itself trained with the default
+    logged = (out / "logs" / "train-tuna-stage2.log").read_text().splitlines()[0]
+    assert ("--rename_p" in logged) == (QuickstartConfig().rename_p > 0)
 
 
 def test_every_tuna_evaluation_reads_majority_supported_tags(tmp_path):

@@ -106,10 +106,16 @@ def test_torchrun_ddp_without_deepspeed(world, tmp_path):
     # plain DDP (gloo): every trainable module is used in every step, so DDP's reducer stays in step
     out = tmp_path / "ddp"
     # (with --freeze_llm_embeddings: the LLM trains, its input embeddings and LM head stay as loaded;
-    # with --tag_score_prior the batches carry the cache's tag scores into the weights)
-    check(launch(common_args(world, out, max_steps=2, save_steps=2, ddp_find_unused_parameters="false",
-                             freeze_llm_embeddings="true", tag_score_prior=0.5), deepspeed_config=None,
-                 launcher="torchrun"))
+    # with --tag_score_prior the batches carry the cache's tag scores into the weights; --rename_p
+    # permutes the seen names on the LLM side, train/rename.py)
+    names = tmp_path / "seen.txt"
+    categories = json.loads((world["data_root"] / "world.json").read_text())["categories"]
+    names.write_text("\n".join(c["name"] for c in categories if c["novelty"] == "seen"))
+    run = launch(common_args(world, out, max_steps=2, save_steps=2, ddp_find_unused_parameters="false",
+                             freeze_llm_embeddings="true", tag_score_prior=0.5, rename_p=0.5, rename_names=names,
+                             rename_pool=names), deepspeed_config=None, launcher="torchrun")
+    check(run)
+    assert f"renaming {names.read_text().count(chr(10)) + 1} names to" in run.stdout + run.stderr
     assert sorted(step_losses(out)) == [1, 2]
     from transformers import AutoModelForCausalLM
 

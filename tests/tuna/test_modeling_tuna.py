@@ -570,3 +570,25 @@ def test_image_patch_positions_say_where_a_patch_is_train_and_hand_over(make_mod
     assert torch.equal(other.image_patch_pos, model.image_patch_pos)
     with pytest.raises(ValueError, match="unexpected image_patch_pos"):
         plain.load_trainable(tmp_path / "stage1")
+
+
+def test_word_map_renames_the_llm_side_only(make_model, tiny_tokenizer):
+    model = make_model()
+    proc = processor(model, tiny_tokenizer)
+    image = random_images(1, seed=7)
+    conv = [{"from": "human", "value": "<image>\nHow many blorps? Is the blorp red?"},
+            {"from": "gpt", "value": "Two blorps, a red blorp."}]
+    renamed = proc.collate([proc.encode(conv, image, tags=[TAGS], word_map={"blorp": "cat"})], "right")
+    # the conversation and the tag words read "cat(s)", plural kept; the CLIP side keeps "red blorp"
+    by_hand = [{"from": t["from"], "value": t["value"].replace("blorp", "cat")} for t in conv]
+    expected = proc.collate([proc.encode(by_hand, image, tags=[["red cat", "cat", "dog"]])], "right")
+    assert renamed["tags"] == [TAGS]
+    for key in ("input_ids", "labels", "tag_input_ids", "tag_attention_mask"):
+        assert torch.equal(renamed[key], expected[key]), key
+    assert not torch.equal(renamed["input_ids"], proc.collate([proc.encode(conv, image, tags=[TAGS])])["input_ids"])
+    with torch.no_grad():
+        assert torch.isclose(model(**renamed).loss, model(**dict(expected, tags=[TAGS])).loss)
+        assert not torch.isclose(model(**renamed).loss, model(**expected).loss)  # CLIP reads another text there
+    # whole words only: "blorpy" is left alone
+    assert proc.encode("a blorpy blorp", word_map={"blorp": "cat"})["input_ids"].tolist() == proc.encode(
+        "a blorpy cat")["input_ids"].tolist()

@@ -19,8 +19,9 @@ class NameRandomiser:
 
     Args:
         names: the words to rename (e.g. the instruction data's category names).
-        pool: the replacement names, at least as many; it may hold ``names`` themselves (a sample's names
-            then may be permuted among each other, so a name in the block is no cue to answer from memory).
+        pool: the replacement names, at least as many (kept sorted, without repeats); it may hold ``names``
+            themselves (a sample's names then may be permuted among each other, so a name in the block is
+            no cue to answer from memory).
         p: share of samples renamed.
         seed: seed of the draws.
 
@@ -36,8 +37,9 @@ class NameRandomiser:
     def __post_init__(self) -> None:
         if not 0.0 <= self.p <= 1.0:
             raise ValueError(f"rename p={self.p}: must be in [0, 1]")
-        if len(set(self.pool)) < len(set(self.names)):
-            raise ValueError(f"rename pool of {len(set(self.pool))} names is smaller than the "
+        object.__setattr__(self, "pool", tuple(sorted(set(self.pool))))  # once, not per draw
+        if len(self.pool) < len(set(self.names)):
+            raise ValueError(f"rename pool of {len(self.pool)} names is smaller than the "
                              f"{len(set(self.names))} names to rename")
 
     @classmethod
@@ -50,7 +52,7 @@ class NameRandomiser:
         rng = random.Random(f"{self.seed}:{index}")
         if self.p == 0.0 or rng.random() >= self.p:
             return None
-        return dict(zip(self.names, rng.sample(sorted(set(self.pool)), len(self.names))))
+        return dict(zip(self.names, rng.sample(self.pool, len(self.names))))
 
 
 def _words(path: str | Path) -> tuple[str, ...]:

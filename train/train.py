@@ -86,7 +86,7 @@ def build_dataset(dargs: DataArguments, processor: TunaProcessor, targs: TagArgu
             raise ValueError("--rename_p works on --data_path (LLaVA JSON) samples only")
         renamer = NameRandomiser.from_files(targs.rename_names, targs.rename_pool, targs.rename_p, seed)
         logger.info("renaming %d names to %d pool names in %.0f%% of the samples", len(renamer.names),
-                    len(set(renamer.pool)), 100 * renamer.p)
+                    len(renamer.pool), 100 * renamer.p)
     if dargs.data_path:
         datasets.append(LlavaJsonDataset(dargs.data_path, dargs.image_folder, processor, dargs.on_bad_sample,
                                          renamer=renamer))

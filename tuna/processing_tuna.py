@@ -13,11 +13,10 @@ the CLIP side keeps the original tags: training-time name randomisation (``train
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
-
-import re
 
 import torch
 

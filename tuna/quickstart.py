@@ -242,6 +242,8 @@ def stage_world(config: QuickstartConfig, paths: Paths) -> None:
     generate_world(SynthConfig(out=str(paths.world), seed=config.seed, n_corpus=config.corpus_size,
                                n_instruct=config.n_instruct, n_eval=config.n_eval, image_size=config.image_size,
                                n_seen=config.n_seen, n_novel=config.n_novel, workers=workers, overwrite=True))
+    categories = json.loads((paths.world / "world.json").read_text())["categories"]
+    paths.seen_names.write_text("".join(c["name"] + "\n" for c in categories if c["novelty"] == "seen"))
     if config.swap:  # the catalogue entries after the first world's: none of its categories
         half = config.swap_categories // 2  # its seen/novel labels mean nothing here: all are new to the model
         generate_world(SynthConfig(out=str(paths.world2), seed=config.seed + 1, n_corpus=config.swap_corpus_size,
@@ -288,8 +290,6 @@ def stage_llm(config: QuickstartConfig, paths: Paths) -> None:
                                   seed=config.seed + 1)
     paths.text_replay.write_text(json.dumps(records, indent=1))
     print(f"   {len(records)} text-only conversations for instruction tuning -> {paths.text_replay}", flush=True)
-    categories = json.loads((paths.world / "world.json").read_text())["categories"]
-    paths.seen_names.write_text("".join(c["name"] + "\n" for c in categories if c["novelty"] == "seen"))
 
 
 def eval_question_files(world: Path) -> list[str]:

@@ -67,6 +67,7 @@ class TunaTrainer(Trainer):
             self._record_skipped(skipped)
         self._tokens += count_tokens(inputs, self._config)
         self._samples += int(inputs["input_ids"].shape[0])
+        inputs["loss_only"] = not return_outputs  # LM head at the answer tokens only: no (B, L, V) logits
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 

@@ -533,8 +533,12 @@ class TunaForCausalLM(PreTrainedModel):
                 labels: Tensor | None = None, pixel_values: Tensor | None = None,
                 tags: list[list[str]] | None = None, tag_input_ids: Tensor | None = None,
                 tag_attention_mask: Tensor | None = None, tag_scores: Tensor | None = None,
-                **kwargs: Any) -> TunaCausalLMOutput:
+                loss_only: bool = False, **kwargs: Any) -> TunaCausalLMOutput:
         """Training / scoring forward pass; the loss covers only labelled (answer) tokens.
+
+        ``loss_only=True`` (with ``labels``; the trainer sets it) computes the LM head and the loss at the
+        labelled positions only and returns no logits: the same loss, without the (B, L, V) logits, which
+        for short answers after long prompts are most of the LM head's time and memory.
 
         Raises:
             ValueError: ``labels`` without a single answer token (a zero-loss batch), or bad inputs.
@@ -545,11 +549,32 @@ class TunaForCausalLM(PreTrainedModel):
             raise ValueError("every label in this batch is IGNORE_INDEX: the batch would train on nothing")
         for ignored in ("position_ids", "use_cache", "return_dict", "past_key_values"):
             kwargs.pop(ignored, None)  # positions come from the splice; generation has its own loop
+        if loss_only and prepared.labels is not None:
+            return TunaCausalLMOutput(loss=self._labelled_loss(prepared, kwargs.get("num_items_in_batch")),
+                                      tag_weights=prepared.tag_weights)
         out = self.language_model(inputs_embeds=prepared.inputs_embeds, attention_mask=self.attention_inputs(prepared),
                                   position_ids=prepared.position_ids, labels=prepared.labels, use_cache=False,
                                   return_dict=True, **kwargs)
         return TunaCausalLMOutput(loss=out.loss, logits=out.logits, hidden_states=out.hidden_states,
                                   attentions=out.attentions, tag_weights=prepared.tag_weights)
+
+    def _labelled_logits(self, prepared: MultimodalInputs) -> tuple[Tensor, Tensor, Tensor]:
+        """LM-head logits (M, V) at the M labelled positions, their targets (M,) and the mask (B, L-1)."""
+        hidden = self.language_model.get_decoder()(
+            inputs_embeds=prepared.inputs_embeds, attention_mask=self.attention_inputs(prepared),
+            position_ids=prepared.position_ids, use_cache=False).last_hidden_state  # (B, L, H)
+        target = prepared.labels[:, 1:]  # (B, L-1): token t+1 is predicted at position t
+        valid = target != IGNORE_INDEX
+        logits = self.get_output_embeddings()(hidden[:, :-1][valid]).float()  # (M, V)
+        return _postprocess_logits(logits, self.config.text_config), target[valid], valid
+
+    def _labelled_loss(self, prepared: MultimodalInputs, num_items_in_batch: Tensor | int | None) -> Tensor:
+        """The causal-LM loss of the labelled tokens: their mean, or their sum / ``num_items_in_batch`` (the
+        Trainer's count over gradient-accumulation steps), as the HF LM loss computes it."""
+        logits, target, _ = self._labelled_logits(prepared)
+        if num_items_in_batch is None:
+            return F.cross_entropy(logits, target)
+        return F.cross_entropy(logits, target, reduction="sum") / num_items_in_batch
 
     @torch.no_grad()
     def score(self, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None,
@@ -562,14 +587,8 @@ class TunaForCausalLM(PreTrainedModel):
         """
         prepared = self.prepare_inputs(input_ids, attention_mask, labels, pixel_values, tags, tag_input_ids,
                                        tag_attention_mask, padding_side="right", tag_scores=tag_scores)
-        hidden = self.language_model.get_decoder()(
-            inputs_embeds=prepared.inputs_embeds, attention_mask=self.attention_inputs(prepared),
-            position_ids=prepared.position_ids, use_cache=False).last_hidden_state  # (B, L, H)
-        target = prepared.labels[:, 1:]  # (B, L-1): token t+1 is predicted at position t
-        valid = target != IGNORE_INDEX
-        logits = self.get_output_embeddings()(hidden[:, :-1][valid]).float()  # (M, V)
-        logits = _postprocess_logits(logits, self.config.text_config)
-        token_logp = torch.log_softmax(logits, -1).gather(-1, target[valid][:, None]).squeeze(-1)  # (M,)
+        logits, target, valid = self._labelled_logits(prepared)
+        token_logp = torch.log_softmax(logits, -1).gather(-1, target[:, None]).squeeze(-1)  # (M,)
         counts = valid.sum(-1)
         per_token = list(token_logp.split(counts.tolist()))
         sums = torch.stack([t.sum() for t in per_token]) if per_token else token_logp.new_zeros(0)
@@ -758,7 +777,8 @@ def _wrap_lora(language_model: PreTrainedModel, settings: dict[str, Any]) -> nn.
 
 
 def _postprocess_logits(logits: Tensor, text_config: Any) -> Tensor:
-    """The LM-head post-processing some architectures apply inside their forward (for ``score``)."""
+    """The LM-head post-processing some architectures apply inside their forward (for the
+    labelled-position logits of ``score`` and of the loss-only forward)."""
     scale = getattr(text_config, "logit_scale", None)  # Cohere: multiply
     if isinstance(scale, (int, float)) and scale != 1:
         logits = logits * scale

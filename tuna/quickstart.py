@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -315,12 +316,32 @@ def stage_datastore(config: QuickstartConfig, paths: Paths) -> None:
                                 max_tags=32, num_workers=1, device=config.device))
 
 
+# DeepSpeed's own defaults for the bucket sizes that HF's "auto" derives from the LLM's hidden size (hidden²
+# elements). For the quickstart's 128-wide LLM "auto" is 16,384 elements, so ZeRO-2 reduces the gradients in
+# dozens of tiny gloo calls per step: 1.6x slower steps on 2 CPU cores (docs/benchmarks.md). Real checkpoints
+# (hidden 4096: 16.7M elements) keep "auto" through ds_configs/ as they are.
+SMALL_LLM_BUCKETS = {"reduce_bucket_size": 500_000_000, "stage3_prefetch_bucket_size": 50_000_000}
+
+
+def ds_config_file(config: QuickstartConfig, paths: Paths) -> Path:
+    """``OUT/ds_<name>``: ``ds_configs/<config.ds_config>`` with :data:`SMALL_LLM_BUCKETS` where it says "auto"."""
+    ds = json.loads((REPO / "ds_configs" / config.ds_config).read_text())
+    zero = ds.get("zero_optimization", {})
+    for key, value in SMALL_LLM_BUCKETS.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    path = paths.root / f"ds_{config.ds_config}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ds, indent=1) + "\n")
+    return path
+
+
 def train_command(config: QuickstartConfig, paths: Paths, name: str, stage: int) -> list[str]:
     """``deepspeed --module train.train ...`` for model ``name`` ("baseline" or "tuna") and stage 1 or 2."""
     clip = clip_args(paths)
     steps = config.stage1_steps if stage == 1 else config.steps
     args = {
-        "deepspeed": str(REPO / "ds_configs" / config.ds_config),
+        "deepspeed": str(ds_config_file(config, paths)),
         "model_name_or_path": str(paths.llm), "stage": "pretrain" if stage == 1 else "finetune",
         "clip_model_config": clip["model_config"], "clip_pretrained": clip["pretrained"],
         "data_path": [str(paths.world / "llava" / "pretrain.json")] if stage == 1 else
@@ -396,20 +417,30 @@ def eval_runs(config: QuickstartConfig, paths: Paths) -> dict[str, tuple[str, Pa
 
 
 def eval_command(config: QuickstartConfig, model_dir: Path, data_root: Path, benches: list[str], out: Path,
-                 flags: list[str]) -> tuple[list[str], dict[str, str]]:
-    """``tuna-eval`` of ``model_dir`` on ``benches`` (tag flags in ``flags``), and its environment."""
+                 flags: list[str], side_by_side: int = 1) -> tuple[list[str], dict[str, str]]:
+    """``tuna-eval`` of ``model_dir`` on ``benches`` (tag flags in ``flags``), and its environment (its share
+    of the cores when ``side_by_side`` evaluations run at once)."""
     cmd = [_bin("tuna-eval"), "--model", str(model_dir), "--bench", ",".join(benches), "--data-root", str(data_root),
            "--out", str(out), "--batch-size", str(config.eval_batch_size), "--device", config.device,
            "--k-images", str(config.k_images), *flags]
-    return cmd, {**_env(config), "OMP_NUM_THREADS": str(_threads(config) * config.nproc)}
+    threads = max(1, _threads(config) * config.nproc // side_by_side)
+    return cmd, {**_env(config), "OMP_NUM_THREADS": str(threads)}
 
 
 def stage_eval(config: QuickstartConfig, paths: Paths) -> None:
-    for run, (model, root, benches, flags) in eval_runs(config, paths).items():
+    # On CPU the evaluations run nproc at a time, each on its share of the cores: most of a small one is
+    # start-up (imports, model and datastore loading), which is single-threaded.
+    side_by_side = config.nproc if config.device == "cpu" else 1
+
+    def evaluate(item: tuple[str, tuple[str, Path, list[str], list[str]]]) -> None:
+        run, (model, root, benches, flags) = item
         start = time.perf_counter()
-        cmd, env = eval_command(config, paths.model(model, 2), root, benches, paths.eval / run, flags)
+        cmd, env = eval_command(config, paths.model(model, 2), root, benches, paths.eval / run, flags, side_by_side)
         run_logged(cmd, paths.logs / f"eval-{run}.log", env, f"evaluation {run}")
         print(f"   {run}: {time.perf_counter() - start:.1f} s", flush=True)
+
+    with ThreadPoolExecutor(side_by_side) as pool:
+        list(pool.map(evaluate, eval_runs(config, paths).items()))  # re-raises the first failure
     start = time.perf_counter()
     text_llm_reference(paths)
     print(f"   {TEXT_REFERENCE} (the text-only LLM reading TUNA's tag blocks): {time.perf_counter() - start:.1f} s",

@@ -25,7 +25,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
@@ -584,6 +587,21 @@ def caption_words(captions: Iterable[str]) -> set[str]:
     return {w for c in captions for w in re.findall(r"[a-z]+", c.lower())}
 
 
+def weighted_lm_loss(model: Any, ids: Tensor, positions: Tensor, weights: Tensor) -> Tensor:
+    """Next-token cross-entropy of packed rows ``ids`` (B, L), weighted per target token by ``weights``
+    (B, L; position t weighs the prediction of token t) and divided by the weights' sum. The LM head runs
+    only where a weight is non-zero (with ``context_weight`` 0, the answers): the same loss as over the full
+    (B, L, V) logits, at a fraction of the LM head's cost."""
+    import torch.nn.functional as F
+
+    hidden = model.get_decoder()(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state[:, :-1]
+    w = weights[:, 1:].reshape(-1)
+    kept = w > 0
+    logits = model.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])[kept]).float()
+    ce = F.cross_entropy(logits, ids[:, 1:].reshape(-1)[kept], reduction="none")
+    return (ce * w[kept]).sum() / w.sum()
+
+
 def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPretrainConfig | None = None,
                       progress: bool = True) -> Path:
     """Train tokenizer + tiny Qwen2 LM on captions and generated copy texts; save both to ``out_dir``.
@@ -693,10 +711,7 @@ def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPret
                                                config.min_lr_ratio)
             rows = slice(step * config.batch_size, (step + 1) * config.batch_size)
             ids, w = data[rows], weights[rows]
-            logits = model(input_ids=ids, position_ids=positions[rows], use_cache=False).logits[:, :-1].float()
-            ce = F.cross_entropy(logits.reshape(-1, vocab), ids[:, 1:].reshape(-1), reduction="none")
-            tw = w[:, 1:].reshape(-1)
-            loss = (ce * tw).sum() / tw.sum()
+            loss = weighted_lm_loss(model, ids, positions[rows], w)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

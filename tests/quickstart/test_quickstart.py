@@ -111,10 +111,12 @@ def test_bad_settings_are_rejected():
 
 
 def test_only_tunas_instruction_tuning_permutes_the_seen_names(run):
-    from tuna.quickstart import Paths, train_command
+    from tuna.quickstart import Paths, ds_config_file, train_command
 
     out, _ = run
     paths = Paths(out)
+    logged = (out / "logs" / "train-tuna-stage2.log").read_text().splitlines()[0]
+    assert f"--deepspeed {ds_config_file(QuickstartConfig(out=str(out)), paths)} " in logged
     world = json.loads((out / "world" / "world.json").read_text())["categories"]
     assert paths.seen_names.read_text().split() == [c["name"] for c in world if c["novelty"] == "seen"]
     for p in (0.0, 0.5):
@@ -127,7 +129,6 @@ def test_only_tunas_instruction_tuning_permutes_the_seen_names(run):
                     assert [cmd[cmd.index(f"--{k}") + 1] for k in ("rename_p", "rename_names", "rename_pool")] == [
                         "0.5", str(paths.seen_names), str(paths.seen_names)]
     # the run itself trained with the default
-    logged = (out / "logs" / "train-tuna-stage2.log").read_text().splitlines()[0]
     assert ("--rename_p" in logged) == (QuickstartConfig().rename_p > 0)
 
 
@@ -166,3 +167,18 @@ def test_tag_diagnostics_count_the_copy_rate(tmp_path):
     assert d["accuracy_without_name"]["novel"] == 0.0
     results = {"runs": {}, "diagnostics": {"purity": {}, **d}, "checks": {}}
     assert "| identification when it is (the copy rate) | 100.0 | 50.0 |" in results_markdown(results)
+
+
+@pytest.mark.parametrize("ds_config", ["zero2.json", "zero3.json"])
+def test_training_uses_deepspeeds_bucket_sizes_not_the_tiny_llms_auto(tmp_path, ds_config):
+    from tuna.quickstart import SMALL_LLM_BUCKETS, Paths, ds_config_file
+
+    written = json.loads(ds_config_file(QuickstartConfig(out=str(tmp_path), ds_config=ds_config),
+                                        Paths(tmp_path)).read_text())
+    shipped = json.loads((Path(__file__).parents[2] / "ds_configs" / ds_config).read_text())
+    zero = written.pop("zero_optimization")
+    assert written == {k: v for k, v in shipped.items() if k != "zero_optimization"}
+    assert zero["reduce_bucket_size"] == SMALL_LLM_BUCKETS["reduce_bucket_size"] == 500_000_000
+    assert zero.get("stage3_prefetch_bucket_size") == (50_000_000 if "3" in ds_config else None)
+    assert {k: v for k, v in zero.items() if k not in SMALL_LLM_BUCKETS} == {
+        k: v for k, v in shipped["zero_optimization"].items() if k not in SMALL_LLM_BUCKETS}

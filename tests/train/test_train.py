@@ -1,4 +1,4 @@
-"""train/train.py end to end: 2-process DeepSpeed (gloo, CPU) runs of ZeRO-2 / ZeRO-3 / ZeRO-3 offload."""
+"""train/train.py end to end: 2-process DeepSpeed (gloo, CPU) runs of ZeRO-2 / ZeRO-3 / ZeRO-3 offload; the trainer."""
 
 from __future__ import annotations
 
@@ -150,3 +150,30 @@ def test_mm_projector_lr_and_no_shm_buffers_left(world, tmp_path):
     assert not torch.equal(initial["tag_encoder.text_proj.weight"], trained["tag_encoder.text_proj.weight"])
     # DeepSpeed's CPU allreduce buffers of this run (named by its port) are gone from /dev/shm
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
+def test_trainer_asks_for_the_loss_only_when_it_returns_no_outputs(tmp_path):
+    from types import SimpleNamespace
+
+    from train.arguments import TunaTrainingArguments
+    from train.trainer import TunaTrainer
+
+    class Spy(torch.nn.Module):
+        config = SimpleNamespace(num_image_tokens=1, ablation="no_tags")
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w, self.calls = torch.nn.Parameter(torch.ones(())), []
+
+        def forward(self, input_ids, attention_mask, labels, loss_only=False, **kwargs):
+            self.calls.append(loss_only)
+            return {"loss": self.w * 2.0, "logits": None if loss_only else torch.zeros(1, 2, 5)}
+
+    model = Spy()
+    trainer = TunaTrainer(model=model, args=TunaTrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                                  report_to="none"))
+    batch = {"input_ids": torch.ones(1, 2, dtype=torch.long), "attention_mask": torch.ones(1, 2, dtype=torch.long),
+             "labels": torch.ones(1, 2, dtype=torch.long)}
+    assert trainer.compute_loss(model, dict(batch)).item() == 2.0
+    loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
+    assert model.calls == [True, False] and outputs["logits"].shape == (1, 2, 5)

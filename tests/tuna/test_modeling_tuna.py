@@ -171,6 +171,26 @@ def test_gradient_checkpointing_gives_the_same_loss_and_grads(make_model, tiny_t
     assert all(torch.allclose(grads[n], p.grad, atol=1e-6) for n, p in model.named_parameters() if n in grads)
 
 
+def test_loss_only_forward_gives_the_full_forwards_loss_and_grads(make_model, tiny_tokenizer):
+    model = make_model().train()
+    batch = train_batch(model, tiny_tokenizer)
+    losses, grads = [], []
+    for kwargs in ({}, {"loss_only": True}, {"num_items_in_batch": 3}, {"loss_only": True, "num_items_in_batch": 3}):
+        model.zero_grad()
+        out = model(**batch, **kwargs)
+        assert (out.logits is None) == bool(kwargs.get("loss_only"))
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    n_answer = int((batch["labels"][:, 1:] != -100).sum())
+    assert n_answer != 3  # else the mean and the sum / 3 could not be told apart
+    assert torch.allclose(losses[0], losses[1]) and torch.allclose(losses[2], losses[3])
+    assert torch.allclose(losses[2], losses[0] * n_answer / 3)
+    for full, only in ((grads[0], grads[1]), (grads[2], grads[3])):
+        assert full.keys() == only.keys() and len(full) > 0
+        assert all(torch.allclose(full[n], only[n], atol=1e-6) for n in full)
+
+
 # ------------------------------------------------------------------------------------ save / load
 def test_save_load_round_trip_is_exact(model, tiny_tokenizer, tmp_path):
     batch = train_batch(model, tiny_tokenizer)

@@ -233,3 +233,28 @@ def test_plain_texts_have_no_llava_conversation():
         llava_conversation(gen.sample("define"))
     turns = llava_conversation(gen.sample("tags_single", chat=True))
     assert turns[0]["from"] == "human" and " Tags: " in turns[0]["value"]
+
+
+def test_weighted_loss_equals_the_full_logits_loss_and_its_gradients(run):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tuna.text_pretrain import weighted_lm_loss
+
+    model = AutoModelForCausalLM.from_pretrained(str(run[0])).train()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (3, 12), generator=gen)
+    positions = torch.arange(12).repeat(3, 1)
+    weights = torch.rand(3, 12, generator=gen) * (torch.rand(3, 12, generator=gen) < 0.4)
+    loss = weighted_lm_loss(model, ids, positions, weights)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    logits = model(input_ids=ids, position_ids=positions).logits[:, :-1].float()
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                           reduction="none")
+    full = (ce * weights[:, 1:].reshape(-1)).sum() / weights[:, 1:].sum()
+    full.backward()
+    assert 0 < int((weights[:, 1:] > 0).sum()) < weights[:, 1:].numel()
+    assert torch.allclose(loss, full)
+    assert all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(grads, model.parameters()))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import statistics
 import sys
 import tempfile
@@ -25,13 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def run(root: Path, ds_config: Path, steps: int, work: Path) -> dict:
-    """The Trainer's final log dict of ``steps`` TUNA stage-2 steps under ``ds_config``."""
-    from tuna.quickstart import Paths, QuickstartConfig, _env, run_logged, train_command
+def run(config, ds_config: Path, steps: int, work: Path) -> dict:
+    """Runtime and final loss of ``steps`` TUNA stage-2 steps of the quickstart ``config`` under ``ds_config``."""
+    from tuna.quickstart import Paths, _env, run_logged, train_command
 
-    recipe = json.loads((root / "stages.json").read_text())["recipe"]
-    config = QuickstartConfig(**{**recipe, "out": str(root)})
-    cmd = train_command(config, Paths(root), "tuna", 2)
+    cmd = train_command(config, Paths(Path(config.out)), "tuna", 2)
     for flag, value in (("--deepspeed", ds_config), ("--max_steps", steps), ("--output_dir", work / "model"),
                         ("--logging_steps", steps)):
         cmd[cmd.index(flag) + 1] = str(value)
@@ -47,18 +44,17 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=60, help="training steps per run")
     parser.add_argument("--rounds", type=int, default=2, help="runs per config, in alternating order")
     args = parser.parse_args()
-    from tuna.quickstart import Paths, QuickstartConfig, ds_config_file
+    from tuna.quickstart import Paths, ds_config_file, recorded_config
 
     root = args.quickstart.resolve()
-    recipe = json.loads((root / "stages.json").read_text())["recipe"]
-    configs = {"auto (ds_configs/)": REPO / "ds_configs" / recipe.get("ds_config", "zero2.json"),
-               "quickstart (SMALL_LLM_BUCKETS)": ds_config_file(QuickstartConfig(**{**recipe, "out": str(root)}),
-                                                                 Paths(root))}
+    config = recorded_config(root)
+    configs = {"auto (ds_configs/)": REPO / "ds_configs" / config.ds_config,
+               "quickstart (SMALL_LLM_BUCKETS)": ds_config_file(config, Paths(root))}
     results: dict[str, list[dict]] = {name: [] for name in configs}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.rounds):
             for name in (list(configs) if i % 2 == 0 else list(configs)[::-1]):
-                results[name].append(run(root, configs[name], args.steps, Path(tmp)))
+                results[name].append(run(config, configs[name], args.steps, Path(tmp)))
     base = statistics.median(r["runtime_s"] for r in results["auto (ds_configs/)"])
     print(f"{root}: TUNA stage 2, {args.steps} steps, {args.rounds} runs per config")
     print("| DeepSpeed buckets | train_runtime s (median) | ratio | final loss |")

@@ -15,7 +15,6 @@ step is excluded. CPU time of this process with one torch thread by default.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -35,10 +34,9 @@ def quickstart_parts(root: Path):
     from train.data import TrainCollator
     from train.train import build_dataset, build_model, build_tag_source
     from tuna.processing_tuna import TunaProcessor
-    from tuna.quickstart import Paths, QuickstartConfig, train_command
+    from tuna.quickstart import Paths, recorded_config, train_command
 
-    recipe = json.loads((root / "stages.json").read_text())["recipe"]
-    cmd = train_command(QuickstartConfig(**{**recipe, "out": str(root)}), Paths(root), "tuna", 2)
+    cmd = train_command(recorded_config(root), Paths(root), "tuna", 2)
     argv = cmd[cmd.index("train.train") + 1:]
     drop = argv.index("--deepspeed")
     argv = argv[:drop] + argv[drop + 2:] + ["--output_dir", "/tmp/unused"]

@@ -318,9 +318,15 @@ def stage_datastore(config: QuickstartConfig, paths: Paths) -> None:
 
 # DeepSpeed's own defaults for the bucket sizes that HF's "auto" derives from the LLM's hidden size (hidden²
 # elements). For the quickstart's 128-wide LLM "auto" is 16,384 elements, so ZeRO-2 reduces the gradients in
-# dozens of tiny gloo calls per step: 1.6x slower steps on 2 CPU cores (docs/benchmarks.md). Real checkpoints
+# dozens of tiny gloo calls per step: 60 TUNA steps take 1.3x as long on 2 CPU cores (bench/bench_ds_buckets.py,
+# docs/benchmarks.md). Real checkpoints
 # (hidden 4096: 16.7M elements) keep "auto" through ds_configs/ as they are.
 SMALL_LLM_BUCKETS = {"reduce_bucket_size": 500_000_000, "stage3_prefetch_bucket_size": 50_000_000}
+
+
+def recorded_config(root: Path) -> QuickstartConfig:
+    """The settings the finished quickstart at ``root`` ran with (the recipe in its ``stages.json``)."""
+    return QuickstartConfig(**{**json.loads((root / "stages.json").read_text())["recipe"], "out": str(root)})
 
 
 def ds_config_file(config: QuickstartConfig, paths: Paths) -> Path:

@@ -617,7 +617,6 @@ def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPret
         ``out_dir`` as a Path; ``AutoTokenizer`` / ``AutoModelForCausalLM.from_pretrained`` load it.
     """
     import torch
-    import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from datastore.utils import warmup_cosine_lr

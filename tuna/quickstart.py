@@ -73,8 +73,10 @@ class QuickstartConfig:
     # tiny CLIP (datastore.clip_train)
     clip_steps: int = 600
     clip_batch_size: int = 128
-    # tiny LLM text pretraining (tuna.text_pretrain)
-    llm_steps: int = 600
+    # tiny LLM text pretraining (tuna.text_pretrain). Whether the 2-layer LLM learns to copy a name from a
+    # tag list within 600 steps depends on the seed (on one VM: 5-46 % of the novel names read from TUNA's
+    # blocks at seeds 0-3); after 1500 steps every seed copies 51-54 % (docs/quickstart.md, "The copy prior")
+    llm_steps: int = 1500
     llm_hidden: int = 128
     llm_layers: int = 2
     # text-only copy conversations mixed into instruction tuning, per instruction image (LLaVA-1.5 mixes
@@ -460,11 +462,12 @@ def _user_message(prompt: str) -> str:
     return prompt.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
 
 
-def text_llm_reference(paths: Paths) -> None:
+def text_llm_reference(paths: Paths, llm: Path | None = None, out: Path | None = None) -> Path:
     """The text-only LLM (before any image) on TUNA's identification questions, the image replaced by the
     tag block TUNA read, as text (" Tags: a, b."). It is the copy prior the multimodal training starts
     from: TUNA should name novel objects at least this well. Scored like ``synth_open`` (the gold name
-    as a whole word of the answer)."""
+    as a whole word of the answer). ``llm`` (default: the run's) reads the blocks; the predictions go to
+    ``out`` (default: ``eval/llm_tags_as_text``), which is returned."""
     import re
 
     from tuna.conversation import IMAGE_MARKER
@@ -475,14 +478,15 @@ def text_llm_reference(paths: Paths) -> None:
     blocks = [cfg["tag_prefix"] + " " + f"{cfg['tag_separator']} ".join(t["tag"] for t in r["tags"]) + cfg["tag_suffix"]
               for r in records]
     users = [_user_message(r["prompt"]).replace(IMAGE_MARKER, block, 1) for r, block in zip(records, blocks)]
-    out = []
-    for r, user, prediction in zip(records, users, greedy_answers(paths.llm, users, max_new_tokens=8)):
+    rows = []
+    for r, user, prediction in zip(records, users, greedy_answers(llm or paths.llm, users, max_new_tokens=8)):
         hit = any(re.search(rf"(?<!\w){re.escape(a.lower())}(?!\w)", prediction.lower()) for a in r["answers"])
-        out.append({k: r[k] for k in ("question_id", "image", "category", "novelty", "answers", "text")}
+        rows.append({k: r[k] for k in ("question_id", "image", "category", "novelty", "answers", "text")}
                    | {"prompt": user, "prediction": prediction, "score": float(hit)})
-    target = paths.eval / TEXT_REFERENCE / "synth_open"
-    target.mkdir(parents=True, exist_ok=True)
-    (target / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out))
+    run_dir = out or paths.eval / TEXT_REFERENCE
+    (run_dir / "synth_open").mkdir(parents=True, exist_ok=True)
+    (run_dir / "synth_open" / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_dir
 
 
 # ------------------------------------------------------------------------------------------ report

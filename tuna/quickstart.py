@@ -71,8 +71,8 @@ class QuickstartConfig:
     swap_corpus_size: int = 8_000
     swap_categories: int = 24
     # tiny CLIP (datastore.clip_train). 1000 steps, not 600: at 600 the novel eval images' top-1 neighbour
-    # purity is 79-96 % depending on the seed, at 1000 92-99 % (seeds 0, 1, 3), and seed 3's novel gain
-    # went 25.0 -> 43.1 (docs/quickstart.md, "Measured"). It costs ~100 s on 2 cores
+    # purity is 79-96 % depending on the seed, at 1000 92-99 % (seeds 0-3), and seed 3's novel gain went
+    # 25.0 -> 43.1 (docs/quickstart.md, "Measured"). It costs ~100 s on 2 cores
     clip_steps: int = 1000
     clip_batch_size: int = 128
     # tiny LLM text pretraining (tuna.text_pretrain). Whether the 2-layer LLM learns to copy a name from a

@@ -17,7 +17,6 @@ Writes ``QUICKSTART/copy_prior/seed-S-steps-N/`` (the LLM and its predictions) a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,21 +27,18 @@ sys.path.insert(0, str(REPO))
 
 def measure(root: Path, seed: int, steps: int) -> dict[str, float]:
     """Pretrain one LLM into ``root/copy_prior/seed-S-steps-N`` and measure its copy prior (percentages)."""
-    from tuna.quickstart import Paths, _identification_records, _mean, _threads, recorded_config, text_llm_reference
-    from tuna.text_pretrain import TextPretrainConfig, copy_accuracy, pretrain_text_llm, read_world_captions
+    from tuna.quickstart import (Paths, _identification_records, _mean, llm_pretrain_config, recorded_config,
+                                 text_llm_reference)
+    from tuna.text_pretrain import copy_accuracy, pretrain_text_llm, read_world_captions, world_novel_names
 
-    config, paths = recorded_config(root), Paths(root)
+    paths = Paths(root)
     out = paths.root / "copy_prior" / f"seed-{seed}-steps-{steps}"
     llm = out / "llm"
     start = time.perf_counter()
-    llm_config = TextPretrainConfig(steps=steps, hidden_size=config.llm_hidden, num_layers=config.llm_layers,
-                                    seed=seed, threads=_threads(config) * config.nproc,
-                                    **config.extra.get("llm", {}))
+    llm_config = llm_pretrain_config(recorded_config(root), seed=seed, steps=steps)
     pretrain_text_llm(read_world_captions(paths.world), llm, llm_config, progress=False)
     seconds = time.perf_counter() - start
-    world = json.loads((paths.world / "world.json").read_text())
-    novel = [c["name"] for c in world["categories"] if c["novelty"] == "novel"]
-    copy = copy_accuracy(llm, n=300, names=novel)
+    copy = copy_accuracy(llm, n=300, names=world_novel_names(paths.world))
     reference = _identification_records(text_llm_reference(paths, llm=llm, out=out / "eval"))
     return {"copy": 100 * copy.accuracy, "seconds": seconds,
             **{nov: _mean([r["score"] for r in reference if r["novelty"] == nov]) for nov in ("seen", "novel")}}
@@ -54,9 +50,11 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="text-pretraining seeds")
     parser.add_argument("--steps", type=int, nargs="+", default=[600, 1500], help="text-pretraining step counts")
     args = parser.parse_args()
+    from exp_retrain_tuna import not_finished  # bench/ is this script's directory, so on sys.path
+
     root = args.quickstart.resolve()
-    if not (root / "stages.json").is_file() or not (root / "eval" / "tuna" / "synth_open").is_dir():
-        print(f"error: {root} is not a finished quickstart (run `tuna quickstart --out {root}`)", file=sys.stderr)
+    if problem := not_finished(root):
+        print(f"error: {problem}", file=sys.stderr)
         return 1
     lines = ["| seed | steps | train s | copy accuracy, novel names | tag blocks as text: seen | novel |",
              "|---|---|---|---|---|---|"]

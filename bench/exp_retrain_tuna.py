@@ -74,7 +74,7 @@ def evaluate(root: Path, model_dir: Path, out: Path, eval_cache: Path | None = N
 
 def not_finished(root: Path) -> str | None:
     """Why ``root`` is not a finished quickstart to experiment on, or None."""
-    if not (root / "stages.json").is_file() or not (root / "eval" / "tuna").is_dir():
+    if not (root / "stages.json").is_file() or not (root / "eval" / "tuna" / "synth_open").is_dir():
         return f"{root} is not a finished quickstart (run `tuna quickstart --out {root}`)"
     return None
 

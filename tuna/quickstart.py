@@ -77,7 +77,7 @@ class QuickstartConfig:
     clip_batch_size: int = 128
     # tiny LLM text pretraining (tuna.text_pretrain). Whether the 2-layer LLM learns to copy a name from a
     # tag list within 600 steps depends on the seed (on one VM: 5-46 % of the novel names read from TUNA's
-    # blocks at seeds 0-3); after 1500 steps every seed copies 51-54 % (docs/quickstart.md, "The copy prior")
+    # blocks at seeds 0-3); after 1500 steps every seed reads 51-54 % (docs/quickstart.md, "Measured")
     llm_steps: int = 1500
     llm_hidden: int = 128
     llm_layers: int = 2
@@ -282,14 +282,21 @@ def clip_args(paths: Paths) -> dict[str, str]:
     return {"model_config": model_config, "pretrained": checkpoint}
 
 
+def llm_pretrain_config(config: QuickstartConfig, **changes: Any):
+    """The quickstart's ``TextPretrainConfig`` (``changes`` override its fields, e.g. ``seed``, ``steps``)."""
+    from tuna.text_pretrain import TextPretrainConfig
+
+    fields = {"steps": config.llm_steps, "hidden_size": config.llm_hidden, "num_layers": config.llm_layers,
+              "seed": config.seed, "threads": _threads(config) * config.nproc, **config.extra.get("llm", {})}
+    return TextPretrainConfig(**{**fields, **changes})
+
+
 def stage_llm(config: QuickstartConfig, paths: Paths) -> None:
     """Text-only LLM pretraining, and the text-only conversations mixed into instruction tuning."""
-    from tuna.text_pretrain import TextPretrainConfig, pretrain_text_llm, read_world_captions, text_replay_records
+    from tuna.text_pretrain import pretrain_text_llm, read_world_captions, text_replay_records
 
     captions = read_world_captions(paths.world)  # text pretraining reads only these, never eval images or questions
-    llm_config = TextPretrainConfig(steps=config.llm_steps, hidden_size=config.llm_hidden,
-                                    num_layers=config.llm_layers, seed=config.seed,
-                                    threads=_threads(config) * config.nproc, **config.extra.get("llm", {}))
+    llm_config = llm_pretrain_config(config)
     pretrain_text_llm(captions, str(paths.llm), llm_config)
     records = text_replay_records(captions, round(config.text_replay * config.n_instruct), llm_config,
                                   seed=config.seed + 1)

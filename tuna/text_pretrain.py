@@ -805,6 +805,12 @@ def copy_accuracy(model_dir: str | Path, n: int = 200, seed: int = 12345, tasks:
 # ---------------------------------------------------------------- command line
 
 
+def world_novel_names(world: str | Path) -> list[str]:
+    """The novel category names of a synthetic world (its ``world.json``)."""
+    categories = json.loads((Path(world) / "world.json").read_text())["categories"]
+    return [c["name"] for c in categories if c["novelty"] == "novel"]
+
+
 def read_world_captions(world: str | Path, limit: int | None = None) -> list[str]:
     """Captions (``*.txt`` members) of a synthetic world's ``corpus/*.tar`` shards."""
     import tarfile
@@ -852,9 +858,7 @@ def main(argv: list[str] | None = None) -> int:
     for e in acc.examples[:4]:
         print(f"  {e['task']}: {e['prompt']!r} -> {e['output']!r} (want {e['answer']!r})")
     if args.world:
-        world = json.loads((Path(args.world) / "world.json").read_text())
-        novel = [c["name"] for c in world["categories"] if c["novelty"] == "novel"]
-        acc = copy_accuracy(out, n=args.n_eval, names=novel)
+        acc = copy_accuracy(out, n=args.n_eval, names=world_novel_names(args.world))
         by_task = ", ".join(f"{k} {v:.0%}" for k, v in acc.by_task.items())
         print(f"copy accuracy {acc.accuracy:.1%} on {acc.n} prompts with the world's novel names ({by_task})")
     return 0

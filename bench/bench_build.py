@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
+from common.log import setup_logging
 from datastore.build import BuildConfig, encode_parts
 from datastore.clip import ClipSpec, load_clip
 from datastore.reader import ReaderConfig, ShardBatches, expand_shards
 from datastore.tags import TagParserConfig, build_tag_parser
-from datastore.utils import setup_logging
 
 
 def make_world(out: Path, n_images: int, shard_size: int) -> list[str]:

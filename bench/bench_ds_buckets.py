@@ -3,7 +3,7 @@
 HF fills a DeepSpeed config's ``reduce_bucket_size: "auto"`` with hidden_size² elements. For the
 quickstart's 128-wide LLM that is 16,384, so ZeRO-2 reduces each step's gradients in many tiny
 collective calls. The quickstart therefore trains with DeepSpeed's own default bucket sizes
-(``tuna.quickstart.SMALL_LLM_BUCKETS``). This runs the quickstart's own TUNA stage-2 command
+(``pipeline.quickstart.SMALL_LLM_BUCKETS``). This runs the quickstart's own TUNA stage-2 command
 (``--quickstart``, a finished ``tuna quickstart --out`` directory) for ``--steps`` steps with each
 config, ``--rounds`` times in alternating order, and prints the Trainer's ``train_runtime`` (which
 excludes start-up) and the final loss of each run.
@@ -20,20 +20,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def run(config, ds_config: Path, steps: int, work: Path) -> dict:
     """Runtime and final loss of ``steps`` TUNA stage-2 steps of the quickstart ``config`` under ``ds_config``."""
-    from tuna.quickstart import Paths, _env, run_logged, train_command
+    from pipeline.processes import run_logged
+    from pipeline.quickstart import Paths, process_env, train_command
 
     cmd = train_command(config, Paths(Path(config.out)), "tuna", 2)
     for flag, value in (("--deepspeed", ds_config), ("--max_steps", steps), ("--output_dir", work / "model"),
                         ("--logging_steps", steps)):
         cmd[cmd.index(flag) + 1] = str(value)
     log = work / f"{ds_config.stem}.log"
-    run_logged(cmd, log, _env(config), f"training with {ds_config}")
+    run_logged(cmd, log, process_env(config), f"training with {ds_config}")
     dicts = [ast.literal_eval(line) for line in log.read_text().splitlines() if line.startswith("{'")]
     return {"runtime_s": float(dicts[-1]["train_runtime"]), "loss": float(dicts[-2]["loss"])}
 
@@ -44,7 +43,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=60, help="training steps per run")
     parser.add_argument("--rounds", type=int, default=2, help="runs per config, in alternating order")
     args = parser.parse_args()
-    from tuna.quickstart import Paths, ds_config_file, recorded_config
+    from pipeline.processes import REPO
+    from pipeline.quickstart import Paths, ds_config_file, recorded_config
 
     root = args.quickstart.resolve()
     config = recorded_config(root)

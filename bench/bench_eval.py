@@ -14,7 +14,7 @@ calls). "other" = wall time - all timers (image loading, preprocessing, tokeniza
 
     python bench/bench_eval.py                                       # 200 questions, batch 1 vs 16
     python bench/bench_eval.py --n-questions 96 --batch-sizes 1,4,16 --llm-hidden 512 --llm-layers 8
-    python bench/bench_eval.py --clip narrow-336 --n-questions 64    # LLaVA-1.5's 576 patches per image
+    python bench/bench_eval.py --clip tuna-narrow-336 --n-questions 64    # LLaVA-1.5's 576 patches per image
 """
 
 from __future__ import annotations
@@ -34,25 +34,16 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from datastore.utils import setup_logging
+from common.log import setup_logging
 
-# A narrow ViT with LLaVA-1.5's 576 patches per image (336 px / 14 px), cheap on CPU (as in bench_train.py).
-CLIP_CONFIGS = {"narrow-336": {
-    "embed_dim": 256,
-    "vision_cfg": {"image_size": 336, "layers": 4, "width": 256, "head_width": 64, "patch_size": 14},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 256, "heads": 4, "layers": 2}}}
 SYSTEM = "A chat between a curious user and an artificial intelligence assistant. USER: ASSISTANT: Tags:"
 PARTS = ("retrieval", "tag encoding", "vision tower", "generation", "other")
 
 
 def clip_spec(name: str, root: Path):
-    """ClipSpec of ``name``: an open_clip architecture (random init) or a ``CLIP_CONFIGS`` entry."""
+    """ClipSpec of ``name``: an open_clip architecture or a bundled one (datastore/model_configs), random init."""
     from datastore.clip import ClipSpec
 
-    if name in CLIP_CONFIGS:
-        path = root / f"{name}.json"
-        path.write_text(json.dumps(CLIP_CONFIGS[name]))
-        return ClipSpec(model_config=str(path))
     return ClipSpec(model=name)
 
 
@@ -68,7 +59,7 @@ def build_world(root: Path, args: argparse.Namespace) -> dict[str, Path]:
     from datastore.index import IndexConfig
     from datastore.reader import ReaderConfig, expand_shards
     from tuna.modeling_tuna import TunaForCausalLM
-    from tuna.tiny import save_hf_tokenizer, save_tiny_llm, train_tokenizer
+    from pipeline.tiny import save_hf_tokenizer, save_tiny_llm, train_tokenizer
 
     w = root / "world"
     subprocess.run([sys.executable, "-m", "datastore.synth.cli", "--out", str(w), "--seed", "0",
@@ -184,7 +175,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--llm-hidden", type=int, default=256, help="Qwen2 hidden size (heads: hidden/64)")
     p.add_argument("--llm-layers", type=int, default=4, help="Qwen2 decoder layers")
     p.add_argument("--clip", default="tuna-tiny-clip", help="open_clip architecture (random init) of the model "
-                   "and the datastore, or 'narrow-336' (4-layer 256-wide ViT, 576 patches)")
+                   "and the datastore, or 'tuna-narrow-336' (4-layer 256-wide ViT, 576 patches)")
     p.add_argument("--n-corpus", type=int, default=400, help="datastore corpus images")
     p.add_argument("--max-tags", type=int, default=10, help="tags per image")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")

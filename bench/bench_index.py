@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.log import setup_logging
 from datastore.index import IndexConfig, build_index, index_memory_bytes, recall_at_k
-from datastore.utils import setup_logging
 
 logger = logging.getLogger("bench_index")
 

@@ -20,8 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
@@ -34,7 +32,7 @@ def quickstart_parts(root: Path):
     from train.data import TrainCollator
     from train.train import build_dataset, build_model, build_tag_source
     from tuna.processing_tuna import TunaProcessor
-    from tuna.quickstart import Paths, recorded_config, train_command
+    from pipeline.quickstart import Paths, recorded_config, train_command
 
     cmd = train_command(recorded_config(root), Paths(root), "tuna", 2)
     argv = cmd[cmd.index("train.train") + 1:]

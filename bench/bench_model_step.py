@@ -30,7 +30,6 @@ machine do not inflate the steps (wall time there varied 2-3x between identical 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import random
 import shutil
@@ -43,7 +42,7 @@ from typing import Any, Callable
 
 import torch
 
-from datastore.utils import setup_logging
+from common.log import setup_logging
 
 COLOURS = ["red", "blue", "green", "yellow", "white", "black", "wooden", "small", "large", "striped"]
 NOUNS = ["cat", "dog", "table", "car", "tree", "house", "person", "cup", "bicycle", "window", "street",
@@ -54,11 +53,6 @@ PRECISIONS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 VOCAB_SIZE = 1000  # asked for; the synthetic lexicon yields ~500 (LM head ~3% of the LLM's FLOPs, ~2% in a 7B)
 TUNA_NAMES = {"scale": "tuna-scale", "scale_and_bias": "tuna-bias", "bias": "tuna-biasonly"}
 FILLER = " the"  # one token per repetition (checked): pads the length-matched baseline
-# A narrow ViT with LLaVA-1.5's token count (336 px / 14 px patches = 576 patches) but cheap on CPU.
-NARROW_CLIPS = {"narrow-336": {
-    "embed_dim": 256,
-    "vision_cfg": {"image_size": 336, "layers": 4, "width": 256, "head_width": 64, "patch_size": 14},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 256, "heads": 4, "layers": 2}}}
 
 
 @dataclass
@@ -120,7 +114,7 @@ def build_model(args: argparse.Namespace, work: Path) -> tuple[Any, Any]:
 
     from datastore.clip import ClipSpec
     from tuna.modeling_tuna import TunaForCausalLM
-    from tuna.tiny import save_hf_tokenizer, save_tiny_llm, train_tokenizer
+    from pipeline.tiny import save_hf_tokenizer, save_tiny_llm, train_tokenizer
 
     tok_dir = save_hf_tokenizer(train_tokenizer(corpus(2000, args.seed), "bytelevel", VOCAB_SIZE),
                                 work / "tokenizer")
@@ -130,12 +124,7 @@ def build_model(args: argparse.Namespace, work: Path) -> tuple[Any, Any]:
                             hidden_size=args.llm_hidden, num_layers=args.llm_layers, num_heads=heads,
                             num_kv_heads=max(1, heads // 4), seed=args.seed)
     precision = PRECISIONS[args.dtype]
-    if args.clip in NARROW_CLIPS:
-        config = work / f"{args.clip}.json"
-        config.write_text(json.dumps(NARROW_CLIPS[args.clip]))
-        clip = ClipSpec(model_config=str(config), device=args.device, precision=precision)
-    else:
-        clip = ClipSpec(model=args.clip, device=args.device, precision=precision)
+    clip = ClipSpec(model=args.clip, device=args.device, precision=precision)
     torch.manual_seed(args.seed)
     model = TunaForCausalLM.from_components(str(llm_dir), clip, tokenizer, dtype=DTYPES[args.dtype],
                                             template="vicuna_v1", max_tags=args.n_tags,
@@ -315,9 +304,9 @@ def check_filler(tokenizer: Any) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--clip", default="narrow-336", help="open_clip architecture, random init (ViT-B-16: 196 patches at 224 px; "
+    add("--clip", default="tuna-narrow-336", help="open_clip architecture, random init (ViT-B-16: 196 patches at 224 px; "
         "ViT-L-14: 256; ViT-L-14-336: 576 as in LLaVA-1.5, slow on CPU; tuna-tiny-clip: 16) or "
-        "'narrow-336': a 4-layer, 256-wide ViT with LLaVA-1.5's 576 patches, cheap on CPU")
+        "'tuna-narrow-336': a 4-layer, 256-wide ViT with LLaVA-1.5's 576 patches, cheap on CPU")
     add("--llm-type", default="qwen2", choices=["qwen2", "llama"], help="random-init LLM architecture")
     add("--llm-hidden", type=int, default=512, help="LLM hidden size (heads = hidden/64, KV heads = heads/4; "
         "MLP width 2x hidden)")

@@ -18,14 +18,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from bench_index import make_world, sample  # noqa: E402  (bench/ is on sys.path when run as a script)
+
+from common.log import setup_logging
 from datastore import layout
 from datastore.index import IndexConfig
 from datastore.merge import merge
 from datastore.reader import Batch
 from datastore.store import Datastore
-from datastore.utils import setup_logging
 from datastore.writer import PartWriter
 
 COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"]

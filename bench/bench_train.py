@@ -19,7 +19,7 @@ tokens per sample. Peak memory is the largest ``peak_memory_mb`` logged: the max
 process's lifetime peak RSS on CPU (model loading included), ``max_memory_allocated`` on CUDA.
 
     python bench/bench_train.py                                  # Qwen2 256 x 4 layers, tiny CLIP, ~3.5 min
-    python bench/bench_train.py --clip narrow-336 --batch-size 2 --steps 6 --repeats 1 --md out.md
+    python bench/bench_train.py --clip tuna-narrow-336 --batch-size 2 --steps 6 --repeats 1 --md out.md
     python bench/bench_train.py --llm-hidden 1024 --llm-layers 8 --steps 5 --repeats 1 --no-reference
 """
 
@@ -40,11 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# A narrow ViT with LLaVA-1.5's 576 patches per image (336 px / 14 px), cheap on CPU (as in bench_model_step.py).
-CLIP_CONFIGS = {"narrow-336": {
-    "embed_dim": 256,
-    "vision_cfg": {"image_size": 336, "layers": 4, "width": 256, "head_width": 64, "patch_size": 14},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 256, "heads": 4, "layers": 2}}}
 SYSTEM = "A chat between a curious user and an artificial intelligence assistant. USER: ASSISTANT: Tags:"
 
 
@@ -99,8 +94,7 @@ def build_world(root: Path, cfg: BenchConfig) -> dict:
         cfg: sizes.
 
     Returns:
-        Paths: images, data (instruct.json), cache, tokenizer, llm (the measured size), ref_llm (minimal),
-        clip_config (open_clip JSON for a ``CLIP_CONFIGS`` name, else None).
+        Paths: images, data (instruct.json), cache, tokenizer, llm (the measured size), ref_llm (minimal).
     """
     from transformers import AutoTokenizer
 
@@ -109,7 +103,7 @@ def build_world(root: Path, cfg: BenchConfig) -> dict:
     from datastore.clip import ClipSpec
     from datastore.index import IndexConfig
     from datastore.reader import ReaderConfig, expand_shards
-    from tuna.tiny import save_hf_tokenizer, save_tiny_llm, train_tokenizer
+    from pipeline.tiny import save_hf_tokenizer, save_tiny_llm, train_tokenizer
 
     w = root / "world"
     _run([sys.executable, "-m", "datastore.synth.cli", "--out", str(w), "--seed", "0", "--n-corpus", str(cfg.n_corpus),
@@ -128,12 +122,8 @@ def build_world(root: Path, cfg: BenchConfig) -> dict:
     save_tiny_llm(root / "llm", vocab_size=vocab, hidden_size=cfg.llm_hidden, num_layers=cfg.llm_layers,
                   num_heads=cfg.llm_heads, num_kv_heads=max(1, cfg.llm_heads // 2))
     save_tiny_llm(root / "ref_llm", vocab_size=vocab, hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1)
-    clip_config = None
-    if cfg.clip in CLIP_CONFIGS:
-        clip_config = root / f"{cfg.clip}.json"
-        clip_config.write_text(json.dumps(CLIP_CONFIGS[cfg.clip]))
     return {"images": w / "images", "data": data, "cache": root / "cache.parquet", "tokenizer": tok_dir,
-            "llm": root / "llm", "ref_llm": root / "ref_llm", "clip_config": clip_config}
+            "llm": root / "llm", "ref_llm": root / "ref_llm"}
 
 
 def train_argv(world: dict, cfg: BenchConfig, out: Path, ablation: str, llm: str) -> list[str]:
@@ -146,10 +136,7 @@ def train_argv(world: dict, cfg: BenchConfig, out: Path, ablation: str, llm: str
         "lr_scheduler_type": "constant", "logging_steps": 1, "save_strategy": "no", "report_to": "none",
         "use_cpu": "true", "seed": 0, "dataloader_num_workers": 0, "template": "vicuna_v1", "disable_tqdm": "true",
     }
-    if world["clip_config"] is not None:
-        args["clip_model_config"] = world["clip_config"]
-    else:
-        args["clip_model"] = cfg.clip
+    args["clip_model"] = cfg.clip
     return [item for key, value in args.items() for item in (f"--{key}", str(value))]
 
 
@@ -240,7 +227,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Nam
     p.add_argument("--n-corpus", type=int, default=d.n_corpus, help="datastore corpus images")
     p.add_argument("--image-size", type=int, default=d.image_size, help="synthetic image side, 64-128 px")
     p.add_argument("--clip", default=d.clip, help="open_clip architecture of the trained model (random init), or "
-                   "'narrow-336' (a 4-layer, 256-wide ViT with LLaVA-1.5's 576 patches); the datastore and "
+                   "'tuna-narrow-336' (a 4-layer, 256-wide ViT with LLaVA-1.5's 576 patches); the datastore and "
                    "retrieval cache always use tuna-tiny-clip (16 patches at 64 px)")
     p.add_argument("--max-tags", type=int, default=d.max_tags, help="tags read per image")
     p.add_argument("--repeats", type=int, default=d.repeats, help="TUNA/baseline launch pairs (ABBA order)")
@@ -311,5 +298,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     sys.exit(main())

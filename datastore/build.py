@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.distributed import barrier, dist_env, init_distributed
 from datastore import layout
 from datastore.clip import ClipSpec, LoadedClip, describe_mismatch, load_clip, same_clip
 from datastore.index import IndexConfig
 from datastore.reader import ReaderConfig, ShardBatches, expand_shards
 from datastore.tags import TagParserConfig, build_tag_parser
-from datastore.utils import dist_env
 from datastore.writer import PartWriter
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,8 @@ def build(config: BuildConfig, show_progress: bool = True) -> dict[str, Any] | N
         shards = expand_shards(config.inputs)
         if config.overwrite and rank == 0:
             _remove_datastore(config.out)
-        _barrier(group)
+        if group:
+            barrier()
         clip = load_clip(config.clip)
         parser = build_tag_parser(config.tags)
         _check_or_write_build_record(config, clip, parser.describe(), shards)
@@ -92,7 +93,8 @@ def build(config: BuildConfig, show_progress: bool = True) -> dict[str, Any] | N
         logger.info("%d shards in total; this rank builds %d (%d already done)", len(shards), len(todo),
                     len([i for i in range(len(shards)) if i % world == rank]) - len(todo))
         encode_parts(config, clip, parser, todo, show_progress and rank == 0)
-        _barrier(group)
+        if group:
+            barrier()
         if config.merge and rank == 0 and (group or world == 1):
             from datastore.merge import merge
 
@@ -126,24 +128,11 @@ def _rank_world(config: BuildConfig) -> tuple[int, int]:
 
 
 def _init_distributed(config: BuildConfig, world: int) -> bool:
-    """Join a gloo group when launched by torchrun with several ranks (used for barriers only)."""
-    import os
-    from datetime import timedelta
-
-    if world == 1 or config.world_size is not None or "MASTER_ADDR" not in os.environ:
+    """Join a gloo group when launched by torchrun with several ranks (used for barriers only; job arrays
+    with --world-size share none)."""
+    if world == 1 or config.world_size is not None:
         return False
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=timedelta(seconds=config.distributed_timeout_s))
-    return True
-
-
-def _barrier(group: bool) -> None:
-    if group:
-        import torch.distributed as dist
-
-        dist.barrier()
+    return init_distributed("gloo", timeout_s=config.distributed_timeout_s)
 
 
 def _build_record(config: BuildConfig, clip: LoadedClip, parser: dict, shards: list[str]) -> dict[str, Any]:

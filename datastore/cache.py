@@ -40,8 +40,11 @@ class CacheConfig:
         image_folder: folder the LLaVA ``image`` paths are relative to.
         shards: webdataset shard patterns (ids are sample keys).
         image_key: image member extension(s) in shards.
-        k_images, max_tags, aggregate: retrieval settings (see Datastore.retrieve_tags).
-        batch_size, num_workers: encoding batch and decode workers.
+        k_images: neighbour images whose tags are pooled.
+        max_tags: tags kept per image (None: all).
+        aggregate: a tag's score: "sum" or "max" of the cosines of the neighbours that have it.
+        batch_size: images per encoder batch.
+        num_workers: image decode worker processes.
         on_error: "error" stops at the first missing/corrupt image naming it; "skip" counts it.
         device: encoder device.
     """

@@ -8,7 +8,9 @@ import logging
 import sys
 import time
 
-from datastore.utils import dist_env, setup_logging
+from common.cli import add_config_flags, config_from_args, field_docs
+from common.distributed import resolve_device
+from common.log import setup_logging
 
 logger = logging.getLogger("datastore.cli")
 
@@ -38,15 +40,7 @@ def _clip_spec(args):
     from datastore.clip import ClipSpec
 
     return ClipSpec(model=args.model, pretrained=args.pretrained, model_config=args.model_config,
-                    device=_device(args.device), precision=args.precision)
-
-
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
-
-    return f"cuda:{dist_env()[2]}" if torch.cuda.is_available() else "cpu"
+                    device=resolve_device(args.device), precision=args.precision)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,22 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print JSON instead of a table")
     q.add_argument("--device", default="auto", help="CLIP device: cpu, cuda, cuda:N or auto")
 
-    c = sub.add_parser("cache", **defaults, help="precompute retrieved tags for an instruction/eval set")
-    c.add_argument("--datastore", required=True, help="datastore directory")
-    c.add_argument("--out", required=True, help="output parquet file")
-    c.add_argument("--llava-json", nargs="*", default=[], help="LLaVA .json/.jsonl files (image ids = 'image')")
-    c.add_argument("--image-folder", help="folder LLaVA image paths are relative to")
-    c.add_argument("--shards", nargs="*", default=[], help="webdataset shard patterns (ids = sample keys)")
-    c.add_argument("--k-images", type=int, default=5, help="neighbour images whose tags are pooled")
-    c.add_argument("--max-tags", type=int, default=32, help="tags kept per image")
-    c.add_argument("--aggregate", default="sum", choices=["sum", "max"],
-                   help="a tag's score: sum or max of the cosines of the neighbours that have it")
-    c.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")
-    c.add_argument("--num-workers", type=int, default=2, help="image decode worker processes")
-    c.add_argument("--on-error", default="error", choices=["error", "skip"],
-                   help="missing/corrupt image: stop naming it (default) or skip and count it")
-    c.add_argument("--device", default="auto", help="CLIP device: cpu, cuda, cuda:N or auto")
+    from datastore.cache import CacheConfig  # light: torch/open_clip load lazily
 
+    c = sub.add_parser("cache", **defaults, help="precompute retrieved tags for an instruction/eval set")
+    add_config_flags(c, CacheConfig, defaults={"device": "auto"},
+                     helps={"device": "CLIP device: cpu, cuda, cuda:N or auto"})
     from datastore.clip_train import TEXT_MODES, ClipTrainConfig  # light: torch/open_clip load lazily
 
     t = sub.add_parser("train-clip", **defaults,
@@ -121,28 +104,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "given seed and thread count (unless --max-minutes cuts it short).")
     t.add_argument("--input", nargs="+", required=True, help="shard patterns: brace expansion, globs")
     t.add_argument("--out", required=True, help="output folder")
-    t.add_argument("--model-config", default=ClipTrainConfig.model_config,
-                   help="open_clip model-config JSON, or the name of a bundled one (datastore/model_configs)")
-    t.add_argument("--image-size", type=int, help="override the config's image size (writes <arch>-<N>px.json)")
-    t.add_argument("--steps", type=int, default=ClipTrainConfig.steps, help="optimiser steps")
-    t.add_argument("--batch-size", type=int, default=ClipTrainConfig.batch_size, help="image-text pairs per step")
-    t.add_argument("--lr", type=float, default=ClipTrainConfig.lr, help="peak AdamW learning rate (cosine decay)")
-    t.add_argument("--warmup", type=int, default=ClipTrainConfig.warmup, help="linear warmup steps")
-    t.add_argument("--weight-decay", type=float, default=ClipTrainConfig.weight_decay, help="AdamW weight decay (matrices only)")
-    t.add_argument("--text-mode", default=ClipTrainConfig.text_mode, choices=TEXT_MODES,
-                   help="texts: the caption, the image's object names (from {key}.json), or names with "
-                        "random size/colour words")
-    t.add_argument("--no-multi-positive", action="store_true",
-                   help="treat pairs with the same category set / text as negatives (plain CLIP loss)")
-    t.add_argument("--no-colour-augment", action="store_true", help="turn off colour augmentation")
-    t.add_argument("--shift", type=int, default=ClipTrainConfig.shift, help="random translation in pixels (0 = off)")
-    t.add_argument("--seed", type=int, default=ClipTrainConfig.seed, help="seed of init, batches and augmentation")
-    t.add_argument("--threads", type=int, default=ClipTrainConfig.threads, help="torch threads")
-    t.add_argument("--workers", type=int, default=ClipTrainConfig.workers, help="shard decoding processes")
-    t.add_argument("--max-minutes", type=float, help="stop training after this long (breaks determinism)")
-    t.add_argument("--max-samples", type=int, help="use only the first N samples")
-    t.add_argument("--device", default=ClipTrainConfig.device, help="cpu, cuda or cuda:N")
-
+    add_config_flags(t, ClipTrainConfig, skip=("image_key", "caption_key"),
+                     helps={"text_mode": f"one of {', '.join(TEXT_MODES)}: " + field_docs(ClipTrainConfig)["text_mode"]})
     i = sub.add_parser("info", **defaults, help="print a datastore's manifest summary")
     i.add_argument("--datastore", required=True, help="datastore directory")
     return parser
@@ -193,7 +156,7 @@ def cmd_merge(args) -> None:
 def cmd_query(args) -> None:
     from datastore.store import Datastore
 
-    store = Datastore.open(args.datastore, device=_device(args.device))
+    store = Datastore.open(args.datastore, device=resolve_device(args.device))
     results = store.retrieve_tags(images=args.image, k_images=args.k, max_tags=args.max_tags)
     if args.json:
         print(json.dumps([{"image": img, **r.to_dict()} for img, r in zip(args.image, results)], indent=2))
@@ -208,21 +171,15 @@ def cmd_query(args) -> None:
 def cmd_cache(args) -> None:
     from datastore.cache import CacheConfig, build_cache
 
-    meta = build_cache(CacheConfig(
-        datastore=args.datastore, out=args.out, llava_json=args.llava_json, image_folder=args.image_folder,
-        shards=args.shards, k_images=args.k_images, max_tags=args.max_tags, aggregate=args.aggregate,
-        batch_size=args.batch_size, num_workers=args.num_workers, on_error=args.on_error,
-        device=_device(args.device)))
+    meta = build_cache(config_from_args(CacheConfig, args, device=resolve_device(args.device)))
     print(f"cache {args.out}: {meta['counts']['written']} images, skipped {meta['counts']['skipped'] or 'none'}, "
           f"{meta['seconds']:.1f}s")
 
 
 def cmd_train_clip(args) -> None:
     from datastore.clip_train import ClipTrainConfig, train_clip
-    from datastore.utils import config_from_args
 
-    config = config_from_args(ClipTrainConfig, args, multi_positive=not args.no_multi_positive,
-                              colour_augment=not args.no_colour_augment)
+    config = config_from_args(ClipTrainConfig, args)
     result = train_clip(args.input, args.out, config, progress=True)
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     print(f"clip {result.spec.model}: {result.steps} steps ({result.step_seconds:.3f}s/step), "

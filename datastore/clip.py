@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from datastore.utils import sha256_file
+from common.files import sha256_file
 
 logger = logging.getLogger(__name__)
 

@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from common.log import StageTimer
+from common.schedule import warmup_cosine_lr
 from datastore.clip import BUILTIN_CONFIG_DIR, ClipSpec, load_clip, register_model_config, weights_sha256
-from datastore.utils import StageTimer, warmup_cosine_lr
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +48,11 @@ class ClipTrainConfig:
         image_size: training/inference image side; None keeps the config's. A different size writes
             the config as ``<stem>-<size>px``.
         steps: optimiser steps; batch_size: image-text pairs per step.
-        lr, weight_decay, warmup: AdamW peak learning rate, decoupled weight decay (not on gains,
-            biases, embeddings or the temperature), linear warmup steps (then cosine decay to 0).
-        logit_scale: initial inverse temperature; learn_logit_scale: train it (clamped to <= 100).
+        lr: AdamW peak learning rate (linear warmup, then cosine decay to 0).
+        weight_decay: AdamW decoupled weight decay (not on gains, biases, embeddings or the temperature).
+        warmup: linear warmup steps.
+        logit_scale: initial inverse temperature; learn_logit_scale: train the temperature too (clamped
+            to <= 100).
         text_mode: "caption" (the shard's caption), "names" (the image's object names, "drerik and
             brudub") or "phrases" (names with random size/colour words and prefixes, re-drawn every
             step) or "object" (one of the image's names, drawn every step; every image holding that

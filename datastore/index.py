@@ -11,8 +11,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from common.files import parse_bytes
+from common.log import StageTimer
 from datastore.index_choice import choose_factory, estimate_memory, fmt_bytes
-from datastore.utils import StageTimer, parse_bytes
 
 logger = logging.getLogger(__name__)
 

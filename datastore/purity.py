@@ -5,20 +5,15 @@ queries, of the fraction of pure neighbours among the top k. Reported for all qu
 single-object queries (one category: the neighbour must contain exactly that one), split by the
 query's novelty ("seen" / "novel") when given. The functions take arrays and lists, so the same
 code scores a fresh CLIP (exact search) and a built datastore (its FAISS neighbours);
-:func:`world_categories` reads the ground truth of synthetic-world keys.
+``datastore.synth.layout.World.categories`` reads the ground truth of synthetic-world keys.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Collection, Sequence
-from pathlib import Path
 
 import numpy as np
 
-KEY_PATTERN = re.compile(r"^([cie])(\d+)$")
-STREAM_OF_PREFIX = {"c": "corpus", "i": "instruct", "e": "eval"}
 
 
 def exact_neighbours(queries: np.ndarray, database: np.ndarray, k: int, exclude: Sequence[int] | None = None,
@@ -118,39 +113,3 @@ def format_purity(report: dict[str, dict]) -> str:
     for row, values in report.items():
         lines.append(f"{row:<14}{values['n']:>6}" + "".join(f"{100 * values[k]:>10.1f}%" for k in ks))
     return "\n".join(lines)
-
-
-def world_scenes(world_dir: str | Path, keys: Sequence[str]) -> list:
-    """The scenes (``datastore.synth.scene.Scene``) of synthetic-world sample keys ("c000000007",
-    "e000000001", or image paths ending in them).
-
-    The scene of every sample is a pure function of the world's arguments, so it is re-sampled (not
-    rendered) from ``world.json``; this works for corpus, instruction and eval images alike.
-
-    Raises:
-        ValueError: a key that is not a synthetic-world key, or a missing world.json.
-    """
-    from datastore.synth.scene import sample_pool, sample_rng, sample_scene
-    from datastore.synth.world import WorldCatalogue
-
-    path = Path(world_dir) / "world.json"
-    if not path.is_file():
-        raise ValueError(f"{path} not found: world_dir must be a tuna-synth output folder")
-    args = json.loads(path.read_text())["args"]
-    world = WorldCatalogue(args["n_seen"], args["n_novel"], args["category_offset"])
-    scenes = []
-    for key in keys:
-        match = KEY_PATTERN.match(Path(str(key)).stem)
-        if match is None:
-            raise ValueError(f"{key!r} is not a synthetic-world key (expected c/i/e + digits, e.g. e000000001)")
-        stream, index = STREAM_OF_PREFIX[match.group(1)], int(match.group(2))
-        pool, first = sample_pool(world, stream, index)
-        scenes.append(sample_scene(pool, args["image_size"], sample_rng(args["seed"], stream, index), first))
-    return scenes
-
-
-def world_categories(world_dir: str | Path, keys: Sequence[str]) -> tuple[list[frozenset[str]], list[str]]:
-    """Ground-truth category-name sets and novelty ("seen", "novel" or "mixed") of synthetic-world keys
-    (see :func:`world_scenes`)."""
-    scenes = world_scenes(world_dir, keys)
-    return [frozenset(o.category.name for o in s.objects) for s in scenes], [s.novelty for s in scenes]

@@ -8,17 +8,14 @@ Missing files raise :class:`MissingBenchmarkFile` saying which file is expected 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from datastore.synth.questions import SHORT_ANSWER_PROMPT as SHORT_ANSWER  # LLaVA-1.5's, one definition
 from eval.scorers.choice import score_multiple_choice
-from eval.scorers.vqa import normalize_answer
+from eval.scorers.open import score_open
 from eval.scorers.yesno import score_pope
-
-OPTION_LETTER = "Answer with the option's letter from the given choices directly."
+from tuna.conversation import OPTION_LETTER, SHORT_ANSWER
 
 
 class MissingBenchmarkFile(FileNotFoundError):
@@ -103,24 +100,6 @@ def _load_synth_pope(files: dict[str, Path]) -> list[dict]:
 def _load_synth_mc(files: dict[str, Path]) -> list[dict]:
     samples = _load_synth(files, "answers")
     return [{**s, "options": {chr(65 + i): o for i, o in enumerate(s["options"])}} for s in samples]
-
-
-def contains_answer(prediction: str, answers: list[str]) -> bool:
-    """True if a normalised gold answer occurs as whole words in the normalised prediction."""
-    text = f" {normalize_answer(prediction)} "
-    return any(re.search(rf"(?<!\w){re.escape(normalize_answer(a))}(?!\w)", text) for a in answers if a.strip())
-
-
-def score_open(records: list[dict]) -> tuple[list[float], dict]:
-    """Open-ended identification/attributes: a hit if the gold name/attribute appears in the answer."""
-    if not records:
-        raise ValueError("score_open: no records")
-    scores = [float(contains_answer(r["prediction"], r["answers"])) for r in records]
-    per_category: dict[str, list[float]] = {}
-    for r, s in zip(records, scores):
-        per_category.setdefault(r.get("category", "all"), []).append(s)
-    return scores, {"accuracy": 100 * sum(scores) / len(scores), "n": len(scores),
-                    "per_category": {c: 100 * sum(v) / len(v) for c, v in sorted(per_category.items())}}
 
 
 BENCHMARKS: dict[str, Benchmark] = {}

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
-from datastore.utils import setup_logging
+from common.distributed import finish_distributed, init_distributed, resolve_device
+from common.log import setup_logging
 
 EPILOG = """examples:
   tuna-eval --model runs/tuna --bench synth_open,synth_pope,synth_mc --data-root world --datastore ds --out ev/tuna
@@ -54,14 +54,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
-
-    return f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-
-
 def compare(runs: list[str]) -> str:
     """Markdown table of several runs' results.json side by side."""
     from eval.runner import markdown_table
@@ -93,12 +85,12 @@ def main(argv: list[str] | None = None) -> int:
 
     code = 0
     try:
-        _init_distributed()
+        init_distributed()
         config = EvalConfig(model=args.model, benches=[b for b in args.bench.split(",") if b], data_root=args.data_root,
                             out=args.out, datastore=args.datastore, retrieval_cache=args.retrieval_cache,
                             no_tags=args.no_tags, ablation=args.ablation, batch_size=args.batch_size, limit=args.limit,
                             k_images=args.k_images, min_tag_support=args.min_tag_support,
-                            device=_device(args.device), judge_url=args.judge_url,
+                            device=resolve_device(args.device), judge_url=args.judge_url,
                             judge_model=args.judge_model)
         results = evaluate(config)
         if results is not None:
@@ -107,23 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         print(f"tuna-eval: error: {exc}", file=sys.stderr)
         code = 1
-    _finish_distributed()
+    finish_distributed()
     return code
 
-
-def _init_distributed() -> None:
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        import torch
-        import torch.distributed as dist
-
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-
-
-def _finish_distributed() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.distributed import barrier, dist_env
 from eval.benchmarks import Benchmark, get_benchmark
 
 logger = logging.getLogger(__name__)
@@ -52,17 +52,6 @@ class EvalConfig:
             get_benchmark(name)
 
 
-def _dist() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def load_model(config: EvalConfig):
     """Model, tokenizer and processor (with its tag source) for the run's flags."""
     from transformers import AutoTokenizer
@@ -72,27 +61,12 @@ def load_model(config: EvalConfig):
     from tuna.tag_source import TagSource
 
     model = TunaForCausalLM.from_pretrained(config.model).to(config.device).eval()
-    ablation = "no_tags" if config.no_tags else config.ablation
-    if ablation:
-        model.config.ablation = ablation
     tokenizer = AutoTokenizer.from_pretrained(config.model)
-    if model.config.ablation == "no_tags":
-        source = TagSource(ablation="no_tags")
-    else:
-        cache = store = None
-        if config.retrieval_cache:
-            from datastore.cache import RetrievalCache
-
-            cache = RetrievalCache(config.retrieval_cache)
-        if config.datastore:
-            from datastore.store import Datastore
-
-            store = Datastore.open(config.datastore, clip=model.vision.clip)
-        if cache is None and store is None:
-            raise ValueError("tags need --datastore or --retrieval-cache (or --no-tags for the baseline)")
-        source = TagSource(cache=cache, datastore=store, k_images=config.k_images, max_tags=model.config.max_tags,
-                           ablation="random_tags" if model.config.ablation == "random_tags" else "none",
-                           min_support=config.min_tag_support)
+    source = TagSource.for_model(model, ablation="no_tags" if config.no_tags else config.ablation,
+                                 retrieval_cache=config.retrieval_cache, datastore=config.datastore,
+                                 k_images=config.k_images, min_support=config.min_tag_support)
+    if source is None:
+        raise ValueError("tags need --datastore or --retrieval-cache (or --no-tags for the baseline)")
     return model, tokenizer, TunaProcessor.from_model(model, tokenizer, tag_source=source)
 
 
@@ -145,7 +119,7 @@ def run_benchmark(model, tokenizer, processor, bench: Benchmark, config: EvalCon
     """This rank's share of ``bench``; on rank 0 the merged, scored result (None elsewhere)."""
     from tqdm import tqdm
 
-    rank, world = _dist()
+    rank, world, _ = dist_env()
     files = bench.resolve(config.data_root)
     samples = bench.load(files)[:config.limit]
     for i, s in enumerate(samples):
@@ -161,7 +135,7 @@ def run_benchmark(model, tokenizer, processor, bench: Benchmark, config: EvalCon
     seconds = time.perf_counter() - start
     shard = out_dir / f"predictions.rank{rank}.jsonl"
     shard.write_text("".join(json.dumps(r) + "\n" for r in records))
-    _barrier()
+    barrier()
     if rank != 0:
         return None
     merged = []
@@ -203,7 +177,7 @@ def score_records(bench: Benchmark, records: list[dict], out_dir: Path, seconds:
 
 def evaluate(config: EvalConfig) -> dict[str, Any] | None:
     """Run every benchmark of ``config``; rank 0 writes results.json + results.md and returns the results."""
-    rank, _ = _dist()
+    rank = dist_env()[0]
     for name in config.benches:  # fail on a missing file before spending time on the model
         get_benchmark(name).resolve(config.data_root)
     model, tokenizer, processor = load_model(config)

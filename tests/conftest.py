@@ -20,7 +20,7 @@ def world(tmp_path_factory) -> dict:
     from datastore.clip import ClipSpec
     from datastore.index import IndexConfig
     from datastore.reader import ReaderConfig
-    from tuna.tiny import save_hf_tokenizer, save_tiny_llm, train_tokenizer
+    from pipeline.tiny import save_hf_tokenizer, save_tiny_llm, train_tokenizer
 
     root = tmp_path_factory.mktemp("world")
     subprocess.run([sys.executable, "-m", "datastore.synth.cli", "--out", str(root / "w"), "--n-corpus", "200",

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler
 
+from tuna.configuration_tuna import ablation_policy
 from tuna.conversation import IMAGE_MARKER, SequenceTooLongError, TokenizationError
 from tuna.processing_tuna import TunaProcessor
 from tuna.tag_source import MissingTagsError
@@ -141,7 +142,7 @@ class WebDatasetSamples(IterableDataset):
         self.caption_key, self.image_key = caption_key, image_key
 
     def _my_shards(self) -> list[str]:
-        from datastore.utils import dist_env
+        from common.distributed import dist_env
 
         rank, world, _ = dist_env()
         info = torch.utils.data.get_worker_info()
@@ -232,11 +233,12 @@ def count_tokens(batch: dict[str, Any], config: Any) -> int:
     n_images = 0 if batch.get("pixel_values") is None else int(batch["pixel_values"].shape[0])
     total = text - n_images + n_images * config.num_image_tokens
     mask = batch.get("tag_attention_mask")
-    if mask is not None and mask.numel() and config.ablation != "no_tags":
+    policy = ablation_policy(config.ablation)
+    if mask is not None and mask.numel() and policy.use_tags:
         tags_per_image = mask.any(-1).sum(-1)  # (N,)
         with_tags = int((tags_per_image > 0).sum())
         n_tags = int(tags_per_image.sum())
-        queries = 0 if config.ablation in ("no_image_aware", "text_tags") else config.tag_queries
+        queries = config.tag_queries if policy.image_aware else 0
         total += int(mask.sum()) + n_tags * queries + (n_tags - with_tags) * len(config.tag_separator_ids)
         total += with_tags * (len(config.tag_prefix_ids) + len(config.tag_suffix_ids))
     return total

@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, HfArgumentParser  # noqa: E402
 from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 
 from datastore.clip import ClipSpec  # noqa: E402
-from datastore.utils import setup_logging  # noqa: E402
+from common.log import setup_logging  # noqa: E402
 from train.arguments import DataArguments, ModelArguments, TagArguments, TunaTrainingArguments  # noqa: E402
 from train.data import LlavaJsonDataset, TrainCollator, WebDatasetSamples  # noqa: E402
 from train.rename import NameRandomiser  # noqa: E402
@@ -97,23 +97,13 @@ def build_dataset(dargs: DataArguments, processor: TunaProcessor, targs: TagArgu
     return datasets[0]
 
 
-def build_tag_source(targs: TagArguments, model: TunaForCausalLM) -> TagSource | None:
-    if targs.ablation == "no_tags":
-        return TagSource(ablation="no_tags")
-    cache = datastore = None
-    if targs.retrieval_cache:
-        from datastore.cache import RetrievalCache
-
-        cache = RetrievalCache(targs.retrieval_cache)
-    if targs.datastore:
-        from datastore.store import Datastore
-
-        datastore = Datastore.open(targs.datastore, clip=model.vision.clip)
-    if cache is None and datastore is None:
+def build_tag_source(targs: TagArguments, model: TunaForCausalLM) -> TagSource:
+    source = TagSource.for_model(model, ablation=targs.ablation, retrieval_cache=targs.retrieval_cache,
+                                 datastore=targs.datastore, k_images=targs.k_images,
+                                 min_support=targs.min_tag_support, seed=targs.random_tags_seed)
+    if source is None:
         raise ValueError("tags need --retrieval_cache and/or --datastore (or --ablation no_tags)")
-    source_ablation = "random_tags" if targs.ablation == "random_tags" else "none"
-    return TagSource(cache=cache, datastore=datastore, k_images=targs.k_images, max_tags=targs.max_tags,
-                     ablation=source_ablation, seed=targs.random_tags_seed, min_support=targs.min_tag_support)
+    return source
 
 
 def run(argv: list[str] | None = None) -> int:

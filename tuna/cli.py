@@ -1,4 +1,5 @@
-"""``tuna``: one-off inference (``tuna ask``: the answer and the tags it read) and ``tuna quickstart``."""
+"""``tuna ask``: one-off inference, the answer and the tags it read (``tuna quickstart`` is added to the same
+command by :mod:`pipeline.cli`, the layer above)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
-from datastore.utils import setup_logging
+from common.log import setup_logging
 
 logger = logging.getLogger("tuna.cli")
 
 EPILOG = """examples:
-  tuna quickstart                                  # the whole pipeline on the synthetic world, baseline vs TUNA
   tuna ask --model runs/tuna --image cat.jpg --question "What is this animal?" --datastore ds
   tuna ask --model runs/tuna --image cat.jpg --question "What is it?" --tags "cat,red sofa"
   tuna ask --model runs/tuna --image images/0001.jpg --question "..." --retrieval-cache cache.parquet \\
@@ -23,7 +25,17 @@ EPILOG = """examples:
 """
 
 
-def _parser() -> argparse.ArgumentParser:
+@dataclass(frozen=True)
+class Command:
+    """A ``tuna`` subcommand contributed by a layer above (``tuna quickstart``: :mod:`pipeline.cli`):
+    ``add(subparsers)`` adds its parser, ``run(args)`` runs it."""
+
+    name: str
+    add: Callable[[Any], None]
+    run: Callable[[argparse.Namespace], Any]
+
+
+def build_parser(commands: Sequence[Command] = ()) -> argparse.ArgumentParser:
     from tuna.configuration_tuna import ABLATIONS
 
     parser = argparse.ArgumentParser(
@@ -52,79 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit")
     a.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     a.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    _add_quickstart_parser(sub)
+    for command in commands:
+        command.add(sub)
     return parser
-
-
-def _add_quickstart_parser(sub) -> None:
-    from tuna.quickstart import QuickstartConfig
-
-    d = QuickstartConfig()
-    q = sub.add_parser(
-        "quickstart", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="the whole pipeline on the synthetic world: baseline vs TUNA (≤ 15 min on 2 CPU cores)",
-        description="Synthesize a world with seen and novel object categories; train a tiny CLIP on its corpus "
-                    "and a tiny LLM on text only; build the datastore and retrieval caches; train a no-tags "
-                    "baseline and TUNA with deepspeed (ZeRO-2, both stages, same data/budget/seed); evaluate "
-                    "both plus the random-tags and uniform-weights ablations on seen and novel categories, and "
-                    "TUNA with a second world's datastore swapped in. Prints the comparison table and writes "
-                    "results.json, results.md and results.png under --out. Re-running continues after the last "
-                    "finished stage.")
-    q.add_argument("--out", default=d.out, help="output directory")
-    q.add_argument("--seed", type=int, default=d.seed)
-    q.add_argument("--corpus-size", type=int, default=d.corpus_size, help="datastore corpus images")
-    q.add_argument("--n-instruct", type=int, default=d.n_instruct, help="instruction images (seen categories)")
-    q.add_argument("--n-eval", type=int, default=d.n_eval, help="evaluation images (half seen, half novel)")
-    q.add_argument("--n-seen", type=int, default=d.n_seen, help="categories in the instruction data")
-    q.add_argument("--n-novel", type=int, default=d.n_novel, help="categories only in the corpus and the eval set")
-    q.add_argument("--text-replay", type=float, default=d.text_replay,
-                   help="text-only copy conversations mixed into instruction tuning, per instruction image")
-    q.add_argument("--swap-corpus-size", type=int, default=d.swap_corpus_size,
-                   help="corpus images of the second world (datastore swap)")
-    q.add_argument("--no-swap", action="store_true", help="skip the zero-shot datastore swap")
-    q.add_argument("--clip-steps", type=int, default=d.clip_steps, help="tiny CLIP training steps")
-    q.add_argument("--llm-steps", type=int, default=d.llm_steps, help="LLM text-pretraining steps")
-    q.add_argument("--llm-hidden", type=int, default=d.llm_hidden, help="LLM hidden size")
-    q.add_argument("--llm-layers", type=int, default=d.llm_layers, help="LLM layers")
-    q.add_argument("--stage1-steps", type=int, default=d.stage1_steps, help="connector pretraining steps")
-    q.add_argument("--steps", type=int, default=d.steps, help="instruction tuning steps")
-    q.add_argument("--batch-size", type=int, default=d.batch_size, help="per-process training batch")
-    q.add_argument("--nproc", type=int, default=d.nproc, help="training processes (deepspeed --num_gpus)")
-    q.add_argument("--ds-config", default=d.ds_config, help="file in ds_configs/")
-    q.add_argument("--rename-p", type=float, default=d.rename_p,
-                   help="share of TUNA's instruction samples whose seen names are permuted among each other on the "
-                        "LLM side (questions, answers, tag words): the tag block, not the image, gives the name; 0: off")
-    q.add_argument("--eval-min-tag-support", type=float, default=d.eval_min_tag_support,
-                   help="at evaluation, read only tags whose entity a (similarity-weighted) share of at least this "
-                        "of the neighbours names; 0: every retrieved tag")
-    q.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    q.add_argument("--device", default=d.device, help="cpu or cuda")
-    q.add_argument("--overwrite", action="store_true", help="delete --out first instead of resuming")
-
-
-def quickstart(args) -> dict:
-    from datastore.utils import config_from_args
-    from tuna.quickstart import QuickstartConfig, run_quickstart
-
-    return run_quickstart(config_from_args(QuickstartConfig, args, swap=not args.no_swap))
-
-
-def _tag_source(args, model):
-    from tuna.tag_source import TagSource
-
-    if not (args.datastore or args.retrieval_cache):
-        return None
-    cache = datastore = None
-    if args.retrieval_cache:
-        from datastore.cache import RetrievalCache
-
-        cache = RetrievalCache(args.retrieval_cache)
-    if args.datastore:
-        from datastore.store import Datastore
-
-        datastore = Datastore.open(args.datastore, clip=model.vision.clip)
-    return TagSource(cache=cache, datastore=datastore, k_images=args.k_images, max_tags=model.config.max_tags,
-                     min_support=args.min_tag_support)
 
 
 def ask(args) -> dict:
@@ -134,6 +76,7 @@ def ask(args) -> dict:
 
     from tuna.modeling_tuna import TunaForCausalLM
     from tuna.processing_tuna import TunaProcessor
+    from tuna.tag_source import TagSource
 
     if not os.path.isfile(args.image):
         raise ValueError(f"image {args.image!r} is not a file")
@@ -141,10 +84,10 @@ def ask(args) -> dict:
     start = time.perf_counter()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model = TunaForCausalLM.from_pretrained(args.model).to(device).eval()
-    if args.ablation:
-        model.config.ablation = args.ablation
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    processor = TunaProcessor.from_model(model, tokenizer, tag_source=_tag_source(args, model))
+    source = TagSource.for_model(model, ablation=args.ablation, retrieval_cache=args.retrieval_cache,
+                                 datastore=args.datastore, k_images=args.k_images, min_support=args.min_tag_support)
+    processor = TunaProcessor.from_model(model, tokenizer, tag_source=source)
     timings["load_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -180,12 +123,14 @@ def _print(record: dict) -> None:
     print(f"answer: {record['answer']}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: list[str] | None = None, commands: Sequence[Command] = ()) -> int:
+    """``tuna ask`` (and ``commands`` of the layers above); exit code 1 with a one-line error."""
+    args = build_parser(commands).parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
-        if args.command == "quickstart":
-            quickstart(args)
+        other = {c.name: c for c in commands}.get(args.command)
+        if other is not None:
+            other.run(args)
             return 0
         record = ask(args)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:

@@ -3,11 +3,35 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
-ABLATIONS = ("none", "no_tags", "random_tags", "uniform_weights", "no_image_aware", "text_tags")
+
+@dataclass(frozen=True)
+class AblationPolicy:
+    """What an ablation changes: which tags the model reads (TagSource) and how it reads them (the model)."""
+
+    tags: str = "retrieved"  # "retrieved", "random" (vocabulary words, as many as retrieved) or "none"
+    image_aware: bool = True  # image-aware visual tokens next to the word tokens
+    weighting: str = "adaptive"  # "adaptive", "uniform" or "none" (unweighted plain text)
+
+    @property
+    def use_tags(self) -> bool:
+        return self.tags != "none"
+
+
+# The one table of ablations: TunaConfig, TunaForCausalLM and TagSource all read it.
+ABLATION_POLICIES = {
+    "none": AblationPolicy(),
+    "no_tags": AblationPolicy(tags="none"),  # plain LLaVA
+    "random_tags": AblationPolicy(tags="random"),
+    "uniform_weights": AblationPolicy(weighting="uniform"),
+    "no_image_aware": AblationPolicy(image_aware=False),  # tag word embeddings only
+    "text_tags": AblationPolicy(image_aware=False, weighting="none"),  # tags as plain prompt text
+}
+ABLATIONS = tuple(ABLATION_POLICIES)
 WEIGHT_SCALINGS = ("raw", "count")
 WEIGHT_MODES = ("scale", "scale_and_bias", "bias")
 
@@ -37,7 +61,8 @@ class TunaConfig(PretrainedConfig):
         weight_mode: how weights act on a tag's tokens: "scale" (multiply embeddings, the literal
             TUNA rule), "bias" (additive attention bias log(w·n)), or both.
         ablation: "none", "no_tags" (plain LLaVA), "random_tags", "uniform_weights",
-            "no_image_aware" (tag word embeddings only), "text_tags" (tags as plain prompt text).
+            "no_image_aware" (tag word embeddings only), "text_tags" (tags as plain prompt text); what
+            each changes is its :data:`ABLATION_POLICIES` entry.
         template: conversation template name ("plain", "vicuna_v1", "chat_template").
         vision_hidden_size, clip_embed_dim, num_image_tokens: the CLIP tower's patch width, embedding
             dimension and patch tokens per image (filled in by ``TunaForCausalLM.from_components``).
@@ -105,6 +130,12 @@ class TunaConfig(PretrainedConfig):
         if max_tags < 0:
             raise ValueError(f"max_tags={max_tags}: must be >= 0")
         super().__init__(**kwargs)
+
+
+def ablation_policy(name: str) -> AblationPolicy:
+    """The policy of ablation ``name``; ValueError (listing :data:`ABLATIONS`) for an unknown name."""
+    _check_choice("ablation", name, ABLATIONS)
+    return ABLATION_POLICIES[name]
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

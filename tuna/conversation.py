@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from common.prompts import OPTION_LETTER, SHORT_ANSWER  # noqa: F401  (LLaVA-1.5's suffixes, with the templates)
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -251,7 +253,7 @@ def _bos_prefix(tokenizer: Any, template: Template) -> list[int]:
     return [bos] if len(probe) and probe[0] == bos else []
 
 
-def _encode_after(context: str | None, text: str, tokenizer: Any, sample_id: str) -> list[int]:
+def encode_after(context: str | None, text: str, tokenizer: Any, sample_id: str) -> list[int]:
     """Token ids of ``text`` as it tokenizes right after ``context`` (None: at the start of a text run).
 
     Tokenizing in context keeps SentencePiece-style dummy-prefix spaces (``▁``) exactly as in the
@@ -302,7 +304,7 @@ def _tokenize(segments: list[Segment], prefix: list[int], tokenizer: Any,
                 labels.append(IGNORE_INDEX)
             if not piece:
                 continue
-            ids = _encode_after(run[-1][0] if run else None, piece, tokenizer, sample_id)
+            ids = encode_after(run[-1][0] if run else None, piece, tokenizer, sample_id)
             run.append((piece, ids))
             input_ids += ids
             labels += ids if seg.target else [IGNORE_INDEX] * len(ids)

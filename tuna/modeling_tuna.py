@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from datastore.clip import ClipSpec, LoadedClip, describe_mismatch, load_clip, same_clip, spec_from_dict
-from tuna.configuration_tuna import TunaConfig
+from tuna.configuration_tuna import TunaConfig, ablation_policy
 from tuna.connector import build_connector
 from tuna.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX, stop_token_ids
 from tuna.tag_encoder import AdaptiveWeightTuner, ImageAwareTagEncoder, TagEncoderConfig, log_weight_bias
@@ -43,25 +43,6 @@ logger = logging.getLogger(__name__)
 CLIP_DIR = "clip"
 TRAINABLE_FILE = "tuna_trainable.safetensors"
 TRAINABLE_PREFIXES = ("connector.", "image_patch_pos", "tag_encoder.")
-
-
-@dataclass(frozen=True)
-class TagPolicy:
-    """What the tag block holds under an ablation."""
-
-    use_tags: bool = True
-    image_aware: bool = True  # image-aware visual tokens next to the word tokens
-    weighting: str = "adaptive"  # "adaptive", "uniform" or "none" (unweighted plain text)
-
-
-TAG_POLICIES = {
-    "none": TagPolicy(),
-    "random_tags": TagPolicy(),  # the tags themselves are drawn at random by tuna.tag_source.TagSource
-    "no_tags": TagPolicy(use_tags=False),
-    "uniform_weights": TagPolicy(weighting="uniform"),
-    "no_image_aware": TagPolicy(image_aware=False),
-    "text_tags": TagPolicy(image_aware=False, weighting="none"),
-}
 
 
 @dataclass
@@ -332,7 +313,7 @@ class TunaForCausalLM(PreTrainedModel):
     def tag_weights(self, image_embeds: Tensor, tag_text: Tensor, tag_mask: Tensor,
                     tag_scores: Tensor | None = None) -> Tensor | None:
         """(N, T) weights of the tags under the configured ablation; None for unweighted text tags."""
-        weighting = TAG_POLICIES[self.config.ablation].weighting
+        weighting = ablation_policy(self.config.ablation).weighting
         if weighting == "adaptive":
             return AdaptiveWeightTuner.tag_weights(tag_text, image_embeds, tag_mask, self.config.tag_temperature,
                                                    self.config.weight_scaling, tag_scores,
@@ -347,7 +328,7 @@ class TunaForCausalLM(PreTrainedModel):
         """The weights each image's tags get under the configured ablation (empty lists when unweighted)."""
         width = max((len(t) for t in tags), default=0)
         tag_mask = torch.tensor([[j < len(t) for j in range(width)] for t in tags], dtype=torch.bool)
-        if width == 0 or not TAG_POLICIES[self.config.ablation].use_tags:
+        if width == 0 or not ablation_policy(self.config.ablation).use_tags:
             return [[] for _ in tags]
         image_embeds = self._vision_on(self.device)(pixel_values).image_embeds.cpu()
         weights = self.tag_weights(image_embeds, self._tag_text_embeddings(tags, tag_mask), tag_mask,
@@ -371,7 +352,7 @@ class TunaForCausalLM(PreTrainedModel):
                 raise ValueError("tags were given without tag_input_ids / tag_attention_mask (build batches "
                                  "with TunaProcessor)")
             return None
-        policy = TAG_POLICIES[self.config.ablation]
+        policy = ablation_policy(self.config.ablation)
         if not policy.use_tags or image_embeds is None or tag_input_ids.shape[1] == 0:
             return None
         if tags is None:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from tuna.conversation import (IGNORE_INDEX, IMAGE_MARKER, TokenizationError, _encode_after, build_generation_prompt,
+from tuna.conversation import (IGNORE_INDEX, IMAGE_MARKER, TokenizationError, encode_after, build_generation_prompt,
                                tokenize_conversation)
 from tuna.tag_source import TagSource
 
@@ -118,7 +118,7 @@ class TunaProcessor:
         """LLM token ids of one tag as it reads after the tag prefix (cached), at most ``max_tag_tokens``."""
         if tag not in self._tag_ids:
             try:
-                ids = _encode_after(self.tag_prefix, " " + tag, self.tokenizer, f"tag {tag!r}")
+                ids = encode_after(self.tag_prefix, " " + tag, self.tokenizer, f"tag {tag!r}")
             except TokenizationError:  # tag tokens are inputs only, never labels: plain encoding is fine
                 ids = list(self.tokenizer.encode(" " + tag, add_special_tokens=False))
             if not ids:

@@ -10,8 +10,8 @@ import numpy as np
 
 from datastore.cache import RetrievalCache
 from datastore.store import Datastore, RetrievedTags, filter_by_support, truncate_tags
+from tuna.configuration_tuna import ablation_policy
 
-TAG_ABLATIONS = ("none", "no_tags", "random_tags")
 LIVE_CACHE_SIZE = 4096  # live retrievals remembered per image id
 
 
@@ -33,7 +33,8 @@ class TagSource:
         datastore: for live retrieval of cache misses (needs the image itself) and for the
             random-tags vocabulary.
         k_images, max_tags: retrieval settings for live queries and the cut-off for all tags.
-        ablation: "none", "no_tags" (always empty) or "random_tags" (as many tags as retrieved,
+        ablation: a name in :data:`tuna.configuration_tuna.ABLATIONS`; its policy's ``tags`` decides:
+            "retrieved", "none" (always empty; no_tags) or "random" (random_tags: as many tags as retrieved,
             drawn from ``vocabulary`` or the datastore's, deterministically per image id and seed).
         vocabulary: tag vocabulary for random tags (defaults to the datastore's).
         seed: seed of the random-tags draw.
@@ -49,10 +50,9 @@ class TagSource:
     def __init__(self, cache: RetrievalCache | None = None, datastore: Datastore | None = None,
                  k_images: int = 5, max_tags: int = 10, ablation: str = "none",
                  vocabulary: Sequence[str] | None = None, seed: int = 0, min_support: float = 0.0) -> None:
-        if ablation not in TAG_ABLATIONS:
-            raise ValueError(f"ablation={ablation!r}: expected one of {list(TAG_ABLATIONS)}")
-        if ablation == "random_tags" and vocabulary is None and datastore is None:
-            raise ValueError("random_tags needs a vocabulary or a datastore to draw tags from")
+        self._tags = ablation_policy(ablation).tags
+        if self._tags == "random" and vocabulary is None and datastore is None:
+            raise ValueError(f"{ablation} needs a vocabulary or a datastore to draw tags from")
         if not 0.0 <= min_support <= 1.0:
             raise ValueError(f"min_support={min_support}: must be in [0, 1]")
         if min_support and cache is not None and cache.meta.get("aggregate", "sum") != "sum":
@@ -64,6 +64,39 @@ class TagSource:
         self._vocabulary = list(vocabulary) if vocabulary is not None else None
         self._live: OrderedDict[str, RetrievedTags] = OrderedDict()  # live results by image id (LRU)
 
+    @classmethod
+    def for_model(cls, model: Any, *, ablation: str | None = None, retrieval_cache: str | None = None,
+                  datastore: str | None = None, k_images: int = 5, min_support: float = 0.0,
+                  seed: int = 0) -> TagSource | None:
+        """The tag source of ``model`` under its ablation: how every command turns its tag flags into one.
+
+        Args:
+            model: a :class:`tuna.TunaForCausalLM` (its config gives the ablation and ``max_tags``; its
+                CLIP opens the datastore).
+            ablation: overrides the model's ablation, in ``model.config`` too: the model and its tags
+                then follow the same switch.
+            retrieval_cache, datastore: paths of a retrieval cache parquet and of a datastore directory.
+            k_images, min_support, seed: as in the constructor.
+        Returns:
+            A source; with ``no_tags`` one that gives none (the paths are not opened). None when the
+            ablation reads tags but neither path is given: the caller passes tags itself or says which
+            of its flags are missing.
+        Raises:
+            ValueError: unknown ablation, or as the constructor.
+        """
+        if ablation:
+            ablation_policy(ablation)  # check before changing the model
+            model.config.ablation = ablation
+        ablation = model.config.ablation
+        if not ablation_policy(ablation).use_tags:
+            return cls(ablation=ablation)
+        if not (retrieval_cache or datastore):
+            return None
+        return cls(cache=RetrievalCache(retrieval_cache) if retrieval_cache else None,
+                   datastore=Datastore.open(datastore, clip=model.vision.clip) if datastore else None,
+                   k_images=k_images, max_tags=model.config.max_tags, ablation=ablation, seed=seed,
+                   min_support=min_support)
+
     @property
     def vocabulary(self) -> list[str]:
         if self._vocabulary is None:
@@ -72,10 +105,10 @@ class TagSource:
 
     def __call__(self, image_id: str, image: Any = None) -> RetrievedTags:
         """Tags of ``image_id`` (``image``: a PIL image or path, used only for live retrieval)."""
-        if self.ablation == "no_tags":
+        if self._tags == "none":
             return RetrievedTags(tags=[], scores=[], neighbours=[], neighbour_scores=[])
         found = truncate_tags(self._lookup(image_id, image), self.max_tags)
-        return self._randomise(image_id, found) if self.ablation == "random_tags" else found
+        return self._randomise(image_id, found) if self._tags == "random" else found
 
     def prefetch(self, image_ids: Sequence[str], images: Sequence[Any]) -> int:
         """Retrieve live, in one datastore call, the tags of every image that neither the cache nor the
@@ -91,7 +124,7 @@ class TagSource:
         """
         if len(image_ids) != len(images):
             raise ValueError(f"prefetch: {len(image_ids)} image ids for {len(images)} images")
-        if self.ablation == "no_tags" or self.datastore is None:
+        if self._tags == "none" or self.datastore is None:
             return 0
         missing: dict[str, Any] = {}
         for image_id, image in zip(image_ids, images):

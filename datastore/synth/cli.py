@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from common.cli import HelpFormatter, add_config_flags, config_from_args
+
 EPILOG = """outputs (under --out):
   world.json                               categories (seen/novel, confusable pairs), args, counts
   corpus/corpus-NNNNNN.tar                 webdataset shards: {key}.jpg, {key}.txt caption, {key}.json truth
@@ -21,27 +23,13 @@ example:
 def main(argv: list[str] | None = None) -> int:
     from datastore.synth.generate import SynthConfig
 
-    defaults = SynthConfig(out="")
     parser = argparse.ArgumentParser(
-        prog="tuna-synth", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        prog="tuna-synth", formatter_class=HelpFormatter, epilog=EPILOG,
         description="Generate a deterministic synthetic visual world: procedurally rendered images of "
                     "named object categories (shape + pattern) with colour/size/position/count attributes, "
                     "split into seen categories (allowed in instruction data) and novel ones (only in the "
                     "datastore corpus and novel eval questions). Same seed and arguments, same bytes.")
-    parser.add_argument("--out", required=True, help="output directory (must be empty unless --overwrite)")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--n-corpus", type=int, default=defaults.n_corpus, help="datastore corpus images")
-    parser.add_argument("--n-instruct", type=int, default=defaults.n_instruct, help="instruction images")
-    parser.add_argument("--n-eval", type=int, default=defaults.n_eval, help="evaluation images (half seen, half novel)")
-    parser.add_argument("--image-size", type=int, default=defaults.image_size, help="pixels, 64-128")
-    parser.add_argument("--n-seen", type=int, default=defaults.n_seen, help="seen categories")
-    parser.add_argument("--n-novel", type=int, default=defaults.n_novel, help="novel categories")
-    parser.add_argument("--category-offset", type=int, default=defaults.category_offset,
-                        help="first catalogue entry; a disjoint range makes a world with new categories")
-    parser.add_argument("--shard-size", type=int, default=defaults.shard_size, help="samples per corpus shard")
-    parser.add_argument("--workers", type=int, default=defaults.workers, help="rendering processes")
-    parser.add_argument("--jpeg-quality", type=int, default=defaults.jpeg_quality)
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_config_flags(parser, SynthConfig)
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
@@ -56,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         bars[0].update(n)
 
     try:
-        config = SynthConfig(**vars(args))
+        config = config_from_args(SynthConfig, args)
         start = time.perf_counter()
         try:
             info = generate_world(config, progress=progress)

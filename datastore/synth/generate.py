@@ -15,6 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from datastore.synth.layout import corpus_shard_name
 from datastore.synth.questions import eval_questions, instruct_record, pretrain_record
 from datastore.synth.scene import render_sample
 from datastore.synth.world import COLOURS, POSITIONS, SIZES, WorldCatalogue
@@ -30,7 +31,7 @@ class SynthConfig:
     """What to generate (outputs are a pure function of everything but ``out``/``workers``/``overwrite``).
 
     Attributes:
-        out: output directory.
+        out: output directory (must be empty unless ``overwrite``).
         seed: generator seed.
         n_corpus, n_instruct, n_eval: images in the datastore corpus, instruction set and eval set.
         image_size: image side in pixels (64-128).
@@ -90,7 +91,7 @@ def _write_shard(task: tuple[SynthConfig, int]) -> int:
     config, shard = task
     world = config.world()
     start, stop = shard * config.shard_size, min(config.n_corpus, (shard + 1) * config.shard_size)
-    path = Path(config.out) / "corpus" / f"corpus-{shard:06d}.tar"
+    path = Path(config.out) / corpus_shard_name(shard)
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for index in range(start, stop):
             sample = render_sample(world, config.seed, "corpus", index, config.image_size)

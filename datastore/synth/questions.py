@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+# LLaVA-1.5's short-answer prompt: its VQA-style instruction data appends it to every question turn
+from common.prompts import SHORT_ANSWER
 from datastore.synth.scene import POSITION_PHRASES, Scene, SceneObject, join_phrases, noun_phrase, sample_rng
 from datastore.synth.world import Category, WorldCatalogue
 
@@ -19,9 +21,6 @@ PRETRAIN_PROMPTS = (
     "Describe the image briefly.", "What is in this picture?", "Write a short caption for the image.",
     "Give a brief description of the image.", "Summarize the visual content of the image.",
 )
-# LLaVA-1.5's format prompt for short answers: its VQA-style instruction data appends it to every
-# question turn, and its evaluation appends it to the benchmark questions (eval.benchmarks.SHORT_ANSWER).
-SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 LETTERS = "ABCD"
 POPE_SPLITS = ("random", "popular", "adversarial")
@@ -76,7 +75,7 @@ def instruct_record(record: dict[str, Any], world: WorldCatalogue, seed: int) ->
     chosen = [pairs[i] for i in rng.permutation(len(pairs))[: int(rng.integers(3, 6))]]
     turns = []
     for i, (question, answer) in enumerate(chosen):
-        turns.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + f"{question}\n{SHORT_ANSWER_PROMPT}"})
+        turns.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + f"{question}\n{SHORT_ANSWER}"})
         turns.append({"from": "gpt", "value": answer})
     return {"id": record["key"], "image": record["image"], "conversations": turns}
 

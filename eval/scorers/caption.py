@@ -6,6 +6,8 @@ import logging
 import shutil
 from typing import Any, Mapping, Sequence
 
+from eval.scorers.records import check_records
+
 logger = logging.getLogger(__name__)
 
 
@@ -19,24 +21,20 @@ def score_caption(records: Sequence[Mapping[str, Any]]) -> tuple[list[float], di
         Per-record CIDEr (×100) and {"cider", "bleu_1".."bleu_4" (corpus-level, ×100), "n"}.
 
     Raises:
-        ValueError: no records, or a record without references.
+        ValueError: no records, a non-str prediction, or a record without references.
         RuntimeError: no ``java`` on PATH (the official PTB tokenizer is a Java program).
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    if not records:
-        raise ValueError("score_caption: no records")
-    for i, r in enumerate(records):
-        if not r.get("references"):
-            raise ValueError(f"score_caption: record {r.get('question_id', i)!r} has no reference captions")
+    check_records(records, "score_caption", str_lists=("references",))
     if shutil.which("java") is None:
         raise RuntimeError("caption metrics need Java on PATH (pycocoevalcap's PTB tokenizer runs java)")
     keys = [str(i) for i in range(len(records))]
     tokenizer = PTBTokenizer()
     gts = tokenizer.tokenize({k: [{"caption": c} for c in r["references"]] for k, r in zip(keys, records)})
-    res = tokenizer.tokenize({k: [{"caption": r["prediction"] or ""}] for k, r in zip(keys, records)})
+    res = tokenizer.tokenize({k: [{"caption": r["prediction"]}] for k, r in zip(keys, records)})
     cider, per_image = Cider().compute_score(gts, res)
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     metrics = {"cider": 100 * float(cider), "n": len(records)}

@@ -8,6 +8,8 @@ import string
 from collections import defaultdict
 from typing import Any, Mapping, Sequence
 
+from eval.scorers.records import check_records, record_ref
+
 logger = logging.getLogger(__name__)
 
 # One-letter English words: as a free-standing token inside a longer reply they are
@@ -115,17 +117,15 @@ def parse_option(text: str, options: Mapping[str, str]) -> str | None:
     return hits.pop() if len(hits) == 1 else None
 
 
-def _check_record(i: int, rec: Mapping[str, Any], extra: Sequence[str] = ()) -> None:
-    for field in ("prediction", "answer", "options", *extra):
-        if field not in rec:
-            raise ValueError(f"record {i} lacks field {field!r}")
-    options = rec["options"]
-    if not isinstance(options, Mapping) or not options:
-        raise ValueError(f"record {i}: options must be a non-empty dict, got {options!r}")
-    if rec["answer"] not in options:
-        raise ValueError(f"record {i}: answer {rec['answer']!r} not in option letters {sorted(options)}")
-    if not isinstance(rec["prediction"], str):
-        raise ValueError(f"record {i}: prediction must be str, got {type(rec['prediction']).__name__}")
+def _check_choice_records(records: Sequence[Mapping[str, Any]], name: str, extra: Sequence[str] = ()) -> None:
+    """The shared checks, then options: a non-empty letter -> text dict that holds the answer."""
+    check_records(records, name, ("answer", "options", *extra))
+    for i, rec in enumerate(records):
+        where, options = record_ref(name, i, rec), rec["options"]
+        if not isinstance(options, Mapping) or not options:
+            raise ValueError(f"{where}: options must be a non-empty dict, got {options!r}")
+        if rec["answer"] not in options:
+            raise ValueError(f"{where}: answer {rec['answer']!r} not in option letters {sorted(options)}")
 
 
 def _score_one(rec: Mapping[str, Any]) -> tuple[float, bool]:
@@ -153,12 +153,10 @@ def score_multiple_choice(records: Sequence[Mapping[str, Any]]) -> tuple[list[fl
     Raises:
         ValueError: on empty input or malformed records.
     """
-    if not records:
-        raise ValueError("score_multiple_choice: records is empty")
+    _check_choice_records(records, "score_multiple_choice")
     scores, unparsed = [], 0
     by_cat: dict[str, list[float]] = defaultdict(list)
-    for i, rec in enumerate(records):
-        _check_record(i, rec)
+    for rec in records:
         score, parsed = _score_one(rec)
         scores.append(score)
         unparsed += not parsed
@@ -206,11 +204,9 @@ def score_circular(records: Sequence[Mapping[str, Any]]) -> tuple[list[float], d
     Raises:
         ValueError: on empty input, malformed records or bad rotations.
     """
-    if not records:
-        raise ValueError("score_circular: records is empty")
+    _check_choice_records(records, "score_circular", extra=("group", "rotation"))
     scores, unparsed = [], 0
-    for i, rec in enumerate(records):
-        _check_record(i, rec, extra=("group", "rotation"))
+    for rec in records:
         score, parsed = _score_one(rec)
         scores.append(score)
         unparsed += not parsed

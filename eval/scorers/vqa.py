@@ -19,6 +19,8 @@ import logging
 import re
 from typing import Any, Callable, Mapping, Sequence
 
+from eval.scorers.records import check_records
+
 logger = logging.getLogger(__name__)
 
 # Official answer-normalisation tables (VQA evaluation code as run by EvalAI, LLaVA, lmms-eval).
@@ -168,20 +170,6 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], normalize: Callable[[s
     return _soft_score(k, len(answers))
 
 
-def _check_records(records: Sequence[Mapping[str, Any]], name: str, fields: Sequence[str]) -> None:
-    if not records:
-        raise ValueError(f"{name}: records is empty")
-    for i, rec in enumerate(records):
-        for field in fields:
-            if field not in rec:
-                raise ValueError(f"{name}: record {i} lacks field {field!r}")
-        if not isinstance(rec["prediction"], str):
-            raise ValueError(f"{name}: record {i} prediction must be str, got {type(rec['prediction']).__name__}")
-        if "answers" in fields and (isinstance(rec["answers"], str) or not rec["answers"]
-                                    or not all(isinstance(a, str) for a in rec["answers"])):
-            raise ValueError(f"{name}: record {i} answers must be a non-empty list of str, got {rec['answers']!r}")
-
-
 def score_vqa(records: Sequence[Mapping[str, Any]], name: str = "score_vqa",
               normalize: Callable[[str], str] = normalize_answer) -> tuple[list[float], dict]:
     """Score VQAv2-style records with :func:`vqa_accuracy`.
@@ -195,7 +183,7 @@ def score_vqa(records: Sequence[Mapping[str, Any]], name: str = "score_vqa",
     Raises:
         ValueError: on empty input, a missing field, a non-str prediction or bad answers.
     """
-    _check_records(records, name, ("prediction", "answers"))
+    check_records(records, name, str_lists=("answers",))
     scores = [vqa_accuracy(rec["prediction"], rec["answers"], normalize) for rec in records]
     metrics = {"accuracy": 100.0 * sum(scores) / len(scores), "n": len(scores)}
     logger.info("%s: accuracy %.2f%% over %d", name, metrics["accuracy"], metrics["n"])
@@ -285,7 +273,7 @@ def score_gqa(records: Sequence[Mapping[str, Any]]) -> tuple[list[float], dict]:
     Raises:
         ValueError: on empty input, a missing field or non-str values.
     """
-    _check_records(records, "score_gqa", ("prediction", "answer"))
+    check_records(records, "score_gqa", ("answer",))
     scores = [float(gqa_match(rec["prediction"], rec["answer"])) for rec in records]
     metrics = {"accuracy": 100.0 * sum(scores) / len(scores), "n": len(scores)}
     logger.info("score_gqa: accuracy %.2f%% over %d", metrics["accuracy"], metrics["n"])

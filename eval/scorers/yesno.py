@@ -6,6 +6,8 @@ import logging
 from collections import defaultdict
 from typing import Any, Mapping, Sequence
 
+from eval.scorers.records import check_records, record_ref
+
 logger = logging.getLogger(__name__)
 
 MME_PERCEPTION = (
@@ -16,21 +18,11 @@ MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_transla
 _YES_NO = ("yes", "no")
 
 
-def _require(records: Sequence[Mapping[str, Any]], name: str, fields: Sequence[str]) -> None:
-    if not records:
-        raise ValueError(f"{name}: records is empty")
-    for i, rec in enumerate(records):
-        for field in fields:
-            if field not in rec:
-                raise ValueError(f"{name}: record {i} lacks field {field!r}")
-        if not isinstance(rec["prediction"], str):
-            raise ValueError(f"{name}: record {i} prediction must be str, got {type(rec['prediction']).__name__}")
-
-
-def _gold(i: int, answer: Any) -> str:
+def _gold(name: str, i: int, rec: Mapping[str, Any]) -> str:
+    answer = rec["answer"]
     gold = str(answer).strip().lower()
     if gold not in _YES_NO:
-        raise ValueError(f"record {i}: answer must be one of {_YES_NO} (any case), got {answer!r}")
+        raise ValueError(f"{record_ref(name, i, rec)}: answer must be one of {_YES_NO} (any case), got {answer!r}")
     return gold
 
 
@@ -87,11 +79,11 @@ def score_pope(records: Sequence[Mapping[str, Any]]) -> tuple[list[float], dict]
     Raises:
         ValueError: on empty input, missing fields or answers other than yes/no.
     """
-    _require(records, "score_pope", ("prediction", "answer"))
+    check_records(records, "score_pope", ("answer",))
     preds, golds, scores = [], [], []
     by_split: dict[str, list[int]] = defaultdict(list)
     for i, rec in enumerate(records):
-        gold, pred = _gold(i, rec["answer"]), pope_label(rec["prediction"])
+        gold, pred = _gold("score_pope", i, rec), pope_label(rec["prediction"])
         preds.append(pred)
         golds.append(gold)
         scores.append(float(pred == gold))
@@ -160,14 +152,14 @@ def score_mme(records: Sequence[Mapping[str, Any]]) -> tuple[list[float], dict]:
         ValueError: on empty input, missing fields, unknown subtasks, answers other than yes/no,
             or an image without exactly 2 questions.
     """
-    _require(records, "score_mme", ("prediction", "answer", "category", "image"))
+    check_records(records, "score_mme", ("answer", "category", "image"))
     known = MME_PERCEPTION + MME_COGNITION
     scores, other = [], 0
     groups: dict[str, tuple[list[float], list[Any]]] = defaultdict(lambda: ([], []))
     for i, rec in enumerate(records):
         if rec["category"] not in known:
-            raise ValueError(f"score_mme: record {i} category {rec['category']!r} not in {list(known)}")
-        gold, pred = _gold(i, rec["answer"]), mme_label(rec["prediction"])
+            raise ValueError(f"{record_ref('score_mme', i, rec)} category {rec['category']!r} not in {list(known)}")
+        gold, pred = _gold("score_mme", i, rec), mme_label(rec["prediction"])
         other += pred == "other"
         scores.append(float(pred == gold))
         groups[rec["category"]][0].append(scores[-1])

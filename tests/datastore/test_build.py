@@ -244,8 +244,8 @@ def test_fsspec_urls_and_json_caption_key(tmp_path, corpus):
 
 
 def test_saved_checkpoint_loads_with_same_identity(tmp_path, tiny_clip):
+    from common.files import sha256_file
     from datastore.clip import ClipSpec, load_clip, same_clip, save_checkpoint
-    from datastore.utils import sha256_file
 
     for name in ("clip.safetensors", "clip.pt"):
         path = save_checkpoint(tiny_clip, str(tmp_path / name))

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from datastore.clip_train import ClipTrainConfig, names_text, phrase_text, train_clip
-from datastore.purity import exact_neighbours, format_purity, neighbour_purity, purity_from_neighbours, world_categories
+from datastore.purity import exact_neighbours, format_purity, neighbour_purity, purity_from_neighbours
+from datastore.synth.layout import World
 
 TINY = dict(image_size=64, steps=12, batch_size=32, warmup=3, lr=3e-3, workers=1, threads=1)
 
@@ -36,8 +37,8 @@ def trained(synth, tmp_path_factory):
 
 
 def test_checkpoint_loads_with_saved_identity(trained):
+    from common.files import sha256_file
     from datastore.clip import load_clip
-    from datastore.utils import sha256_file
 
     spec = trained.spec
     out = Path(spec.model_config).parent
@@ -152,20 +153,20 @@ def test_world_categories_match_ground_truth(synth):
 
     with tarfile.open(synth / "corpus" / "corpus-000001.tar") as tar:
         records = [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
-    cats, novelty = world_categories(synth, [r["key"] for r in records])
+    cats, novelty = World.open(synth).categories([r["key"] for r in records])
     assert cats == [frozenset(o["category"] for o in r["objects"]) for r in records]
     assert novelty == [r["novelty"] for r in records]
-    eval_cats, eval_novelty = world_categories(synth, ["images/eval/e000000000.jpg", "e000000001"])
+    eval_cats, eval_novelty = World.open(synth).categories(["images/eval/e000000000.jpg", "e000000001"])
     assert eval_novelty == ["seen", "novel"]
     # every identification answer of the eval set names an object of its image
     read = lambda name: [json.loads(x) for x in (synth / "eval" / "open" / name).read_text().splitlines()]
     answers = {a["question_id"]: a["answers"][0] for a in read("answers.jsonl")}
     asked = [(q["image"], answers[q["question_id"]]) for q in read("questions.jsonl")
              if q["category"] == "identification"]
-    image_cats, _ = world_categories(synth, [image for image, _ in asked])
+    image_cats, _ = World.open(synth).categories([image for image, _ in asked])
     assert len(asked) >= 10 and all(name in cats for (_, name), cats in zip(asked, image_cats))
     with pytest.raises(ValueError, match="not a synthetic-world key"):
-        world_categories(synth, ["x12"])
+        World.open(synth).categories(["x12"])
 
 
 def test_training_pixels_match_inference_preprocess(synth, trained):

@@ -64,6 +64,25 @@ def test_counts_and_corpus_shards(world_dir):
     assert categories == {c["name"] for c in info["categories"]}  # corpus covers every category
 
 
+def test_world_layout_reads_what_the_generator_wrote(world_dir, tmp_path):
+    from datastore.synth.layout import World
+
+    world = World.open(world_dir)
+    info = json.loads((world_dir / "world.json").read_text())
+    assert world.corpus_shards() == [str(world_dir / "corpus" / f"corpus-{i:06d}.tar") for i in range(3)]
+    assert world.names("novel") == [c["name"] for c in info["categories"] if c["novelty"] == "novel"]
+    assert len(world.names()) == len(info["categories"]) and set(world.names("seen")).isdisjoint(world.names("novel"))
+    captions = world.captions()
+    assert len(captions) == 120 and world.captions(limit=7) == captions[:7]
+    assert all(path.is_file() for path in [world.instruct_json, world.pretrain_json, *world.eval_question_files()])
+    images = world.eval_images("open")
+    assert images and all((world.images / image).is_file() for image in images)
+    with pytest.raises(ValueError, match="not a tuna-synth output folder"):
+        World.open(tmp_path)
+    with pytest.raises(ValueError, match="no corpus shards"):
+        World(tmp_path).corpus_shards()
+
+
 def test_novel_names_never_in_instruction_data(world_dir):
     world = WorldCatalogue()
     novel = {c.name for c in world.novel}
@@ -73,9 +92,9 @@ def test_novel_names_never_in_instruction_data(world_dir):
     instruct = json.loads((world_dir / "llava" / "instruct.json").read_text())
     assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in instruct)
     assert all(len(r["conversations"]) % 2 == 0 for r in instruct)
-    from datastore.synth.questions import SHORT_ANSWER_PROMPT  # LLaVA-1.5's format prompt on every question
+    from common.prompts import SHORT_ANSWER  # LLaVA-1.5's format prompt on every question
 
-    assert all(t["value"].endswith("?\n" + SHORT_ANSWER_PROMPT) for r in instruct for t in r["conversations"][::2])
+    assert all(t["value"].endswith("?\n" + SHORT_ANSWER) for r in instruct for t in r["conversations"][::2])
     assert all((world_dir / "images" / r["image"]).is_file() for r in instruct)
     novel_eval = [q["text"] for q in _jsonl(world_dir / "eval" / "pope" / "questions.jsonl") if q["novelty"] == "novel"]
     assert any(name in t for t in novel_eval for name in novel)

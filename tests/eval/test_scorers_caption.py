@@ -29,9 +29,9 @@ def test_tokenization_ignores_case_and_punctuation():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="no records"):
+    with pytest.raises(ValueError, match="score_caption: records is empty"):
         score_caption([])
-    with pytest.raises(ValueError, match="record 'q7' has no reference captions"):
+    with pytest.raises(ValueError, match=r"record 'q7' references must be a non-empty list of str, got \[\]"):
         score_caption([{"question_id": "q7", "prediction": "x", "references": []}])
 
 

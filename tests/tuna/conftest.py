@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tuna.tiny import save_hf_tokenizer, train_tokenizer
+from pipeline.tiny import save_hf_tokenizer, train_tokenizer
 
 _COLOURS = ["red", "blue", "green", "yellow", "purple", "small", "large", "old", "shiny"]
 _NOUNS = ["blorp", "zinnet", "cat", "dog", "table", "car", "tree", "house", "person", "image", "photo"]
@@ -64,7 +64,7 @@ def tiny_sp_tokenizer(request, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llm_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A random-init 2-layer Qwen2 saved with save_pretrained (vocab of the tiny tokenizer)."""
-    from tuna.tiny import save_tiny_llm
+    from pipeline.tiny import save_tiny_llm
 
     return save_tiny_llm(tmp_path_factory.mktemp("tiny_llm"), vocab_size=len(tiny_tokenizer))
 
@@ -72,7 +72,7 @@ def tiny_llm_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tied_llm_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """The tiny Qwen2 with tied input/output embeddings (as Qwen2-0.5B/1.5B ship)."""
-    from tuna.tiny import save_tiny_llm
+    from pipeline.tiny import save_tiny_llm
 
     return save_tiny_llm(tmp_path_factory.mktemp("tiny_tied_llm"), vocab_size=len(tiny_tokenizer),
                          tie_word_embeddings=True)

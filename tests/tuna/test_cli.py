@@ -9,6 +9,8 @@ import pytest
 from datastore.store import Datastore
 from tests.datastore.conftest import build_config, sample_image, write_shards
 from tuna.cli import main
+from tuna.configuration_tuna import ABLATION_POLICIES, ABLATIONS
+from tuna.tag_source import TagSource
 
 
 @pytest.fixture(scope="module")
@@ -40,17 +42,50 @@ def test_ask_with_given_tags_prints_answer_and_weights(model_dir, tmp_path, caps
     assert out.startswith("tags (none):\n") and "red blorp" in out and "\nanswer: " in out
 
 
-def test_ask_retrieves_live_from_a_datastore(model_dir, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def datastore_dir(tmp_path_factory):
     from datastore.build import build
 
-    shards = write_shards(tmp_path / "in", n_shards=1, per_shard=20)
-    build(build_config(shards, tmp_path / "ds"), show_progress=False)
+    root = tmp_path_factory.mktemp("ask_ds")
+    build(build_config(write_shards(root / "in", n_shards=1, per_shard=20), root / "ds"), show_progress=False)
+    return root / "ds"
+
+
+def test_ask_retrieves_live_from_a_datastore(model_dir, datastore_dir, tmp_path, capsys):
     sample_image(7).save(tmp_path / "q.jpg")
-    expected = Datastore.open(tmp_path / "ds").retrieve_tags(images=[sample_image(7)], k_images=2, max_tags=10)[0]
+    expected = Datastore.open(datastore_dir).retrieve_tags(images=[sample_image(7)], k_images=2, max_tags=10)[0]
     code, out, _ = run(capsys, "--model", model_dir, "--image", tmp_path / "q.jpg", "--question", "What?",
-                       "--datastore", tmp_path / "ds", "--k-images", 2, "--max-new-tokens", 2, "--json")
+                       "--datastore", datastore_dir, "--k-images", 2, "--max-new-tokens", 2, "--json")
     assert code == 0
     assert [t["tag"] for t in json.loads(out)["tags"]] == expected.tags
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_ask_reads_the_tags_of_each_ablation(ablation, model_dir, datastore_dir, tmp_path, capsys):
+    image = tmp_path / "q.jpg"
+    sample_image(7).save(image)
+    store = Datastore.open(datastore_dir)
+    real = store.retrieve_tags(images=[sample_image(7)], k_images=2, max_tags=10)[0].tags
+    code, out, _ = run(capsys, "--model", model_dir, "--image", image, "--question", "What?", "--datastore",
+                       datastore_dir, "--k-images", 2, "--max-new-tokens", 2, "--ablation", ablation, "--json")
+    assert code == 0
+    record = json.loads(out)
+    tags, weights = [t["tag"] for t in record["tags"]], [t["weight"] for t in record["tags"]]
+    assert record["ablation"] == ablation
+    policy = ABLATION_POLICIES[ablation]
+    if policy.tags == "none":
+        assert tags == []
+    elif policy.tags == "random":  # the seeded draw from the vocabulary, not what retrieval found
+        drawn = TagSource(datastore=store, k_images=2, ablation="random_tags")(str(image), sample_image(7)).tags
+        assert tags == drawn and tags != real and len(tags) == len(real)
+    else:
+        assert tags == real
+    if policy.weighting == "uniform":
+        assert weights == [1.0] * len(tags)
+    elif policy.weighting == "none" or not tags:
+        assert weights == [None] * len(tags)
+    else:
+        assert sum(weights) == pytest.approx(len(tags))  # adaptive, "count" scaling
 
 
 def test_ask_fails_with_one_line_reason(model_dir, tmp_path, capsys):

@@ -410,7 +410,7 @@ def test_multi_image_sample_puts_each_tag_block_after_its_image(make_model, tiny
 
 def test_llama_with_sentencepiece_tokenizer_vicuna_template_bf16(tiny_sp_tokenizer, tmp_path):
     from datastore.clip import ClipSpec
-    from tuna.tiny import save_tiny_llm
+    from pipeline.tiny import save_tiny_llm
 
     llm = save_tiny_llm(tmp_path / "llama", vocab_size=len(tiny_sp_tokenizer), model_type="llama")
     model = TunaForCausalLM.from_components(str(llm), ClipSpec(model="tuna-tiny-clip"), tiny_sp_tokenizer,

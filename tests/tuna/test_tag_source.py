@@ -9,6 +9,7 @@ import pytest
 from datastore.cache import CacheConfig, RetrievalCache, build_cache
 from datastore.store import Datastore
 from tests.datastore.conftest import build_config, sample_image, write_shards
+from tuna.configuration_tuna import ABLATION_POLICIES
 from tuna.tag_source import MissingTagsError, TagSource
 
 
@@ -52,6 +53,30 @@ def test_ablations(store_and_cache):
         TagSource(cache=cache, ablation="random_tags")
     with pytest.raises(ValueError, match="ablation='x'"):
         TagSource(ablation="x")
+
+
+def test_for_model_follows_the_ablation_table(store_and_cache, tmp_path):
+    from types import SimpleNamespace
+
+    store, cache = store_and_cache
+    model = SimpleNamespace(config=SimpleNamespace(ablation="none", max_tags=4), vision=SimpleNamespace(clip=None))
+    flags = {"retrieval_cache": cache.path, "datastore": store.root, "k_images": 3}
+    real = TagSource(cache=cache, max_tags=4)("a.jpg").tags
+    for ablation, policy in ABLATION_POLICIES.items():
+        source = TagSource.for_model(model, ablation=ablation, seed=1, **flags)
+        assert model.config.ablation == source.ablation == ablation  # the flag switches the model too
+        assert not policy.use_tags or (source.k_images, source.max_tags, source.seed) == (3, 4, 1)
+        expected = {"none": [], "random": TagSource(datastore=store, ablation="random_tags", max_tags=4, seed=1,
+                                                    cache=cache)("a.jpg").tags, "retrieved": real}[policy.tags]
+        assert source("a.jpg").tags == expected
+    model.config.ablation = "random_tags"  # no flag: the model's own switch
+    assert TagSource.for_model(model, **flags)("a.jpg").tags != real
+    assert TagSource.for_model(model) is None  # tags read, none to be had: the caller decides
+    no_tags = TagSource.for_model(model, ablation="no_tags", datastore=str(tmp_path / "missing"))  # not opened
+    assert no_tags("a.jpg").tags == [] and no_tags.datastore is None
+    with pytest.raises(ValueError, match="ablation='x'"):
+        TagSource.for_model(model, ablation="x")
+    assert model.config.ablation == "no_tags"
 
 
 def test_live_retrieval_is_remembered_per_image_id(store_and_cache):

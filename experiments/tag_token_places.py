@@ -1,11 +1,11 @@
 """Do TUNA's image-aware tag tokens look like the place word of their object's column?
 
 For every tag of a several-object quickstart eval image that names an object standing in one column
-(ground truth re-derived from the world, ``datastore.purity.world_scenes``), compare the connector's output for the tag's image-grounded token with the
+(ground truth re-derived from the world, ``datastore.synth.layout.World.scenes``), compare the connector's output for the tag's image-grounded token with the
 LLM's embeddings of " left", " middle" and " right", and count how often the nearest is the right one
 (chance: 1/3).
 
-    python scripts/tag_token_places.py --quickstart runs/quickstart
+    python experiments/tag_token_places.py --quickstart runs/quickstart
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def main() -> None:
     from PIL import Image
     from transformers import AutoTokenizer
 
-    from datastore.purity import world_scenes
+    from datastore.synth.layout import World
     from datastore.synth.scene import POSITION_PHRASES
     from tuna.modeling_tuna import TunaForCausalLM
 
@@ -48,7 +48,7 @@ def main() -> None:
         if r["category"] == "identification" and r["tags"]:
             rows.setdefault(r["image"], r)
     hits: collections.Counter = collections.Counter()
-    for (image, r), scene in zip(rows.items(), world_scenes(root / "world", list(rows))):
+    for (image, r), scene in zip(rows.items(), World.open(root / "world").scenes(list(rows))):
         if len(scene.objects) < 2:
             continue
         columns: dict[str, set[str]] = {}  # category name -> the columns it stands in

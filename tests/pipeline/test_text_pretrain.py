@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 
-from tuna.text_pretrain import (
-    TASKS, CopyTextGenerator, TextPretrainConfig, caption_nouns, caption_words, copy_accuracy, greedy_answers,
-    llava_conversation, make_lexicon, name_pools, pretrain_text_llm, render_chat, text_replay_records,
-)
+from pipeline.copy_eval import copy_accuracy, greedy_answers
+from pipeline.copy_text import TASKS, CopyTextGenerator, caption_nouns, caption_words, make_lexicon, render_chat
+from pipeline.text_pretrain import TextPretrainConfig, name_pools, pretrain_text_llm
+from pipeline.text_replay import llava_conversation, text_replay_records
 
 CAPTIONS = [f"a photo of a {c} {n}{p}" for c in ("red", "blue", "small green", "large pink")
             for n in ("drerik", "tulbel", "jadub", "two zutags") for p in ("", " on the left", " in the middle")]
@@ -114,7 +113,7 @@ def test_tag_reading_answer_is_the_dominant_first_tag():
 
 
 def test_place_tags_answer_is_the_name_led_by_the_asked_place():
-    from tuna.text_pretrain import PLACES
+    from pipeline.copy_text import PLACES
 
     gen = CopyTextGenerator(4)
     for _ in range(200):
@@ -170,7 +169,7 @@ def test_bad_config_is_rejected(bad):
 
 
 def test_unknown_pre_tokenizer_is_rejected():
-    from tuna.tiny import train_tokenizer
+    from pipeline.tiny import train_tokenizer
 
     with pytest.raises(ValueError, match="unknown pre_tokenizer 'wordpiece'"):
         train_tokenizer(["a b"], "wordpiece")
@@ -179,8 +178,8 @@ def test_unknown_pre_tokenizer_is_rejected():
 def test_lexicon_names_and_caption_words_become_single_tokens(run, tmp_path):
     from transformers import AutoTokenizer
 
-    from tuna.text_pretrain import _tokenizer_lines, single_token_share
-    from tuna.tiny import save_hf_tokenizer, train_tokenizer
+    from pipeline.text_pretrain import _tokenizer_lines, single_token_share
+    from pipeline.tiny import save_hf_tokenizer, train_tokenizer
 
     known = caption_words(CAPTIONS)
     lexicon = make_lexicon(3, 40, known)
@@ -211,7 +210,7 @@ def test_copy_texts_draw_names_from_the_pools():
 
 
 def test_text_replay_records_are_text_only_llava_copy_conversations():
-    from datastore.synth.questions import SHORT_ANSWER_PROMPT
+    from common.prompts import SHORT_ANSWER
 
     config = TextPretrainConfig(lexicon_size=30)
     records = text_replay_records(CAPTIONS, 40, config, seed=2)
@@ -223,7 +222,7 @@ def test_text_replay_records_are_text_only_llava_copy_conversations():
         assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
         first_answer = turns[1]["value"]
         assert all(part.strip() in turns[0]["value"] for part in first_answer.split(","))  # copied
-    suffixed = [t["value"].endswith("\n" + SHORT_ANSWER_PROMPT) for r in records for t in r["conversations"][::2]]
+    suffixed = [t["value"].endswith("\n" + SHORT_ANSWER) for r in records for t in r["conversations"][::2]]
     assert 0.4 < sum(suffixed) / len(suffixed) < 0.95  # suffix_share 0.7
 
 
@@ -239,7 +238,7 @@ def test_weighted_loss_equals_the_full_logits_loss_and_its_gradients(run):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tuna.text_pretrain import weighted_lm_loss
+    from pipeline.text_pretrain import weighted_lm_loss
 
     model = AutoModelForCausalLM.from_pretrained(str(run[0])).train()
     gen = torch.Generator().manual_seed(0)

@@ -5,7 +5,7 @@ Prints the relative change of the last position's logits when the tag's input em
 scaled by w (the literal TUNA rule), when an additive attention bias log(w) is put on the tag's key
 columns through a 4D float attention mask, when the tag is masked out, or replaced.
 
-    python bench/exp_rmsnorm_scaling.py
+    python experiments/exp_rmsnorm_scaling.py
 """
 
 import torch

@@ -8,8 +8,8 @@ same data, seed and budget; accuracy = multiple-choice over the tags by answer l
 (``model.score``) on held-out samples. The weights are injected (the CLIP-derived weights of a
 random-init tower carry no signal); everything else is the normal code path.
 
-    python bench/exp_weight_mode.py                  # ~3 min on 2 CPU cores
-    python bench/exp_weight_mode.py --steps 600 --modes scale bias
+    python experiments/exp_weight_mode.py                  # ~3 min on 2 CPU cores
+    python experiments/exp_weight_mode.py --steps 600 --modes scale bias
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def build(tmp: Path, names: list[str], mode: str, args, seed: int):
 
     from datastore.clip import ClipSpec
     from tuna.modeling_tuna import TunaForCausalLM
-    from tuna.tiny import save_hf_tokenizer, save_tiny_llm, train_tokenizer
+    from pipeline.tiny import save_hf_tokenizer, save_tiny_llm, train_tokenizer
 
     if not (tmp / "tok").exists():
         lines = [" ".join(random.Random(i).sample(names, 8)) for i in range(2000)] + ["Tags: a, b."]

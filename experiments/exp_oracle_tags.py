@@ -1,12 +1,12 @@
 """Experiment: TUNA with oracle-clean tag blocks, on a finished quickstart.
 
 Every tag whose object is not in the image is removed from the retrieval cache, for the instruction
-and the eval images alike (the objects come from the world's ground truth, ``world_scenes``). TUNA is
+and the eval images alike (the objects come from the world's ground truth, ``World.scenes``). TUNA is
 then trained (stage 1 + 2, the quickstart's own commands, seed and budget) and evaluated on
 ``synth_open`` with that cache. The gap to the quickstart's TUNA is what wrong tags in the block cost;
 it is an upper bound for better retrieval, not a method (the eval blocks use the answers).
 
-    python bench/exp_oracle_tags.py --quickstart runs/quickstart      # ~4 min on 2 cores
+    python experiments/exp_oracle_tags.py --quickstart runs/quickstart      # ~4 min on 2 cores
 
 Writes ``QUICKSTART/oracle_tags/`` (cache, models, eval) and prints the comparison as markdown.
 """
@@ -17,9 +17,6 @@ import argparse
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 
 def clean_cache(cache: Path, world: Path, out: Path) -> dict[str, int]:
@@ -27,14 +24,14 @@ def clean_cache(cache: Path, world: Path, out: Path) -> dict[str, int]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from datastore.purity import world_scenes
+    from datastore.synth.layout import World
     from datastore.store import entity_of
 
     table = pq.read_table(cache)
     cols = table.to_pydict()
     rows = [i for i, image in enumerate(cols["image"]) if image.startswith(("instruct/", "eval/"))]
     kept = total = 0
-    for i, scene in zip(rows, world_scenes(world, [cols["image"][i] for i in rows])):
+    for i, scene in zip(rows, World.open(world).scenes([cols["image"][i] for i in rows])):
         present = {o.category.name for o in scene.objects}
         keep = [j for j, tag in enumerate(cols["tags"][i]) if entity_of(tag) in present]
         kept, total = kept + len(keep), total + len(cols["tags"][i])
@@ -52,7 +49,7 @@ def main() -> int:
 
     from exp_retrain_tuna import compare, not_finished
 
-    from tuna.quickstart import Paths
+    from pipeline.quickstart import Paths
 
     root = Path(args.quickstart).resolve()
     if problem := not_finished(root):

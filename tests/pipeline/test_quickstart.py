@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tuna.quickstart import RUNS, QuickstartConfig, expected_outcome, results_markdown
+from pipeline.quickstart import RUNS, QuickstartConfig
+from pipeline.report import expected_outcome, results_markdown
 
 # Smaller corpora and eval sets; the training budgets stay the defaults' (with half of them, the CLIP's
 # purity falls to ~60 % and stage 2 learns no copying: novel naming 0 %). Full run: docs/quickstart.md.
@@ -19,7 +20,7 @@ REDUCED = ["--corpus-size", "10000", "--n-eval", "96", "--swap-corpus-size", "30
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("quickstart") / "qs"
-    proc = subprocess.run([sys.executable, "-m", "tuna.cli", "quickstart", "--out", str(out), *REDUCED],
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "quickstart", "--out", str(out), *REDUCED],
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
@@ -78,11 +79,11 @@ def test_tuna_names_novel_objects_the_baseline_cannot(run):
 
 def test_rerun_skips_finished_stages(run):
     out, _ = run
-    proc = subprocess.run([sys.executable, "-m", "tuna.cli", "quickstart", "--out", str(out), *REDUCED],
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "quickstart", "--out", str(out), *REDUCED],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("done in an earlier run") == 6  # every stage but the (cheap) report
-    other = subprocess.run([sys.executable, "-m", "tuna.cli", "quickstart", "--out", str(out), "--seed", "3"],
+    other = subprocess.run([sys.executable, "-m", "pipeline.cli", "quickstart", "--out", str(out), "--seed", "3"],
                            capture_output=True, text=True, timeout=300)
     assert other.returncode == 1 and "holds a quickstart run with other settings" in other.stderr
 
@@ -111,7 +112,7 @@ def test_bad_settings_are_rejected():
 
 
 def test_only_tunas_instruction_tuning_permutes_the_seen_names(run):
-    from tuna.quickstart import Paths, ds_config_file, train_command
+    from pipeline.quickstart import Paths, ds_config_file, train_command
 
     out, _ = run
     paths = Paths(out)
@@ -133,7 +134,7 @@ def test_only_tunas_instruction_tuning_permutes_the_seen_names(run):
 
 
 def test_every_tuna_evaluation_reads_majority_supported_tags(tmp_path):
-    from tuna.quickstart import Paths, eval_runs
+    from pipeline.quickstart import Paths, eval_runs
 
     runs = eval_runs(QuickstartConfig(out=str(tmp_path)), Paths(tmp_path))
     for name, (model, _, _, flags) in runs.items():
@@ -145,7 +146,7 @@ def test_every_tuna_evaluation_reads_majority_supported_tags(tmp_path):
 
 
 def test_tag_diagnostics_count_the_copy_rate(tmp_path):
-    from tuna.quickstart import tag_diagnostics
+    from pipeline.report import tag_diagnostics
 
     def q(novelty, answer, tags, prediction):
         return {"category": "identification", "novelty": novelty, "answers": [answer], "prediction": prediction,
@@ -171,7 +172,7 @@ def test_tag_diagnostics_count_the_copy_rate(tmp_path):
 
 @pytest.mark.parametrize("ds_config", ["zero2.json", "zero3.json"])
 def test_training_uses_deepspeeds_bucket_sizes_not_the_tiny_llms_auto(tmp_path, ds_config):
-    from tuna.quickstart import SMALL_LLM_BUCKETS, Paths, ds_config_file
+    from pipeline.quickstart import SMALL_LLM_BUCKETS, Paths, ds_config_file
 
     written = json.loads(ds_config_file(QuickstartConfig(out=str(tmp_path), ds_config=ds_config),
                                         Paths(tmp_path)).read_text())

@@ -4,9 +4,9 @@ Each seed is a different synthetic world, CLIP, LLM and training order, so the s
 the error bar of any single quickstart figure (single runs differ by 10-20 points). Compare recipe
 changes on several seeds, never on one run.
 
-    python bench/quickstart_seeds.py --seeds 0 1 2 --out runs/seeds          # ~13 min per seed on 2 cores
-    python bench/quickstart_seeds.py --seeds 0 1 --out runs/seeds -- --steps 600   # extra quickstart flags
-    python bench/quickstart_seeds.py --collect /tmp/qs6 /tmp/qs7              # tabulate finished runs only
+    python experiments/quickstart_seeds.py --seeds 0 1 2 --out runs/seeds          # ~13 min per seed on 2 cores
+    python experiments/quickstart_seeds.py --seeds 0 1 --out runs/seeds -- --steps 600   # extra quickstart flags
+    python experiments/quickstart_seeds.py --collect /tmp/qs6 /tmp/qs7              # tabulate finished runs only
 
 A seed whose ``OUT/seed-S/results.json`` exists is not run again (delete it to rerun). Prints one row
 per seed (identification seen/novel for the baseline and TUNA, the novel gain, random tags) and the

@@ -6,13 +6,13 @@ given ``train/train.py`` overrides and/or another training retrieval cache, then
 the quickstart's TUNA are read from the run itself. Retraining with no change reproduces the
 quickstart's TUNA figures exactly, so any difference is the change (at that seed: judge on several).
 
-    python bench/exp_retrain_tuna.py --quickstart runs/qs --name prior1 --train '{"tag_score_prior": 1.0}'
-    python bench/exp_retrain_tuna.py --quickstart runs/qs --name lr --stage2 '{"learning_rate": 1e-4}'
-    python bench/exp_retrain_tuna.py --quickstart runs/qs --name c --train-cache my_cache.parquet
+    python experiments/exp_retrain_tuna.py --quickstart runs/qs --name prior1 --train '{"tag_score_prior": 1.0}'
+    python experiments/exp_retrain_tuna.py --quickstart runs/qs --name lr --stage2 '{"learning_rate": 1e-4}'
+    python experiments/exp_retrain_tuna.py --quickstart runs/qs --name c --train-cache my_cache.parquet
 
 About 4 min on 2 cores. Writes ``QUICKSTART/<name>/`` (models, logs, eval) and prints a markdown table:
 identification seen / novel, by scene, and the copy rate (identification when the top-weighted tag
-names the object, ``tuna.quickstart.tag_diagnostics``).
+names the object, ``pipeline.report.tag_diagnostics``).
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def _recipe(root: Path) -> dict:
@@ -35,7 +33,8 @@ def _recipe(root: Path) -> dict:
 def retrain(root: Path, out: Path, train: dict, stage2: dict, train_cache: Path | None, what: str) -> Path:
     """Train TUNA stage 1 + 2 into ``out`` as the quickstart at ``root`` did, with the overrides; the
     stage-2 model directory."""
-    from tuna.quickstart import Paths, QuickstartConfig, _env, run_logged, train_command
+    from pipeline.processes import run_logged
+    from pipeline.quickstart import Paths, QuickstartConfig, process_env, train_command
 
     recipe = _recipe(root)
     extra = recipe.get("extra", {})
@@ -49,7 +48,7 @@ def retrain(root: Path, out: Path, train: dict, stage2: dict, train_cache: Path 
             overrides["stage1_checkpoint"] = str(out / "tuna-stage1")
         config = QuickstartConfig(**{**recipe, "out": str(root),
                                      "extra": {**extra, "train": {**extra.get("train", {}), **overrides}}})
-        run_logged(train_command(config, paths, "tuna", stage), out / f"train-stage{stage}.log", _env(config),
+        run_logged(train_command(config, paths, "tuna", stage), out / f"train-stage{stage}.log", process_env(config),
                    f"training tuna stage {stage} {what}")
     return out / "tuna-stage2"
 
@@ -58,7 +57,8 @@ def evaluate(root: Path, model_dir: Path, out: Path, eval_cache: Path | None = N
              min_support: float | None = None) -> Path:
     """``synth_open`` of ``model_dir`` with the quickstart's TUNA tag flags (``eval_cache`` replacing its
     cache, ``min_support`` its support filter); the eval directory."""
-    from tuna.quickstart import Paths, QuickstartConfig, eval_command, eval_runs, run_logged
+    from pipeline.processes import run_logged
+    from pipeline.quickstart import Paths, QuickstartConfig, eval_command, eval_runs
 
     recipe = _recipe(root)
     config, paths = QuickstartConfig(**{**recipe, "out": str(root)}), Paths(root)
@@ -83,7 +83,7 @@ def compare(root: Path, out: Path, label: str, train: dict | None = None, stage2
             train_cache: Path | None = None, eval_cache: Path | None = None, min_support: float | None = None,
             what: str = "") -> str:
     """Retrain into ``out``, evaluate, and the table: baseline, the quickstart's TUNA, this one (``label``)."""
-    from tuna.quickstart import Paths
+    from pipeline.quickstart import Paths
 
     start = time.perf_counter()
     model = retrain(root, out, train or {}, stage2 or {}, train_cache, what)
@@ -95,7 +95,8 @@ def compare(root: Path, out: Path, label: str, train: dict | None = None, stage2
 
 
 def table(root: Path, rows: list[tuple[str, Path]]) -> str:
-    from tuna.quickstart import Paths, identification_by_scene, run_metrics, tag_diagnostics
+    from pipeline.quickstart import Paths
+    from pipeline.report import identification_by_scene, run_metrics, tag_diagnostics
 
     world = Paths(root).world
     lines = ["| run | id seen | id novel | one object, novel | several, novel | copy rate seen | copy rate novel |",

@@ -1,0 +1,510 @@
+"""``tuna quickstart``: the whole TUNA pipeline on the embedded synthetic world, baseline vs TUNA.
+
+Stages (each records its seconds in ``OUT/stages.json``; a re-run skips finished stages):
+
+1. ``world``     synthesize the world (seen + novel categories) and a second, disjoint world for the swap;
+2. ``clip``      train a tiny CLIP contrastively on the corpus (all categories) — the stand-in for a web CLIP;
+3. ``llm``       pretrain a tiny LLM on text only (corpus captions + copy/reading text with made-up names),
+                 and write the text-only copy conversations mixed into instruction tuning;
+4. ``datastore`` build both worlds' datastores with that CLIP and the retrieval caches;
+5. ``train``     ``deepspeed`` (ZeRO-2) stage 1 + stage 2 for the no-tags baseline and for TUNA (same
+                 data, budget and seed; stage 2 keeps the LLM's embeddings frozen);
+6. ``eval``      ``tuna-eval`` on seen/novel questions: baseline, TUNA, random-tags, uniform-weights, and
+                 the zero-shot datastore swap on the second world;
+7. ``report``    comparison table, diagnostics, ``results.json``, ``results.md`` and ``results.png``.
+
+Why the recipe looks the way it does (what failed without each part) is in docs/quickstart.md; the
+experiments behind it in docs/experiments.md. The report (metrics, diagnostics, tables) is
+:mod:`pipeline.report`.
+
+Training and evaluation run through the real command-line tools (``deepspeed --module train.train``,
+``tuna-eval``) in subprocesses, exactly as a user would run them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from datastore.synth.layout import World
+from datastore.synth.world import CATALOGUE_SIZE
+from pipeline.processes import (REPO, StageError, console_script, free_port, run_logged, subprocess_env,
+                                threads_per_process)
+
+RUNS = {  # evaluation run -> (trained model, flags)
+    "baseline": ("baseline", ["--no-tags"]),
+    "tuna": ("tuna", []),
+    "tuna_random_tags": ("tuna", ["--ablation", "random_tags"]),
+    "tuna_uniform_weights": ("tuna", ["--ablation", "uniform_weights"]),
+}
+TEXT_REFERENCE = "llm_tags_as_text"  # eval folder of the text-only LLM reading TUNA's tag blocks
+
+
+@dataclass
+class QuickstartConfig:
+    """Sizes and budgets of one quickstart run (defaults: about 11 min on 2 CPU cores).
+
+    Why each default is what it is: docs/quickstart.md, "Why the recipe looks like this"; the
+    experiments behind them: docs/experiments.md.
+
+    Attributes:
+        out: output directory (re-running continues after the last finished stage).
+        seed: seed of the world, every model and every data order.
+        corpus_size: datastore corpus images.
+        n_instruct: instruction images (seen categories only).
+        n_eval: evaluation images (half seen, half novel).
+        image_size: image side in pixels.
+        n_seen: categories in the instruction data.
+        n_novel: categories only in the corpus and the eval set.
+        swap: also run the zero-shot datastore swap on a second world of other categories.
+        swap_corpus_size: corpus images of the second world.
+        swap_categories: categories of the second world (the catalogue entries after the first world's).
+        clip_steps: tiny CLIP training steps.
+        clip_batch_size: tiny CLIP image-text pairs per step.
+        llm_steps: LLM text-pretraining steps.
+        llm_hidden: LLM hidden size.
+        llm_layers: LLM layers.
+        text_replay: text-only copy conversations mixed into instruction tuning, per instruction image.
+        stage1_steps: connector pretraining steps.
+        steps: instruction tuning steps.
+        batch_size: per-process training batch.
+        stage1_lr: connector pretraining learning rate.
+        lr: instruction tuning learning rate.
+        freeze_llm_embeddings: stage 2 keeps the LLM's embeddings and LM head frozen.
+        image_patch_positions: learned patch positions before the connector.
+        rename_p: share of TUNA's instruction samples whose seen names are permuted among each other on
+            the LLM side (questions, answers, tag words): the tag block, not the image, gives the name;
+            0: off.
+        nproc: training processes (deepspeed --num_gpus).
+        ds_config: file in ds_configs/.
+        k_images: neighbour images retrieved per query image.
+        max_tags: tags in the model's tag block.
+        eval_min_tag_support: at evaluation, read only tags whose entity a (similarity-weighted) share of
+            at least this of the neighbours names; 0: every retrieved tag.
+        eval_batch_size: evaluation batch size.
+        threads: torch threads per process; 0: cores / nproc.
+        device: cpu or cuda.
+        overwrite: delete --out first instead of resuming.
+        extra: per-stage overrides ({"clip": {...}, "llm": {...}, "train": {...}}), for experiments.
+    """
+
+    out: str = "runs/quickstart"
+    seed: int = 0
+    corpus_size: int = 20_000
+    n_instruct: int = 3_000
+    n_eval: int = 160
+    image_size: int = 96
+    # 16 + 8, not more seen categories: the tiny CLIP separates 48 + 16 poorly (top-1 purity 40 %)
+    n_seen: int = 16
+    n_novel: int = 8
+    swap: bool = True
+    swap_corpus_size: int = 8_000
+    swap_categories: int = 24
+    # 1000, not 600: at 600 the neighbour purity, and with it the novel gain, depends on the seed
+    # (docs/experiments.md, "The CLIP needs 1,000 steps")
+    clip_steps: int = 1000
+    clip_batch_size: int = 128
+    # 1500, not 600: at 600 whether the LLM learns to copy from a tag list depends on the seed
+    # (docs/experiments.md, "The copy prior needs 1,500 text steps")
+    llm_steps: int = 1500
+    llm_hidden: int = 128
+    llm_layers: int = 2
+    # LLaVA-1.5 mixes 40K text-only conversations into its 665K (pipeline.text_replay)
+    text_replay: float = 0.5
+    stage1_steps: int = 60
+    steps: int = 300
+    batch_size: int = 8
+    stage1_lr: float = 1e-3
+    lr: float = 1e-3
+    # with a few seen names as the only answers, a trained LM head learns to prefer them over every
+    # other word, novel names included
+    freeze_llm_embeddings: bool = True
+    # the convnet tower's features do not say where a patch is (a ViT's do), and several-object
+    # questions name a position
+    image_patch_positions: bool = True
+    # off: it helps at some seeds and hurts at others (docs/experiments.md, "Name permutation")
+    rename_p: float = 0.0
+    nproc: int = 2
+    ds_config: str = "zero2.json"
+    k_images: int = 5
+    max_tags: int = 6
+    # a neighbour scene's other objects make up to a third of a block wrong; training reads every tag
+    # (docs/experiments.md, "Majority-supported tags at evaluation")
+    eval_min_tag_support: float = 0.5
+    eval_batch_size: int = 32
+    threads: int = 0
+    device: str = "cpu"
+    overwrite: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("corpus_size", "n_instruct", "n_eval", "clip_steps", "llm_steps", "stage1_steps", "steps",
+                     "batch_size", "nproc", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        for name in ("eval_min_tag_support", "rename_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1]")
+        if self.n_seen < 1 or self.n_novel < 1 or self.text_replay < 0:
+            raise ValueError("n_seen and n_novel must be >= 1 and text_replay >= 0")
+        if self.swap and self.n_seen + self.n_novel + self.swap_categories > CATALOGUE_SIZE:
+            raise ValueError(f"n_seen + n_novel + swap_categories = "
+                             f"{self.n_seen + self.n_novel + self.swap_categories} exceeds the catalogue's "
+                             f"{CATALOGUE_SIZE} categories (the swap world needs categories of its own)")
+        if not (REPO / "ds_configs" / self.ds_config).is_file():
+            raise ValueError(f"DeepSpeed config {REPO / 'ds_configs' / self.ds_config} not found "
+                             f"(the quickstart runs from a source checkout)")
+
+    @property
+    def root(self) -> Path:
+        return Path(self.out).resolve()
+
+
+# ------------------------------------------------------------------------------------------ stage runner
+class Pipeline:
+    """Runs the stages in order, records their seconds, and skips stages finished by an earlier run."""
+
+    def __init__(self, config: QuickstartConfig, log: Callable[[str], None] = print) -> None:
+        self.config, self.log = config, log
+        self.root = config.root
+        if config.overwrite and self.root.exists():
+            shutil.rmtree(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.state_file = self.root / "stages.json"
+        self.state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+        recipe = {k: v for k, v in asdict(config).items() if k not in ("out", "overwrite", "threads", "device")}
+        if self.state.get("recipe", recipe) != recipe:
+            raise StageError(f"{self.root} holds a quickstart run with other settings; use --overwrite "
+                                  f"or another --out")
+        self.state["recipe"] = recipe
+        self.state.setdefault("seconds", {})
+
+    def run(self, stages: dict[str, Callable[[], None]]) -> None:
+        for n, (name, fn) in enumerate(stages.items(), 1):
+            if name in self.state["seconds"] and name != "report":  # the report is cheap: always redone
+                self.log(f"== [{n}/{len(stages)}] {name}: done in an earlier run "
+                         f"({self.state['seconds'][name]:.0f} s), skipped")
+                continue
+            self.log(f"== [{n}/{len(stages)}] {name}")
+            start = time.perf_counter()
+            fn()
+            self.state["seconds"][name] = round(time.perf_counter() - start, 1)
+            self.state_file.write_text(json.dumps(self.state, indent=2))
+            self.log(f"   {name}: {self.state['seconds'][name]:.1f} s")
+
+
+def process_threads(config: QuickstartConfig) -> int:
+    """Torch threads of each of the run's processes."""
+    return threads_per_process(config.threads, config.nproc)
+
+
+def process_env(config: QuickstartConfig) -> dict[str, str]:
+    """The environment the run's training and evaluation subprocesses get."""
+    return subprocess_env(process_threads(config))
+
+
+# ------------------------------------------------------------------------------------------ paths
+class Paths:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.world, self.world2 = root / "world", root / "world_swap"
+        self.clip = root / "clip"
+        self.llm = root / "llm"
+        self.text_replay = root / "text_replay.json"
+        self.seen_names = root / "seen_names.txt"  # the names TUNA's stage 2 permutes (rename_p)
+        self.datastore, self.datastore2 = root / "datastore", root / "datastore_swap"
+        self.cache, self.cache2 = root / "tags.parquet", root / "tags_swap.parquet"
+        self.models = root / "models"
+        self.eval = root / "eval"
+        self.logs = root / "logs"
+
+    def model(self, name: str, stage: int) -> Path:
+        return self.models / f"{name}-stage{stage}"
+
+
+# ------------------------------------------------------------------------------------------ stages
+def stage_world(config: QuickstartConfig, paths: Paths) -> None:
+    from datastore.synth.generate import SynthConfig, generate_world
+
+    workers = max(1, min(os.cpu_count() or 1, 8))
+    generate_world(SynthConfig(out=str(paths.world), seed=config.seed, n_corpus=config.corpus_size,
+                               n_instruct=config.n_instruct, n_eval=config.n_eval, image_size=config.image_size,
+                               n_seen=config.n_seen, n_novel=config.n_novel, workers=workers, overwrite=True))
+    paths.seen_names.write_text("".join(name + "\n" for name in World.open(paths.world).names("seen")))
+    if config.swap:  # the catalogue entries after the first world's: none of its categories
+        half = config.swap_categories // 2  # its seen/novel labels mean nothing here: all are new to the model
+        generate_world(SynthConfig(out=str(paths.world2), seed=config.seed + 1, n_corpus=config.swap_corpus_size,
+                                   n_instruct=1, n_eval=config.n_eval, image_size=config.image_size,
+                                   n_seen=config.swap_categories - half, n_novel=half,
+                                   category_offset=config.n_seen + config.n_novel, workers=workers,
+                                   overwrite=True))
+
+
+def stage_clip(config: QuickstartConfig, paths: Paths) -> None:
+    from datastore.clip_train import ClipTrainConfig, train_clip
+
+    train_clip(World.open(paths.world).corpus_shards(), str(paths.clip),
+               ClipTrainConfig(steps=config.clip_steps, batch_size=config.clip_batch_size, seed=config.seed,
+                               threads=process_threads(config) * config.nproc, device=config.device,
+                               **config.extra.get("clip", {})))
+
+
+def clip_args(paths: Paths) -> dict[str, str]:
+    """The trained CLIP as (model config JSON, checkpoint) — how every later stage loads it."""
+    from datastore.clip_train import trained_clip_files
+
+    model_config, checkpoint = trained_clip_files(str(paths.clip))
+    return {"model_config": model_config, "pretrained": checkpoint}
+
+
+def llm_pretrain_config(config: QuickstartConfig, **changes: Any):
+    """The quickstart's ``TextPretrainConfig`` (``changes`` override its fields, e.g. ``seed``, ``steps``)."""
+    from pipeline.text_pretrain import TextPretrainConfig
+
+    fields = {"steps": config.llm_steps, "hidden_size": config.llm_hidden, "num_layers": config.llm_layers,
+              "seed": config.seed, "threads": process_threads(config) * config.nproc, **config.extra.get("llm", {})}
+    return TextPretrainConfig(**{**fields, **changes})
+
+
+def stage_llm(config: QuickstartConfig, paths: Paths) -> None:
+    """Text-only LLM pretraining, and the text-only conversations mixed into instruction tuning."""
+    from pipeline.text_pretrain import pretrain_text_llm
+    from pipeline.text_replay import text_replay_records
+
+    captions = World.open(paths.world).captions()  # only these: never eval images or questions
+    llm_config = llm_pretrain_config(config)
+    pretrain_text_llm(captions, str(paths.llm), llm_config)
+    records = text_replay_records(captions, round(config.text_replay * config.n_instruct), llm_config,
+                                  seed=config.seed + 1)
+    paths.text_replay.write_text(json.dumps(records, indent=1))
+    print(f"   {len(records)} text-only conversations for instruction tuning -> {paths.text_replay}", flush=True)
+
+
+def stage_datastore(config: QuickstartConfig, paths: Paths) -> None:
+    from datastore.build import BuildConfig, build
+    from datastore.cache import CacheConfig, build_cache
+    from datastore.clip import ClipSpec
+    from datastore.reader import ReaderConfig
+
+    clip = ClipSpec(**clip_args(paths), device=config.device)
+    world = World.open(paths.world)
+    worlds = [(world, paths.datastore, paths.cache, [world.instruct_json, world.pretrain_json])]
+    if config.swap:
+        worlds.append((World.open(paths.world2), paths.datastore2, paths.cache2, []))
+    for world, store, cache, train_files in worlds:
+        build(BuildConfig(inputs=world.corpus_shards(), out=str(store), clip=clip, overwrite=True,
+                          reader=ReaderConfig(batch_size=256, num_workers=1)))
+        build_cache(CacheConfig(datastore=str(store), out=str(cache), image_folder=str(world.images),
+                                llava_json=[str(f) for f in train_files + world.eval_question_files()],
+                                k_images=config.k_images, max_tags=32, num_workers=1, device=config.device))
+
+
+# DeepSpeed's own defaults for the bucket sizes that HF's "auto" derives from the LLM's hidden size (hidden²
+# elements). For the quickstart's 128-wide LLM "auto" is 16,384 elements, so ZeRO-2 reduces the gradients in
+# dozens of tiny gloo calls per step: 60 TUNA steps take 1.3x as long on 2 CPU cores (bench/bench_ds_buckets.py,
+# docs/benchmarks.md). Real checkpoints
+# (hidden 4096: 16.7M elements) keep "auto" through ds_configs/ as they are.
+SMALL_LLM_BUCKETS = {"reduce_bucket_size": 500_000_000, "stage3_prefetch_bucket_size": 50_000_000}
+
+
+def recorded_config(root: Path) -> QuickstartConfig:
+    """The settings the finished quickstart at ``root`` ran with (the recipe in its ``stages.json``)."""
+    return QuickstartConfig(**{**json.loads((root / "stages.json").read_text())["recipe"], "out": str(root)})
+
+
+def ds_config_file(config: QuickstartConfig, paths: Paths) -> Path:
+    """``OUT/ds_<name>``: ``ds_configs/<config.ds_config>`` with :data:`SMALL_LLM_BUCKETS` where it says "auto"."""
+    ds = json.loads((REPO / "ds_configs" / config.ds_config).read_text())
+    zero = ds.get("zero_optimization", {})
+    for key, value in SMALL_LLM_BUCKETS.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    path = paths.root / f"ds_{config.ds_config}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ds, indent=1) + "\n")
+    return path
+
+
+def train_command(config: QuickstartConfig, paths: Paths, name: str, stage: int) -> list[str]:
+    """``deepspeed --module train.train ...`` for model ``name`` ("baseline" or "tuna") and stage 1 or 2."""
+    clip, world = clip_args(paths), World(paths.world)
+    steps = config.stage1_steps if stage == 1 else config.steps
+    args = {
+        "deepspeed": str(ds_config_file(config, paths)),
+        "model_name_or_path": str(paths.llm), "stage": "pretrain" if stage == 1 else "finetune",
+        "clip_model_config": clip["model_config"], "clip_pretrained": clip["pretrained"],
+        "data_path": [str(world.pretrain_json)] if stage == 1 else [str(world.instruct_json)]
+                     + ([str(paths.text_replay)] if config.text_replay else []),
+        "image_folder": str(world.images),
+        "template": "plain" if stage == 1 else "chat_template",
+        "output_dir": str(paths.model(name, stage)), "max_steps": steps,
+        "per_device_train_batch_size": config.batch_size,
+        "learning_rate": config.stage1_lr if stage == 1 else config.lr,
+        "lr_scheduler_type": "cosine", "warmup_steps": 0.03, "weight_decay": 0.0,
+        "logging_steps": max(1, steps // 10), "save_strategy": "no", "report_to": "none",
+        "seed": config.seed, "dataloader_num_workers": 0, "disable_tqdm": "true",
+        "max_tags": config.max_tags, "tag_hidden_dim": 128, "tag_num_heads": 4,
+        "max_length": 512,
+    }
+    if name == "baseline":
+        args["ablation"] = "no_tags"
+    else:
+        args["retrieval_cache"] = str(paths.cache)
+    if stage == 2:
+        args["stage1_checkpoint"] = str(paths.model(name, 1))
+        args["freeze_llm_embeddings"] = str(config.freeze_llm_embeddings).lower()
+        if name == "tuna" and config.rename_p > 0:  # the baseline has no tag block to read another name from
+            args.update(rename_p=config.rename_p, rename_names=str(paths.seen_names),
+                        rename_pool=str(paths.seen_names))
+    args["image_patch_positions"] = str(config.image_patch_positions).lower()
+    if config.device == "cpu":
+        args["use_cpu"] = "true"
+    cmd = [console_script("deepspeed"), "--num_gpus", str(config.nproc), "--master_port", str(free_port()),
+           "--module", "train.train"]
+    for key, value in {**args, **config.extra.get("train", {})}.items():
+        cmd += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
+    return cmd
+
+
+def _train_progress(line: str) -> str | None:
+    """A short progress line from a training log line (the Trainer's log dicts), else None."""
+    import ast
+
+    if line.startswith("{'loss'"):
+        try:
+            logs = ast.literal_eval(line.strip())
+        except (ValueError, SyntaxError):
+            return None
+        return (f"epoch {float(logs['epoch']):.2f}  loss {float(logs['loss']):.3f}  "
+                f"{float(logs.get('samples_per_second', 0)):.0f} samples/s")
+    return None
+
+
+def stage_train(config: QuickstartConfig, paths: Paths) -> None:
+    for name in ("baseline", "tuna"):
+        for stage in (1, 2):
+            print(f"   {name} stage {stage} ({config.stage1_steps if stage == 1 else config.steps} steps, "
+                  f"{config.nproc} processes, {config.ds_config})", flush=True)
+            start = time.perf_counter()
+            run_logged(train_command(config, paths, name, stage), paths.logs / f"train-{name}-stage{stage}.log",
+                       process_env(config), f"training {name} stage {stage}", echo=_train_progress)
+            print(f"   {name} stage {stage}: {time.perf_counter() - start:.1f} s", flush=True)
+
+
+def eval_runs(config: QuickstartConfig, paths: Paths) -> dict[str, tuple[str, Path, list[str], list[str]]]:
+    """run name -> (model, data root, benches, tag flags)."""
+    support = ["--min-tag-support", str(config.eval_min_tag_support)]
+    tags = ["--retrieval-cache", str(paths.cache), "--datastore", str(paths.datastore), *support]
+    runs = {run: (model, paths.world, ["synth_open", "synth_pope"], flags if "--no-tags" in flags else tags + flags)
+            for run, (model, flags) in RUNS.items()}
+    if config.swap:
+        runs["swap_baseline"] = ("baseline", paths.world2, ["synth_open"], ["--no-tags"])
+        runs["swap_tuna"] = ("tuna", paths.world2, ["synth_open"],
+                             ["--retrieval-cache", str(paths.cache2), "--datastore", str(paths.datastore2), *support])
+    return runs
+
+
+def eval_command(config: QuickstartConfig, model_dir: Path, data_root: Path, benches: list[str], out: Path,
+                 flags: list[str], side_by_side: int = 1) -> tuple[list[str], dict[str, str]]:
+    """``tuna-eval`` of ``model_dir`` on ``benches`` (tag flags in ``flags``), and its environment (its share
+    of the cores when ``side_by_side`` evaluations run at once)."""
+    cmd = [console_script("tuna-eval"), "--model", str(model_dir), "--bench", ",".join(benches), "--data-root", str(data_root),
+           "--out", str(out), "--batch-size", str(config.eval_batch_size), "--device", config.device,
+           "--k-images", str(config.k_images), *flags]
+    threads = max(1, process_threads(config) * config.nproc // side_by_side)
+    return cmd, {**process_env(config), "OMP_NUM_THREADS": str(threads)}
+
+
+def stage_eval(config: QuickstartConfig, paths: Paths) -> None:
+    # On CPU the evaluations run nproc at a time, each on its share of the cores: most of a small one is
+    # start-up (imports, model and datastore loading), which is single-threaded.
+    side_by_side = config.nproc if config.device == "cpu" else 1
+
+    def evaluate(item: tuple[str, tuple[str, Path, list[str], list[str]]]) -> None:
+        run, (model, root, benches, flags) = item
+        start = time.perf_counter()
+        cmd, env = eval_command(config, paths.model(model, 2), root, benches, paths.eval / run, flags, side_by_side)
+        run_logged(cmd, paths.logs / f"eval-{run}.log", env, f"evaluation {run}")
+        print(f"   {run}: {time.perf_counter() - start:.1f} s", flush=True)
+
+    with ThreadPoolExecutor(side_by_side) as pool:
+        list(pool.map(evaluate, eval_runs(config, paths).items()))  # re-raises the first failure
+    start = time.perf_counter()
+    text_llm_reference(paths)
+    print(f"   {TEXT_REFERENCE} (the text-only LLM reading TUNA's tag blocks): {time.perf_counter() - start:.1f} s",
+          flush=True)
+
+
+def _user_message(prompt: str) -> str:
+    """The user turn of a rendered ChatML prompt."""
+    if "<|im_start|>user\n" not in prompt:
+        raise StageError(f"not a ChatML prompt: {prompt[:80]!r}")
+    return prompt.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
+
+
+def text_llm_reference(paths: Paths, llm: Path | None = None, out: Path | None = None) -> Path:
+    """The text-only LLM (before any image) on TUNA's identification questions, the image replaced by the
+    tag block TUNA read, as text (" Tags: a, b."). It is the copy prior the multimodal training starts
+    from: TUNA should name novel objects at least this well. Scored like ``synth_open`` (the gold name
+    as a whole word of the answer). ``llm`` (default: the run's) reads the blocks; the predictions go to
+    ``out`` (default: ``eval/llm_tags_as_text``), which is returned."""
+    from eval.scorers.open import contains_answer
+    from pipeline.copy_eval import greedy_answers
+    from pipeline.report import identification_records
+    from tuna.conversation import IMAGE_MARKER
+
+    records = identification_records(paths.eval / "tuna")
+    cfg = json.loads((paths.model("tuna", 2) / "config.json").read_text())  # the tag block's delimiters
+    blocks = [cfg["tag_prefix"] + " " + f"{cfg['tag_separator']} ".join(t["tag"] for t in r["tags"]) + cfg["tag_suffix"]
+              for r in records]
+    users = [_user_message(r["prompt"]).replace(IMAGE_MARKER, block, 1) for r, block in zip(records, blocks)]
+    rows = []
+    for r, user, prediction in zip(records, users, greedy_answers(llm or paths.llm, users, max_new_tokens=8)):
+        rows.append({k: r[k] for k in ("question_id", "image", "category", "novelty", "answers", "text")}
+                   | {"prompt": user, "prediction": prediction, "score": float(contains_answer(prediction, r["answers"]))})
+    run_dir = out or paths.eval / TEXT_REFERENCE
+    (run_dir / "synth_open").mkdir(parents=True, exist_ok=True)
+    (run_dir / "synth_open" / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_dir
+
+
+# ------------------------------------------------------------------------------------------ entry point
+def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
+    """Run (or resume) every stage; returns the results dict also written to ``OUT/results.json``."""
+    paths = Paths(config.root)
+    pipeline = Pipeline(config)
+    print(f"tuna quickstart -> {paths.root}", flush=True)
+    from pipeline.report import report, results_markdown
+
+    holder: dict[str, Any] = {}  # the report stage always runs (it is never skipped)
+
+    def report_stage() -> None:
+        if not (paths.eval / TEXT_REFERENCE / "synth_open" / "predictions.jsonl").is_file():
+            text_llm_reference(paths)  # an eval stage of an older version did not write it
+        holder["results"] = report(config, paths)
+
+    pipeline.run({
+        "world": lambda: stage_world(config, paths),
+        "clip": lambda: stage_clip(config, paths),
+        "llm": lambda: stage_llm(config, paths),
+        "datastore": lambda: stage_datastore(config, paths),
+        "train": lambda: stage_train(config, paths),
+        "eval": lambda: stage_eval(config, paths),
+        "report": report_stage,
+    })
+    results = holder["results"]
+    print()
+    print(results_markdown(results))
+    seconds = pipeline.state["seconds"]
+    print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
+          + f"; total {sum(seconds.values()):.0f} s")
+    print(f"written: {paths.root / 'results.json'}, {paths.root / 'results.md'}, {paths.root / 'results.png'}; "
+          f"models {paths.models}; eval outputs {paths.eval}; datastores {paths.datastore}"
+          + (f", {paths.datastore2}" if config.swap else "") + f"; logs {paths.logs}")
+    return results

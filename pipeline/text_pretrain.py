@@ -1,0 +1,402 @@
+"""Text-only pretraining of a tiny causal LM: the language + copy-from-context prior a real LLM brings.
+
+A tiny LLM trained from scratch only on seen-category instructions memorises the seen names instead of
+reading them from the retrieved tags. This stage gives it the missing prior before multimodal training:
+the caller's captions (world language; they may name any category, like a real LLM knowing words) and
+generated copy texts with made-up names (:mod:`pipeline.copy_text`).
+
+``pretrain_text_llm`` trains a BPE tokenizer on that text, a random-init Qwen2 LM (:mod:`pipeline.tiny`)
+with a plain torch loop, and saves both with ``save_pretrained``; :mod:`pipeline.copy_eval` measures it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+from common.cli import add_config_flags, config_from_args
+from datastore.synth.layout import World
+from pipeline.copy_eval import copy_accuracy
+from pipeline.copy_text import (END_OF_TURN, TASK_WEIGHTS, TASKS, CopyText, CopyTextGenerator, caption_nouns,
+                                caption_words, make_lexicon)
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+@dataclass
+class TextPretrainConfig:
+    """Tokenizer, model, data mix and optimisation of the text-only stage.
+
+    Attributes:
+        vocab_size: BPE vocabulary (special and chat tokens included).
+        pre_tokenizer: ``tiny.train_tokenizer`` scheme; "bytelevel-words" splits spaces off words, so
+            a name has the same tokens in a tag list (" drerik") and as an answer ("drerik").
+        hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size: the Qwen2 LM.
+        tie_word_embeddings: share input and output embeddings (fewer parameters, faster).
+        max_length: packed row length in tokens (samples are never split across rows).
+        steps, batch_size, lr, warmup_steps, min_lr_ratio, weight_decay: AdamW, linear warmup then
+            cosine decay to ``lr * min_lr_ratio``.
+        caption_fraction: share of samples drawn from the captions (the rest is generated copy text).
+        chat_fraction: share of generated samples rendered as ChatML conversations.
+        task_weights: relative frequency of each generated task, in the order of ``TASKS``.
+        answer_weight, context_weight: loss weights of a generated text's answer tokens (copied names,
+            end of turn; repeated mentions of a name count as answers) and of its other tokens
+            (captions always weigh 1). First mentions of random names weigh 0: they cannot be
+            predicted. Template text drowns the copy signal in a short run, hence context_weight 0.
+        short_fraction, short_length: curriculum -- this share of the steps trains only on generated
+            samples of at most ``short_length`` tokens (attention learns to find the name to copy much
+            sooner in short contexts); captions join afterwards.
+        tokenizer_samples: generated texts added to the captions for training the tokenizer.
+        lexicon_size, lexicon_fraction: a fixed lexicon of made-up names (never a caption word) from
+            which this share of the copy texts' names is drawn (the rest is fresh). The tokenizer is
+            trained on the captions and on texts with these names, so world names and lexicon names
+            are mostly single tokens, like the words of a real LLM's vocabulary: copying a name is
+            then one attention lookup, which a tiny model learns in a CPU-minute budget (copying
+            3-4 subword pieces needs induction heads that take far longer to form).
+        caption_noun_fraction: share of names drawn from the captions' nouns (the single-word tags
+            of the ``rule`` tag parser): copying is then trained on the LLM's own vocabulary too.
+            These are words of the text corpus only; no eval image or question is used.
+        forbidden: strings no generated text may contain (case-insensitive), e.g. eval questions.
+        seed: everything (data, init, order) is a function of it and ``threads``.
+        threads: torch intra-op threads while training.
+        log_every: progress line every this many steps.
+    """
+
+    vocab_size: int = 3072
+    pre_tokenizer: str = "bytelevel-words"
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    intermediate_size: int = 384
+    tie_word_embeddings: bool = True
+    max_length: int = 160
+    steps: int = 1500  # 600-700 steps leave the copy skill to the seed (docs/quickstart.md)
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    caption_fraction: float = 0.2
+    chat_fraction: float = 0.75
+    task_weights: tuple[float, ...] = TASK_WEIGHTS
+    answer_weight: float = 1.0
+    context_weight: float = 0.0
+    short_fraction: float = 0.4
+    short_length: int = 48
+    tokenizer_samples: int = 6000
+    lexicon_size: int = 600
+    lexicon_fraction: float = 0.6
+    caption_noun_fraction: float = 0.3
+    forbidden: tuple[str, ...] = ()
+    seed: int = 0
+    threads: int = 2
+    log_every: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                     "max_length", "short_length", "steps", "batch_size", "threads", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"TextPretrainConfig.{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"TextPretrainConfig: hidden_size {self.hidden_size} must divide by num_heads "
+                             f"{self.num_heads}, which must divide by num_kv_heads {self.num_kv_heads}")
+        for name in ("caption_fraction", "chat_fraction", "min_lr_ratio", "short_fraction", "lexicon_fraction",
+                     "caption_noun_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"TextPretrainConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.lr <= 0 or self.answer_weight <= 0 or min(self.context_weight, self.weight_decay,
+                                                         self.warmup_steps) < 0:
+            raise ValueError("TextPretrainConfig: lr and answer_weight must be > 0, context_weight, weight_decay "
+                             f"and warmup_steps >= 0 (got {self.lr}, {self.answer_weight}, {self.context_weight}, "
+                             f"{self.weight_decay}, {self.warmup_steps})")
+        if self.lexicon_size < 0 or self.lexicon_fraction + self.caption_noun_fraction > 1:
+            raise ValueError(f"TextPretrainConfig: lexicon_size must be >= 0 and lexicon_fraction + "
+                             f"caption_noun_fraction <= 1 (got {self.lexicon_size}, {self.lexicon_fraction}, "
+                             f"{self.caption_noun_fraction})")
+        self.task_weights = tuple(float(w) for w in self.task_weights)
+        if len(self.task_weights) != len(TASKS) or min(self.task_weights) < 0 or not sum(self.task_weights):
+            raise ValueError(f"TextPretrainConfig.task_weights must be {len(TASKS)} weights >= 0 (one per task "
+                             f"{TASKS}), not all 0; got {self.task_weights!r}")
+        if isinstance(self.forbidden, str):
+            raise ValueError("TextPretrainConfig.forbidden must be a sequence of strings, not one string")
+        self.forbidden = tuple(str(s) for s in self.forbidden if str(s))
+
+
+def _tokenizer_lines(captions: list[str], lexicon: list[str], gen: CopyTextGenerator, n: int,
+                     repeats: int = 8) -> list[str]:
+    """The tokenizer's training text: the captions, ``n`` generated texts and each lexicon name
+    ``repeats`` times, so caption words and lexicon names become whole tokens."""
+    lines = list(captions) + [" ".join(lexicon)] * repeats
+    for _ in range(n):
+        text = gen.sample().text
+        lines.append(text.replace("<|im_start|>", "\n").replace(END_OF_TURN, "\n"))
+    return lines
+
+
+def single_token_share(tokenizer: Any, words: Iterable[str]) -> float:
+    """Share of ``words`` that the tokenizer keeps whole after a space (as in " Tags: kelbo")."""
+    words = list(words)
+    return sum(len(tokenizer.tokenize(" " + w)) <= 2 for w in words) / max(1, len(words))  # " " + word
+
+
+def _encode(tok: Any, texts: list[str], samples: list[CopyText | None], answer_weight: float,
+            context_weight: float, eos: int) -> list[tuple[list[int], list[float]]]:
+    """Token ids (+ EOS) and per-token loss weights: answers and repeated name mentions ``answer_weight``,
+    first mentions 0, the rest ``context_weight``; a None sample (a caption) weighs 1 throughout."""
+    import numpy as np
+
+    out = []
+    for enc, text, sample in zip(tok.encode_batch(texts, add_special_tokens=False), texts, samples):
+        if sample is None:
+            out.append((enc.ids + [eos], [1.0] * (len(enc.ids) + 1)))
+            continue
+        char_w = np.full(len(text) + 1, context_weight)
+        for spans, weight in ((sample.fresh, 0.0), (sample.copies, answer_weight), (sample.spans, answer_weight)):
+            for start, end in spans:
+                char_w[start:end] = weight
+        starts = np.fromiter((start for start, _ in enc.offsets), dtype=np.int64, count=len(enc.ids))
+        out.append((enc.ids + [eos], char_w[starts].tolist() + [context_weight]))
+    return out
+
+
+def _pack(samples: Iterator[tuple[list[int], list[float]]], n_rows: int, length: int, pad: int,
+          buffer: int = 64):
+    """Pack whole samples into ``n_rows`` rows of ``length`` tokens: ids, weights, position ids, dropped.
+
+    Best fit from a buffer of pending samples (bucketed by length): each row takes the longest pending
+    sample that still fits until none does -- far fuller rows than first-come packing. Position ids
+    restart at every sample (and at the padding), which makes HF models attend within samples only.
+    """
+    import torch
+
+    ids, weights, positions = [], [], []
+    buckets: dict[int, list[tuple[list[int], list[float]]]] = {}
+    n_pending, dropped = 0, 0
+    for _ in range(n_rows):
+        row_ids, row_w, row_pos = [], [], []
+        while True:
+            while n_pending < buffer:
+                sample = next(samples)
+                if len(sample[0]) > length:
+                    dropped += 1
+                    continue
+                buckets.setdefault(len(sample[0]), []).append(sample)
+                n_pending += 1
+            fit = next((n for n in range(length - len(row_ids), 0, -1) if buckets.get(n)), None)
+            if fit is None:
+                break
+            sample_ids, sample_w = buckets[fit].pop(0)
+            n_pending -= 1
+            row_ids += sample_ids
+            row_w += sample_w
+            row_pos += range(len(sample_ids))
+        ids.append(row_ids + [pad] * (length - len(row_ids)))
+        weights.append(row_w + [0.0] * (length - len(row_w)))
+        positions.append(row_pos + list(range(length - len(row_pos))))
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(weights), torch.tensor(positions), dropped
+
+
+def name_pools(captions: list[str], config: TextPretrainConfig, known: set[str] | None = None) -> dict[str, Any]:
+    """The :class:`CopyTextGenerator` name arguments of ``config``: its lexicon and the caption nouns."""
+    known = caption_words(captions) if known is None else known
+    return {"pool": make_lexicon(config.seed * 2 + 3, config.lexicon_size, known),
+            "pool_fraction": config.lexicon_fraction, "words": caption_nouns(captions),
+            "words_fraction": config.caption_noun_fraction}
+
+
+def weighted_lm_loss(model: Any, ids: Tensor, positions: Tensor, weights: Tensor) -> Tensor:
+    """Next-token cross-entropy of packed rows ``ids`` (B, L), weighted per target token by ``weights``
+    (B, L; position t weighs the prediction of token t) and divided by the weights' sum. The LM head runs
+    only where a weight is non-zero (with ``context_weight`` 0, the answers): the same loss as over the full
+    (B, L, V) logits, at a fraction of the LM head's cost."""
+    import torch.nn.functional as F
+
+    hidden = model.get_decoder()(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state[:, :-1]
+    w = weights[:, 1:].reshape(-1)
+    kept = w > 0
+    logits = model.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])[kept]).float()
+    ce = F.cross_entropy(logits, ids[:, 1:].reshape(-1)[kept], reduction="none")
+    return (ce * w[kept]).sum() / w.sum()
+
+
+def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPretrainConfig | None = None,
+                      progress: bool = True) -> Path:
+    """Train tokenizer + tiny Qwen2 LM on captions and generated copy texts; save both to ``out_dir``.
+
+    Args:
+        captions: world text (any category names allowed); may be empty.
+        out_dir: written with ``save_pretrained`` (tokenizer with the ChatML chat template, model,
+            ``text_pretrain.json`` with the config, losses and timings).
+        config: sizes and schedule (default :class:`TextPretrainConfig`).
+        progress: print a line every ``config.log_every`` steps and the timings at the end.
+
+    Returns:
+        ``out_dir`` as a Path; ``AutoTokenizer`` / ``AutoModelForCausalLM.from_pretrained`` load it.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common.schedule import warmup_cosine_lr
+    from pipeline.tiny import save_hf_tokenizer, tiny_llm_config, train_tokenizer
+
+    config = config or TextPretrainConfig()
+    captions = [c.strip() for c in captions if c and c.strip()]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    say = print if progress else (lambda *a, **k: None)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    # Tokenizer: captions + generated texts (own seed stream, not the training stream).
+    known = caption_words(captions)
+    names = name_pools(captions, config, known)
+    lexicon = names["pool"]
+    gen = CopyTextGenerator(config.seed * 2 + 1, known, config.forbidden, config.chat_fraction,
+                            task_weights=config.task_weights, **names)
+    tok = train_tokenizer(_tokenizer_lines(captions, lexicon, gen, config.tokenizer_samples),
+                          config.pre_tokenizer, config.vocab_size)
+    save_hf_tokenizer(tok, out)
+    hf_tok = AutoTokenizer.from_pretrained(str(out))
+    vocab = len(hf_tok)
+    whole = {"caption_words": single_token_share(hf_tok, known), "lexicon": single_token_share(hf_tok, lexicon)}
+    timings["tokenizer_s"] = time.perf_counter() - t0
+
+    # Data: a stream of caption / generated samples packed into steps * batch rows.
+    t1 = time.perf_counter()
+    rng = random.Random(config.seed)
+    gen = CopyTextGenerator(config.seed * 2 + 2, known, config.forbidden, config.chat_fraction,
+                            task_weights=config.task_weights, **names)
+    eos, pad = hf_tok.eos_token_id, hf_tok.pad_token_id
+    counts = {"captions": 0, **{t: 0 for t in TASKS}}
+
+    cap_order: list[str] = []
+
+    def stream(caption_fraction: float, max_chars: int | None = None) -> Iterator[tuple[list[int], list[float]]]:
+        nonlocal cap_order
+        while True:
+            texts, spans = [], []
+            for _ in range(512):
+                if captions and rng.random() < caption_fraction:
+                    if not cap_order:
+                        cap_order = rng.sample(captions, len(captions))
+                    texts.append(cap_order.pop())
+                    spans.append(None)
+                    counts["captions"] += 1
+                else:
+                    s = gen.sample()
+                    if max_chars is not None and len(s.text) > max_chars:
+                        continue  # surely too long for the short phase (~3 characters per token)
+                    texts.append(s.text)
+                    spans.append(s)
+                    counts[s.task] += 1
+            yield from _encode(tok, texts, spans, config.answer_weight, config.context_weight, eos)
+
+    # Curriculum: the first steps see only short samples (copy heads form far faster in short contexts).
+    n_rows = config.steps * config.batch_size
+    n_short = int(config.short_fraction * config.steps) * config.batch_size
+    short = _pack((x for x in stream(0.0, 4 * config.short_length) if len(x[0]) <= config.short_length), n_short,
+                  config.max_length, pad)
+    rest = _pack(stream(config.caption_fraction), n_rows - n_short, config.max_length, pad)
+    data, weights, positions = (torch.cat([a, b]) for a, b in zip(short[:3], rest[:3]))
+    dropped = rest[3]
+    fill = float((data != pad).float().mean())
+    timings["data_s"] = time.perf_counter() - t1
+    say(f"text pretrain: vocab {vocab} (single tokens: {whole['caption_words']:.0%} of caption words, "
+        f"{whole['lexicon']:.0%} of the {len(lexicon)} lexicon names), {n_rows} rows x {config.max_length} tokens ({fill:.0%} filled, "
+        f"{dropped} too long), samples {counts}, {gen.rejected} forbidden texts redrawn, "
+        f"tokenizer {timings['tokenizer_s']:.1f}s, data {timings['data_s']:.1f}s")
+
+    # Model: tiny random-init Qwen2 (pipeline.tiny), trained in a plain loop.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        torch.manual_seed(config.seed)
+        cfg = tiny_llm_config(vocab, "qwen2", config.hidden_size, config.num_layers, config.num_heads,
+                              config.num_kv_heads, config.intermediate_size,
+                              tie_word_embeddings=config.tie_word_embeddings, bos_token_id=hf_tok.bos_token_id,
+                              eos_token_id=eos, pad_token_id=pad)
+        model = AutoModelForCausalLM.from_config(cfg)
+        n_params = sum(p.numel() for p in model.parameters())
+        opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95),
+                                weight_decay=config.weight_decay)
+        model.train()
+        losses, t2, window = [], time.perf_counter(), time.perf_counter()
+        for step in range(config.steps):
+            for group in opt.param_groups:
+                group["lr"] = warmup_cosine_lr(step, config.steps, config.warmup_steps, config.lr,
+                                               config.min_lr_ratio)
+            rows = slice(step * config.batch_size, (step + 1) * config.batch_size)
+            ids, w = data[rows], weights[rows]
+            loss = weighted_lm_loss(model, ids, positions[rows], w)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.item())
+            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+                k = (step % config.log_every) + 1
+                per_step = (time.perf_counter() - window) / k
+                elapsed = time.perf_counter() - t2
+                say(f"  step {step + 1}/{config.steps}  loss {sum(losses[-k:]) / k:.3f}  "
+                    f"{per_step * 1000:.0f} ms/step  {elapsed:.0f}s elapsed, "
+                    f"~{per_step * (config.steps - step - 1):.0f}s left")
+                window = time.perf_counter()
+        timings["train_s"] = time.perf_counter() - t2
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    model.generation_config.eos_token_id = [eos, hf_tok.convert_tokens_to_ids(END_OF_TURN)]
+    model.generation_config.pad_token_id = pad
+    model.save_pretrained(str(out))
+    timings["total_s"] = time.perf_counter() - t0
+    record = {"config": asdict(config), "vocab": vocab, "single_token_share": whole, "params": n_params,
+              "samples": counts,
+              "rows": n_rows, "fill": fill, "dropped": dropped, "losses": losses, "timings": timings}
+    (out / "text_pretrain.json").write_text(json.dumps(record, indent=1))
+    say(f"text pretrain: {n_params / 1e6:.2f}M params, train {timings['train_s']:.1f}s "
+        f"({timings['train_s'] / config.steps * 1000:.0f} ms/step), total {timings['total_s']:.1f}s -> {out}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.text_pretrain --world W --out DIR [--steps N ...]``: pretrain on the world's
+    corpus captions (none: generated copy texts only), then measure the copy accuracy."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.text_pretrain", description=main.__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--world", help="tuna-synth output folder whose corpus captions to train on")
+    parser.add_argument("--out", required=True, help="output folder (tokenizer + model, save_pretrained)")
+    parser.add_argument("--n-eval", type=int, default=200, help="held-out copy prompts measured after training")
+    add_config_flags(parser.add_argument_group("text pretraining (TextPretrainConfig)"), TextPretrainConfig)
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(TextPretrainConfig, args)
+        world = World.open(args.world) if args.world else None
+        captions = world.captions() if world else []
+        out = pretrain_text_llm(captions, args.out, config)
+        t = time.perf_counter()
+        acc = copy_accuracy(out, n=args.n_eval, known_words=caption_words(captions))
+    except ValueError as exc:
+        print(f"text_pretrain: error: {exc}", file=sys.stderr)
+        return 1
+    by_task = ", ".join(f"{k} {v:.0%}" for k, v in acc.by_task.items())
+    print(f"copy accuracy {acc.accuracy:.1%} on {acc.n} fresh-name prompts ({by_task}) "
+          f"in {time.perf_counter() - t:.1f}s")
+    for e in acc.examples[:4]:
+        print(f"  {e['task']}: {e['prompt']!r} -> {e['output']!r} (want {e['answer']!r})")
+    if world:
+        acc = copy_accuracy(out, n=args.n_eval, names=world.names("novel"))
+        by_task = ", ".join(f"{k} {v:.0%}" for k, v in acc.by_task.items())
+        print(f"copy accuracy {acc.accuracy:.1%} on {acc.n} prompts with the world's novel names ({by_task})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

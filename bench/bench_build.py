@@ -23,7 +23,8 @@ import torch
 from common.log import setup_logging
 from datastore.build import BuildConfig, encode_parts
 from datastore.clip import ClipSpec, load_clip
-from datastore.reader import ReaderConfig, ShardBatches, expand_shards
+from datastore.reader import ReaderConfig, ShardBatches
+from datastore.synth.layout import World
 from datastore.tags import TagParserConfig, build_tag_parser
 
 
@@ -31,7 +32,7 @@ def make_world(out: Path, n_images: int, shard_size: int) -> list[str]:
     subprocess.run([sys.executable, "-m", "datastore.synth.cli", "--out", str(out), "--seed", "0",
                     "--n-corpus", str(n_images), "--n-instruct", "10", "--n-eval", "10",
                     "--shard-size", str(shard_size)], check=True, stdout=subprocess.DEVNULL)
-    return expand_shards(str(out / "corpus" / "corpus-*.tar"))
+    return World.open(out).corpus_shards()
 
 
 def encoder_only(clip, batches: list[torch.Tensor]) -> float:

@@ -57,22 +57,23 @@ def build_world(root: Path, args: argparse.Namespace) -> dict[str, Path]:
 
     from datastore.build import BuildConfig, build
     from datastore.index import IndexConfig
-    from datastore.reader import ReaderConfig, expand_shards
-    from tuna.modeling_tuna import TunaForCausalLM
+    from datastore.reader import ReaderConfig
+    from datastore.synth.layout import World
     from pipeline.tiny import save_hf_tokenizer, save_tiny_llm, train_tokenizer
+    from tuna.modeling_tuna import TunaForCausalLM
 
-    w = root / "world"
-    subprocess.run([sys.executable, "-m", "datastore.synth.cli", "--out", str(w), "--seed", "0",
+    w = World(root / "world")
+    subprocess.run([sys.executable, "-m", "datastore.synth.cli", "--out", str(w.root), "--seed", "0",
                     "--n-corpus", str(args.n_corpus), "--n-instruct", "48", "--n-eval", str(max(10, args.n_questions // 2)),
                     "--image-size", "64", "--shard-size", "200"], check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
     spec = clip_spec(args.clip, root)
-    build(BuildConfig(inputs=expand_shards(str(w / "corpus" / "corpus-*.tar")), out=str(root / "ds"), clip=spec,
+    build(BuildConfig(inputs=w.corpus_shards(), out=str(root / "ds"), clip=spec,
                       reader=ReaderConfig(batch_size=64, num_workers=0), index=IndexConfig(n_eval_queries=20)),
           show_progress=False)
-    lines = [turn["value"] for rec in json.loads((w / "llava" / "instruct.json").read_text())
+    lines = [turn["value"] for rec in json.loads(w.instruct_json.read_text())
              for turn in rec["conversations"]] + [SYSTEM]
-    lines += [json.loads(line)["text"] for line in (w / "eval" / "open" / "questions.jsonl").read_text().splitlines()]
+    lines += [json.loads(line)["text"] for line in w.eval_questions("open").read_text().splitlines()]
     tok_dir = root / "tokenizer"
     save_hf_tokenizer(train_tokenizer(lines, "bytelevel", vocab_size=600), tok_dir)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)

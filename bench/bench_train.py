@@ -102,19 +102,20 @@ def build_world(root: Path, cfg: BenchConfig) -> dict:
     from datastore.cache import CacheConfig, build_cache
     from datastore.clip import ClipSpec
     from datastore.index import IndexConfig
-    from datastore.reader import ReaderConfig, expand_shards
+    from datastore.reader import ReaderConfig
+    from datastore.synth.layout import World
     from pipeline.tiny import save_hf_tokenizer, save_tiny_llm, train_tokenizer
 
-    w = root / "world"
-    _run([sys.executable, "-m", "datastore.synth.cli", "--out", str(w), "--seed", "0", "--n-corpus", str(cfg.n_corpus),
+    w = World(root / "world")
+    _run([sys.executable, "-m", "datastore.synth.cli", "--out", str(w.root), "--seed", "0", "--n-corpus", str(cfg.n_corpus),
           "--n-instruct", str(cfg.n_instruct), "--n-eval", "10", "--image-size", str(cfg.image_size),
           "--shard-size", "200"])
-    build(BuildConfig(inputs=expand_shards(str(w / "corpus" / "corpus-*.tar")), out=str(root / "ds"),
+    build(BuildConfig(inputs=w.corpus_shards(), out=str(root / "ds"),
                       clip=ClipSpec(model="tuna-tiny-clip"), reader=ReaderConfig(batch_size=64, num_workers=0),
                       index=IndexConfig(n_eval_queries=20)), show_progress=False)
-    data = w / "llava" / "instruct.json"
+    data = w.instruct_json
     build_cache(CacheConfig(datastore=str(root / "ds"), out=str(root / "cache.parquet"), llava_json=[str(data)],
-                            image_folder=str(w / "images"), k_images=5, num_workers=0), show_progress=False)
+                            image_folder=str(w.images), k_images=5, num_workers=0), show_progress=False)
     lines = [turn["value"] for rec in json.loads(data.read_text()) for turn in rec["conversations"]] + [SYSTEM]
     tok_dir = root / "tokenizer"
     save_hf_tokenizer(train_tokenizer(lines, "bytelevel", vocab_size=600), tok_dir)
@@ -122,7 +123,7 @@ def build_world(root: Path, cfg: BenchConfig) -> dict:
     save_tiny_llm(root / "llm", vocab_size=vocab, hidden_size=cfg.llm_hidden, num_layers=cfg.llm_layers,
                   num_heads=cfg.llm_heads, num_kv_heads=max(1, cfg.llm_heads // 2))
     save_tiny_llm(root / "ref_llm", vocab_size=vocab, hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1)
-    return {"images": w / "images", "data": data, "cache": root / "cache.parquet", "tokenizer": tok_dir,
+    return {"images": w.images, "data": data, "cache": root / "cache.parquet", "tokenizer": tok_dir,
             "llm": root / "llm", "ref_llm": root / "ref_llm"}
 
 

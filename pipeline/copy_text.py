@@ -235,7 +235,7 @@ class CopyTextGenerator:
 
     def _tags_place(self, chat: bool) -> CopyText:
         """Tags led by where their object is ("left red kelbo"), as a tag's image-grounded token leads its
-        words in TUNA's tag block; name objects by place. (Measured, docs/quickstart.md: it helps TUNA
+        words in TUNA's tag block; name objects by place. (Measured, docs/experiments.md, section 1: it helps TUNA
         read several-object tag blocks, but the image-grounded tokens do not come to imitate place words.)"""
         r = self.rng
         objs = self._objects(r.choice((2, 2, 3)))

@@ -78,7 +78,7 @@ class TextPretrainConfig:
     intermediate_size: int = 384
     tie_word_embeddings: bool = True
     max_length: int = 160
-    steps: int = 1500  # 600-700 steps leave the copy skill to the seed (docs/quickstart.md)
+    steps: int = 1500  # 600-700 steps leave the copy skill to the seed (docs/experiments.md, section 9)
     batch_size: int = 16
     lr: float = 3e-3
     warmup_steps: int = 30

@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 
 
-
 def run(config, ds_config: Path, steps: int, work: Path) -> dict:
     """Runtime and final loss of ``steps`` TUNA stage-2 steps of the quickstart ``config`` under ``ds_config``."""
     from pipeline.processes import run_logged

@@ -20,19 +20,18 @@ import sys
 import time
 from pathlib import Path
 
-
-import torch  # noqa: E402
+import torch
 
 
 def quickstart_parts(root: Path):
     """The quickstart's TUNA stage-2 model (train mode) and its training collator and dataset."""
     from transformers import AutoTokenizer, HfArgumentParser
 
+    from pipeline.quickstart import Paths, recorded_config, train_command
     from train.arguments import DataArguments, ModelArguments, TagArguments, TunaTrainingArguments
     from train.data import TrainCollator
     from train.train import build_dataset, build_model, build_tag_source
     from tuna.processing_tuna import TunaProcessor
-    from pipeline.quickstart import Paths, recorded_config, train_command
 
     cmd = train_command(recorded_config(root), Paths(root), "tuna", 2)
     argv = cmd[cmd.index("train.train") + 1:]

@@ -113,8 +113,8 @@ def build_model(args: argparse.Namespace, work: Path) -> tuple[Any, Any]:
     from transformers import AutoTokenizer
 
     from datastore.clip import ClipSpec
-    from tuna.modeling_tuna import TunaForCausalLM
     from pipeline.tiny import save_hf_tokenizer, save_tiny_llm, train_tokenizer
+    from tuna.modeling_tuna import TunaForCausalLM
 
     tok_dir = save_hf_tokenizer(train_tokenizer(corpus(2000, args.seed), "bytelevel", VOCAB_SIZE),
                                 work / "tokenizer")

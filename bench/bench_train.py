@@ -30,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline.processes import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM = "A chat between a curious user and an artificial intelligence assistant. USER: ASSISTANT: Tags:"
@@ -141,12 +142,6 @@ def train_argv(world: dict, cfg: BenchConfig, out: Path, ablation: str, llm: str
     return [item for key, value in args.items() for item in (f"--{key}", str(value))]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(argv: list[str], zero: int, nproc: int) -> tuple[float, int]:
     """Run train/train.py under the deepspeed launcher with ds_configs/zero{zero}.json.
 
@@ -156,7 +151,7 @@ def launch(argv: list[str], zero: int, nproc: int) -> tuple[float, int]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(nproc), "--master_port",
-           str(_free_port()), str(REPO / "train" / "train.py"), "--deepspeed",
+           str(free_port()), str(REPO / "train" / "train.py"), "--deepspeed",
            str(REPO / "ds_configs" / f"zero{zero}.json"), *argv]
     start = time.perf_counter()
     result = _run(cmd, env=env)

@@ -75,7 +75,7 @@ def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
         required: fields whose flag must be given.
         defaults: field -> default shown and used instead of the dataclass's (e.g. a required field's).
 
-    bool fields get ``--x / --no-x``; tuple and list fields take several values (``--x a b``).
+    bool fields get ``--x / --no-x``; tuple and list fields take several values (``--x a b`` or ``--x a,b``).
     """
     skip, required = set(skip), set(required)
     names, helps, defaults = names or {}, helps or {}, defaults or {}
@@ -100,7 +100,26 @@ def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
         kind, many = _flag_type(hints[f.name], f"{cls.__name__}.{f.name}")
-        parser.add_argument(flag, type=kind, nargs="+" if many else None, **kwargs)
+        if many:  # "--x a b" or "--x a,b"; an empty default may be given as "--x" alone
+            empty = kwargs.get("default") in ([], ())
+            parser.add_argument(flag, type=_comma_split(kind), nargs="*" if empty else "+", action=_Extend,
+                                **kwargs)
+        else:
+            parser.add_argument(flag, type=kind, **kwargs)
+
+
+def _comma_split(kind: type):
+    def parse(text: str) -> list:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" errors
+    return parse
+
+
+class _Extend(argparse.Action):
+    """Collects the values of a sequence flag into one flat list (each value may hold several, comma-separated)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, [item for value in values for item in value])
 
 
 def config_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:

@@ -24,15 +24,22 @@ def resolve_device(name: str) -> str:
 
 
 def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> bool:
-    """Join the launcher's process group when there are several ranks (``WORLD_SIZE`` > 1 and
-    ``MASTER_ADDR`` set); ``backend`` defaults to NCCL on a CUDA machine, else gloo. True if a group is
-    active afterwards (also when the caller had joined one already)."""
+    """Join the launcher's process group when there are several ranks (``WORLD_SIZE`` > 1);
+    ``backend`` defaults to NCCL on a CUDA machine, else gloo. True if a group is active afterwards (also
+    when the caller had joined one already).
+
+    Raises:
+        RuntimeError: ``WORLD_SIZE`` > 1 without ``MASTER_ADDR`` (not started by a launcher).
+    """
     import torch.distributed as dist
 
     if dist.is_initialized():
         return True
-    if dist_env()[1] == 1 or "MASTER_ADDR" not in os.environ:
+    if dist_env()[1] == 1:
         return False
+    if "MASTER_ADDR" not in os.environ:  # ranks that cannot meet would each write a partial result
+        raise RuntimeError(f"WORLD_SIZE={dist_env()[1]} but MASTER_ADDR is not set: launch the ranks with "
+                           f"torchrun or deepspeed")
     import torch
 
     kwargs = {}

@@ -129,8 +129,10 @@ def _rank_world(config: BuildConfig) -> tuple[int, int]:
 
 def _init_distributed(config: BuildConfig, world: int) -> bool:
     """Join a gloo group when launched by torchrun with several ranks (used for barriers only; job arrays
-    with --world-size share none)."""
-    if world == 1 or config.world_size is not None:
+    with --world-size, or ranks started without a launcher, share none)."""
+    import os
+
+    if world == 1 or config.world_size is not None or "MASTER_ADDR" not in os.environ:
         return False
     return init_distributed("gloo", timeout_s=config.distributed_timeout_s)
 

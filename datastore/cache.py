@@ -15,9 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-
-from datastore.reader import decode_image, expand_shards, iter_raw_samples
-from datastore.store import Datastore, RetrievedTags
+from datastore.store import AGGREGATIONS, Datastore, RetrievedTags
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +39,7 @@ class CacheConfig:
         shards: webdataset shard patterns (ids are sample keys).
         image_key: image member extension(s) in shards.
         k_images: neighbour images whose tags are pooled.
-        max_tags: tags kept per image (None: all).
+        max_tags: tags kept per image.
         aggregate: a tag's score: "sum" or "max" of the cosines of the neighbours that have it.
         batch_size: images per encoder batch.
         num_workers: image decode worker processes.
@@ -70,6 +68,8 @@ class CacheConfig:
             raise ValueError("image_folder is required with llava_json (LLaVA image paths are relative to it)")
         if self.on_error not in ON_ERROR:
             raise ValueError(f"on_error={self.on_error!r}: expected one of {ON_ERROR}")
+        if self.aggregate not in AGGREGATIONS:
+            raise ValueError(f"aggregate={self.aggregate!r}: expected one of {AGGREGATIONS}")
         if self.k_images < 1:
             raise ValueError(f"k_images={self.k_images}: must be >= 1")
 
@@ -101,6 +101,10 @@ class _FolderImages:
         path = self.folder / self.ids[i]
         if not path.is_file():
             return self.ids[i], None, "missing_file"
+        from datastore.reader import (
+            decode_image,  # torch: not needed to read a cache or its config
+        )
+
         image, reason = decode_image({"img": path.read_bytes()}, "img")
         return self.ids[i], (self.preprocess(image) if image is not None else None), reason
 
@@ -111,6 +115,8 @@ def _collate(items):
 
 def _iter_batches(config: CacheConfig, preprocess) -> Iterator[list[tuple[str, Any, str | None]]]:
     import torch
+
+    from datastore.reader import decode_image, expand_shards, iter_raw_samples
 
     if config.llava_json:
         ids = llava_image_ids(config.llava_json)

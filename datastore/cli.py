@@ -88,12 +88,17 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print JSON instead of a table")
     q.add_argument("--device", default="auto", help="CLIP device: cpu, cuda, cuda:N or auto")
 
-    from datastore.cache import CacheConfig  # light: torch/open_clip load lazily
+    from datastore.cache import (
+        CacheConfig,  # light: torch and open_clip load when a command runs
+    )
 
     c = sub.add_parser("cache", **defaults, help="precompute retrieved tags for an instruction/eval set")
     add_config_flags(c, CacheConfig, defaults={"device": "auto"},
                      helps={"device": "CLIP device: cpu, cuda, cuda:N or auto"})
-    from datastore.clip_train import TEXT_MODES, ClipTrainConfig  # light: torch/open_clip load lazily
+    from datastore.clip_train import (  # light: torch/open_clip load lazily
+        TEXT_MODES,
+        ClipTrainConfig,
+    )
 
     t = sub.add_parser("train-clip", **defaults,
                        help="train a small CLIP contrastively on webdataset shards (offline stand-in)",

@@ -15,7 +15,6 @@ from collections.abc import Collection, Sequence
 import numpy as np
 
 
-
 def exact_neighbours(queries: np.ndarray, database: np.ndarray, k: int, exclude: Sequence[int] | None = None,
                      chunk: int = 1024) -> np.ndarray:
     """Indices (Q, k) of the top-k database rows by inner product (cosine for L2-normalised rows).

@@ -103,6 +103,5 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-
 if __name__ == "__main__":
     sys.exit(main())

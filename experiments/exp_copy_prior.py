@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 
-
 def measure(root: Path, seed: int, steps: int) -> dict[str, float]:
     """Pretrain one LLM into ``root/copy_prior/seed-S-steps-N`` and measure its copy prior (percentages)."""
     from datastore.synth.layout import World

@@ -18,14 +18,13 @@ import sys
 from pathlib import Path
 
 
-
 def clean_cache(cache: Path, world: Path, out: Path) -> dict[str, int]:
     """Copy ``cache`` to ``out`` keeping, for instruction and eval images, only tags naming a present object."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from datastore.synth.layout import World
     from datastore.store import entity_of
+    from datastore.synth.layout import World
 
     table = pq.read_table(cache)
     cols = table.to_pydict()
@@ -69,6 +68,6 @@ def main() -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except RuntimeError as err:  # QuickstartError: which step failed, and its log
+    except RuntimeError as err:  # StageError: which step failed, and its log
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

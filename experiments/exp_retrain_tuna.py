@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 
-
 def _recipe(root: Path) -> dict:
     """The quickstart settings of ``root`` (runs from before name permutation existed trained without it)."""
     return {"rename_p": 0.0, **json.loads((root / "stages.json").read_text())["recipe"]}
@@ -138,6 +137,6 @@ def main() -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except RuntimeError as err:  # QuickstartError: which step failed, and its log
+    except RuntimeError as err:  # StageError: which step failed, and its log
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -39,8 +39,8 @@ def build(tmp: Path, names: list[str], mode: str, args, seed: int):
     from transformers import AutoTokenizer
 
     from datastore.clip import ClipSpec
-    from tuna.modeling_tuna import TunaForCausalLM
     from pipeline.tiny import save_hf_tokenizer, save_tiny_llm, train_tokenizer
+    from tuna.modeling_tuna import TunaForCausalLM
 
     if not (tmp / "tok").exists():
         lines = [" ".join(random.Random(i).sample(names, 8)) for i in range(2000)] + ["Tags: a, b."]

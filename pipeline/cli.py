@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.cli import add_config_flags, config_from_args
+from common.cli import HelpFormatter, add_config_flags, config_from_args
 from tuna.cli import Command
 from tuna.cli import main as tuna_main
 
@@ -14,7 +14,7 @@ def _add_quickstart(sub) -> None:
     from pipeline.quickstart import QuickstartConfig
 
     q = sub.add_parser(
-        "quickstart", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "quickstart", formatter_class=HelpFormatter,
         help="the whole pipeline on the synthetic world: baseline vs TUNA (about 11 min on 2 CPU cores)",
         description="Synthesize a world with seen and novel object categories; train a tiny CLIP on its corpus "
                     "and a tiny LLM on text only; build the datastore and retrieval caches; train a no-tags "

@@ -36,14 +36,8 @@ from datastore.synth.layout import World
 from datastore.synth.world import CATALOGUE_SIZE
 from pipeline.processes import (REPO, StageError, console_script, free_port, run_logged, subprocess_env,
                                 threads_per_process)
-
-RUNS = {  # evaluation run -> (trained model, flags)
-    "baseline": ("baseline", ["--no-tags"]),
-    "tuna": ("tuna", []),
-    "tuna_random_tags": ("tuna", ["--ablation", "random_tags"]),
-    "tuna_uniform_weights": ("tuna", ["--ablation", "uniform_weights"]),
-}
-TEXT_REFERENCE = "llm_tags_as_text"  # eval folder of the text-only LLM reading TUNA's tag blocks
+from pipeline.report import identification_records, report, results_markdown
+from pipeline.runs import RUNS, TEXT_REFERENCE, Paths
 
 
 @dataclass
@@ -181,7 +175,7 @@ class Pipeline:
         recipe = {k: v for k, v in asdict(config).items() if k not in ("out", "overwrite", "threads", "device")}
         if self.state.get("recipe", recipe) != recipe:
             raise StageError(f"{self.root} holds a quickstart run with other settings; use --overwrite "
-                                  f"or another --out")
+                             f"or another --out")
         self.state["recipe"] = recipe
         self.state.setdefault("seconds", {})
 
@@ -207,25 +201,6 @@ def process_threads(config: QuickstartConfig) -> int:
 def process_env(config: QuickstartConfig) -> dict[str, str]:
     """The environment the run's training and evaluation subprocesses get."""
     return subprocess_env(process_threads(config))
-
-
-# ------------------------------------------------------------------------------------------ paths
-class Paths:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.world, self.world2 = root / "world", root / "world_swap"
-        self.clip = root / "clip"
-        self.llm = root / "llm"
-        self.text_replay = root / "text_replay.json"
-        self.seen_names = root / "seen_names.txt"  # the names TUNA's stage 2 permutes (rename_p)
-        self.datastore, self.datastore2 = root / "datastore", root / "datastore_swap"
-        self.cache, self.cache2 = root / "tags.parquet", root / "tags_swap.parquet"
-        self.models = root / "models"
-        self.eval = root / "eval"
-        self.logs = root / "logs"
-
-    def model(self, name: str, stage: int) -> Path:
-        return self.models / f"{name}-stage{stage}"
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -401,8 +376,9 @@ def eval_runs(config: QuickstartConfig, paths: Paths) -> dict[str, tuple[str, Pa
     """run name -> (model, data root, benches, tag flags)."""
     support = ["--min-tag-support", str(config.eval_min_tag_support)]
     tags = ["--retrieval-cache", str(paths.cache), "--datastore", str(paths.datastore), *support]
-    runs = {run: (model, paths.world, ["synth_open", "synth_pope"], flags if "--no-tags" in flags else tags + flags)
-            for run, (model, flags) in RUNS.items()}
+    runs = {name: (run.model, paths.world, ["synth_open", "synth_pope"],
+                   list(run.flags) if "--no-tags" in run.flags else tags + list(run.flags))
+            for name, run in RUNS.items()}
     if config.swap:
         runs["swap_baseline"] = ("baseline", paths.world2, ["synth_open"], ["--no-tags"])
         runs["swap_tuna"] = ("tuna", paths.world2, ["synth_open"],
@@ -456,7 +432,6 @@ def text_llm_reference(paths: Paths, llm: Path | None = None, out: Path | None =
     ``out`` (default: ``eval/llm_tags_as_text``), which is returned."""
     from eval.scorers.open import contains_answer
     from pipeline.copy_eval import greedy_answers
-    from pipeline.report import identification_records
     from tuna.conversation import IMAGE_MARKER
 
     records = identification_records(paths.eval / "tuna")
@@ -480,8 +455,6 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
     paths = Paths(config.root)
     pipeline = Pipeline(config)
     print(f"tuna quickstart -> {paths.root}", flush=True)
-    from pipeline.report import report, results_markdown
-
     holder: dict[str, Any] = {}  # the report stage always runs (it is never skipped)
 
     def report_stage() -> None:

@@ -11,13 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 from datastore.synth.layout import World
 from pipeline.processes import StageError
-from pipeline.quickstart import RUNS, TEXT_REFERENCE
+from pipeline.runs import RUNS, TEXT_REFERENCE, Paths
 
 if TYPE_CHECKING:
-    from pipeline.quickstart import Paths, QuickstartConfig
+    from pipeline.quickstart import QuickstartConfig
 
-LABELS = {"baseline": "baseline (no tags)", "tuna": "TUNA", "tuna_random_tags": "TUNA, random tags",
-          "tuna_uniform_weights": "TUNA, uniform weights"}
 ATTRIBUTES = ("color", "size", "count")
 
 
@@ -164,14 +162,14 @@ def results_markdown(results: dict) -> str:
     lines = ["| run | id seen | id novel | attr seen | attr novel | POPE F1 seen | POPE F1 novel |",
              "|---|---|---|---|---|---|---|"]
     for run, m in results["runs"].items():
-        lines.append(f"| {LABELS[run]} | " + " | ".join(
+        lines.append(f"| {RUNS[run].label} | " + " | ".join(
             _fmt(m[metric][nov]) for metric in ("identification", "attributes", "pope_f1")
             for nov in ("seen", "novel")) + " |")
     if "identification_by_scene" in results:
         lines += ["", "| identification by scene | one object, seen | one object, novel | several, seen | "
                       "several, novel |", "|---|---|---|---|---|"]
         for run, m in results["identification_by_scene"].items():
-            lines.append(f"| {LABELS[run]} | " + " | ".join(_fmt(m[scene][nov]) for scene in ("single", "multi")
+            lines.append(f"| {RUNS[run].label} | " + " | ".join(_fmt(m[scene][nov]) for scene in ("single", "multi")
                                                             for nov in ("seen", "novel")) + " |")
     d = results["diagnostics"]
     lines += ["", "| diagnostic (TUNA, eval images) | seen | novel |", "|---|---|---|"]
@@ -228,7 +226,7 @@ def write_chart(results: dict, path: Path) -> None:
     for i, run in enumerate(runs):
         values = [results["runs"][run][m][nov] or 0.0 for m, nov in groups]
         xs = [g + (i - (len(runs) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, values, width, label=LABELS[run])
+        ax.bar(xs, values, width, label=RUNS[run].label)
     ax.set_xticks(range(len(groups)), [f"{m.replace('_', ' ')}\n{nov}" for m, nov in groups])
     ax.set_ylabel("score (%)")
     ax.set_ylim(0, 100)

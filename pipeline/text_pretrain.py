@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
-from common.cli import add_config_flags, config_from_args
+from common.cli import HelpFormatter, add_config_flags, config_from_args
 from datastore.synth.layout import World
 from pipeline.copy_eval import copy_accuracy
 from pipeline.copy_text import (END_OF_TURN, TASK_WEIGHTS, TASKS, CopyText, CopyTextGenerator, caption_nouns,
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.text_pretrain --world W --out DIR [--steps N ...]``: pretrain on the world's
     corpus captions (none: generated copy texts only), then measure the copy accuracy."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.text_pretrain", description=main.__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--world", help="tuna-synth output folder whose corpus captions to train on")
     parser.add_argument("--out", required=True, help="output folder (tokenizer + model, save_pretrained)")
     parser.add_argument("--n-eval", type=int, default=200, help="held-out copy prompts measured after training")

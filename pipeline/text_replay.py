@@ -33,7 +33,7 @@ def text_replay_records(captions: list[str], n: int, config: TextPretrainConfig 
     """``n`` text-only LLaVA records (``{id, conversations}``) of copy conversations for instruction tuning.
 
     The counterpart of the ShareGPT text-only share of LLaVA-1.5's 665K mix: mixed into stage 2, they
-    keep the LLM's language and copy prior (names from the same pools as :func:`pretrain_text_llm`:
+    keep the LLM's language and copy prior (names from the same pools as :func:`pipeline.text_pretrain.pretrain_text_llm`:
     its lexicon, the caption nouns, fresh names) from being overwritten by a few visual classes. No
     image, and nothing from an eval set. ``suffix_share`` of the questions end with LLaVA-1.5's
     short-answer prompt (the instruction data's format).

@@ -12,11 +12,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from common.distributed import resolve_device
 from common.log import setup_logging
 
 logger = logging.getLogger("tuna.cli")
 
 EPILOG = """examples:
+  tuna quickstart                                  # the whole pipeline on the synthetic world, baseline vs TUNA
   tuna ask --model runs/tuna --image cat.jpg --question "What is this animal?" --datastore ds
   tuna ask --model runs/tuna --image cat.jpg --question "What is it?" --tags "cat,red sofa"
   tuna ask --model runs/tuna --image images/0001.jpg --question "..." --retrieval-cache cache.parquet \\
@@ -71,18 +73,21 @@ def build_parser(commands: Sequence[Command] = ()) -> argparse.ArgumentParser:
 
 def ask(args) -> dict:
     """Run ``tuna ask``; returns the printed record."""
-    import torch
     from transformers import AutoTokenizer
 
+    from tuna.configuration_tuna import ablation_policy
     from tuna.modeling_tuna import TunaForCausalLM
     from tuna.processing_tuna import TunaProcessor
     from tuna.tag_source import TagSource
 
     if not os.path.isfile(args.image):
         raise ValueError(f"image {args.image!r} is not a file")
+    if args.tags and args.ablation and ablation_policy(args.ablation).tags == "random":
+        raise ValueError(f"--tags gives the tags, --ablation {args.ablation} draws them at random from the "
+                         f"datastore's vocabulary: use one of the two")
     timings = {}
     start = time.perf_counter()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     model = TunaForCausalLM.from_pretrained(args.model).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     source = TagSource.for_model(model, ablation=args.ablation, retrieval_cache=args.retrieval_cache,
@@ -92,8 +97,8 @@ def ask(args) -> dict:
 
     start = time.perf_counter()
     given = [[t.strip() for t in args.tags.split(",") if t.strip()]] if args.tags else None
-    if given is None and processor.tag_source is None:
-        given = [[]]
+    if (given is None and processor.tag_source is None) or not ablation_policy(model.config.ablation).use_tags:
+        given = [[]]  # the model reads no tags: show none
     sample = processor.encode(args.question, images=[args.image], image_ids=[args.image_id or args.image],
                               tags=given, sample_id=args.image)
     batch = processor.collate([sample], padding_side="left")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from datastore.synth.layout import corpus_shard_name
+from datastore.synth.layout import CORPUS_DIR, EVAL_DIR, IMAGES_DIR, LLAVA_DIR, WORLD_JSON, World, corpus_shard_name
 from datastore.synth.questions import eval_questions, instruct_record, pretrain_record
 from datastore.synth.scene import render_sample
 from datastore.synth.world import COLOURS, POSITIONS, SIZES, WorldCatalogue
@@ -110,7 +110,7 @@ def _write_images(task: tuple[SynthConfig, str, int, int]) -> list[dict]:
     for index in range(start, stop):
         sample = render_sample(world, config.seed, stream, index, config.image_size)
         rel = f"{stream}/{sample.key}.jpg"
-        (Path(config.out) / "images" / rel).write_bytes(_jpeg(sample.image, config.jpeg_quality))
+        (World(Path(config.out)).images / rel).write_bytes(_jpeg(sample.image, config.jpeg_quality))
         records.append({"index": index, "key": sample.key, "image": rel, "caption": sample.caption,
                         "scene": sample.scene})
     return records
@@ -126,7 +126,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 # Everything the generator writes under ``out``; --overwrite removes exactly these (nothing else).
-OUTPUTS = ("world.json", "corpus", "images/instruct", "images/eval", "llava", "eval")
+OUTPUTS = (WORLD_JSON, CORPUS_DIR, f"{IMAGES_DIR}/instruct", f"{IMAGES_DIR}/eval", LLAVA_DIR, EVAL_DIR)
 
 
 def _prepare_out(config: SynthConfig) -> Path:
@@ -140,7 +140,7 @@ def _prepare_out(config: SynthConfig) -> Path:
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
-    for sub in ("corpus", "images/instruct", "images/eval", "llava"):
+    for sub in OUTPUTS[1:5]:  # the folders (eval/ is made as its files are written)
         (out / sub).mkdir(parents=True, exist_ok=True)
     return out
 
@@ -184,7 +184,7 @@ def generate_world(config: SynthConfig, progress=None) -> dict:
         "args": config.recipe(), "categories": world.to_json(), "colours": list(COLOURS),
         "sizes": list(SIZES), "positions": list(POSITIONS), "counts": counts,
     }
-    (out / "world.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    World(out).world_json.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     info["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     return info
 
@@ -194,11 +194,11 @@ def _write_text_outputs(out: Path, config: SynthConfig, world: WorldCatalogue, s
     instruct = streams["instruct"]
     pretrain = [pretrain_record(r, config.seed) for r in instruct]
     conversations = [instruct_record(r, world, config.seed) for r in instruct]
-    (out / "llava" / "pretrain.json").write_text(json.dumps(pretrain, indent=1) + "\n")
-    (out / "llava" / "instruct.json").write_text(json.dumps(conversations, indent=1) + "\n")
+    World(out).pretrain_json.write_text(json.dumps(pretrain, indent=1) + "\n")
+    World(out).instruct_json.write_text(json.dumps(conversations, indent=1) + "\n")
     files = eval_questions(streams["eval"], world, config.seed)
     for rel, rows in files.items():
-        _write_jsonl(out / "eval" / rel, rows)
+        _write_jsonl(out / EVAL_DIR / rel, rows)
     return {
         "corpus": config.n_corpus, "corpus_shards": (config.n_corpus + config.shard_size - 1) // config.shard_size,
         "pretrain": len(pretrain), "instruct": len(conversations), "eval_images": len(streams["eval"]),

@@ -61,6 +61,8 @@ def test_types_bools_sequences_and_renames():
     assert config == Example(inputs=["a.tar", "b.tar"], steps=7, batch_size=3, lr=0.5, cap=9, swap=False,
                              weights=(3.0, 4.5), name="y")
     assert isinstance(config.steps, int) and isinstance(config.lr, float)
+    assert config_from_args(Example, parser().parse_args(["--weights", "25,20", "5"])).weights == (25.0, 20.0, 5.0)
+    assert config_from_args(Example, parser().parse_args(["--inputs"])).inputs == []  # empty default: no value is fine
 
 
 def test_bad_values_and_skipped_fields():

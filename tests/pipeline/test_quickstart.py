@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.quickstart import RUNS, QuickstartConfig
+from pipeline.quickstart import QuickstartConfig
 from pipeline.report import expected_outcome, results_markdown
+from pipeline.runs import RUNS
 
 # Smaller corpora and eval sets; the training budgets stay the defaults' (with half of them, the CLIP's
 # purity falls to ~60 % and stage 2 learns no copying: novel naming 0 %). Full run: docs/quickstart.md.

@@ -88,6 +88,19 @@ def test_ask_reads_the_tags_of_each_ablation(ablation, model_dir, datastore_dir,
         assert sum(weights) == pytest.approx(len(tags))  # adaptive, "count" scaling
 
 
+def test_given_tags_follow_the_ablation(model_dir, tmp_path, capsys):
+    image = tmp_path / "q.jpg"
+    sample_image(7).save(image)
+    base = ["--model", model_dir, "--image", image, "--question", "What?", "--max-new-tokens", 2, "--json",
+            "--tags", "red kelbo,drerik"]
+    code, out, _ = run(capsys, *base)
+    assert code == 0 and [t["tag"] for t in json.loads(out)["tags"]] == ["red kelbo", "drerik"]
+    code, out, _ = run(capsys, *base, "--ablation", "no_tags")  # the model reads none: none are shown
+    assert code == 0 and json.loads(out)["tags"] == []
+    code, out, err = run(capsys, *base, "--ablation", "random_tags")
+    assert code == 1 and out == "" and "use one of the two" in err and err.count("\n") == 1
+
+
 def test_ask_fails_with_one_line_reason(model_dir, tmp_path, capsys):
     code, out, err = run(capsys, "--model", model_dir, "--image", tmp_path / "missing.jpg", "--question", "Q?")
     assert code == 1 and out == ""

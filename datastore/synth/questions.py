@@ -48,7 +48,7 @@ def _qa_pairs(scene: Scene, world: WorldCatalogue, rng: np.random.Generator) -> 
     for name, n in scene.counts().items():
         pairs.append((f"How many {name}s are there?", str(n)))
         pairs.append((f"Is there a {name} in the image?", "Yes"))
-    present = set(scene.counts())
+    present = list(scene.counts())  # scene order: a set's order changes with PYTHONHASHSEED (and so would the data)
     absent = [c.name for c in world.seen if c.name not in present]
     partners = [world.by_name(n).confusable_with for n in present]
     tricky = [p for p in partners if p and p not in present]

@@ -47,6 +47,22 @@ def test_deterministic_and_independent_of_workers(world_dir, tmp_path):
     assert other["corpus/corpus-000000.tar"] != same["corpus/corpus-000000.tar"]
 
 
+def test_same_bytes_in_another_process(world_dir, tmp_path):
+    """Python's string hashing differs per process: nothing the generator writes may depend on it."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from datastore.synth.generate import SynthConfig, generate_world; "
+            "generate_world(SynthConfig(out=sys.argv[1], seed=3, n_corpus=120, n_instruct=40, n_eval=40, "
+            "shard_size=50, workers=1))")
+    for hash_seed in ("1", "2"):
+        out = tmp_path / f"hash{hash_seed}"
+        subprocess.run([sys.executable, "-c", code, str(out)], check=True,
+                       env={**os.environ, "PYTHONHASHSEED": hash_seed})
+        assert _digest(out) == _digest(world_dir)
+
+
 def test_counts_and_corpus_shards(world_dir):
     info = json.loads((world_dir / "world.json").read_text())
     assert info["counts"]["corpus"] == 120 and info["counts"]["corpus_shards"] == 3

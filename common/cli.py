@@ -128,7 +128,7 @@ def config_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> A
     hints = typing.get_type_hints(cls)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     for name, value in values.items():  # argparse collects several values in a list
-        if isinstance(value, list) and _flag_type(hints[name], name)[1] and _is_tuple(hints[name]):
+        if isinstance(value, list) and _is_tuple(hints[name]):
             values[name] = tuple(value)
     return cls(**{**values, **overrides})
 

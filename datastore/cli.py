@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "given seed and thread count (unless --max-minutes cuts it short).")
     t.add_argument("--input", nargs="+", required=True, help="shard patterns: brace expansion, globs")
     t.add_argument("--out", required=True, help="output folder")
-    add_config_flags(t, ClipTrainConfig, skip=("image_key", "caption_key"),
+    add_config_flags(t, ClipTrainConfig,
                      helps={"text_mode": f"one of {', '.join(TEXT_MODES)}: " + field_docs(ClipTrainConfig)["text_mode"]})
     i = sub.add_parser("info", **defaults, help="print a datastore's manifest summary")
     i.add_argument("--datastore", required=True, help="datastore directory")

@@ -1,9 +1,14 @@
-"""Open-ended VQA scorers: VQAv2 / TextVQA / VizWiz soft accuracy (official rule) and GQA exact match.
+"""Open-ended VQA scorers: VQAv2 / TextVQA / VizWiz soft accuracy (official rules) and GQA exact match.
 
 Answer processing per benchmark (the scorer each reference number comes from):
 
-* ``vqav2_val``, ``vizwiz_val`` (scored here with the official VQA evaluation rule):
-  :func:`normalize_answer` on the prediction and on every human answer.
+* ``vqav2_val`` (official VQA evaluation, GT-Vision-Lab/VQA vqaEval.py; EvalAI's and LAVIS's copies
+  are the same): the prediction always goes through :func:`normalize_answer`; the human answers get
+  only the punctuation rule, and only when they are not all identical (:func:`official_vqa_answers`).
+* ``vizwiz_val`` (official VizWiz-VQA evaluation): the prediction through :func:`normalize_answer`;
+  the human answers are compared as stored.
+* Both scorers also take ``normalization="always"``: :func:`normalize_answer` on the prediction and
+  on every human answer, unconditionally (more lenient: a human "Two" then matches "2").
 * ``textvqa`` (LLaVA's eval_textvqa.py, i.e. the m4c TextVQA evaluator): :func:`evalai_answer`, the
   EvalAI answer processor = the :func:`evalai_word_tokenize` pre-step, then :func:`normalize_answer`,
   on the prediction and on every human answer, unconditionally.
@@ -60,7 +65,7 @@ ARTICLES = frozenset({"a", "an", "the"})
 # EvalAI punctuation list (the one LLaVA / lmms-eval use); "." and "'" are not in it.
 PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-",
                ">", "<", "@", "`", ",", "?", "!")
-_DIGIT_COMMA = re.compile(r"(?<=\d),+(?=\d)")
+_DIGIT_COMMA = re.compile(r"\d,\d")  # exactly one comma, as the official "(\d)(\,)(\d)": "1,,2" is no match
 # The official pattern "(?!<=\d)(\.)(?!\d)" opens with a mistyped look-behind that is really a
 # look-ahead and always passes, so it removes every "." not followed by a digit ("3.5" survives,
 # "yes." does not). It is called with re.UNICODE (== 32) in the count slot: at most 32 removals.
@@ -72,7 +77,8 @@ UNANSWERABLE = "unanswerable"
 def _strip_punctuation(text: str) -> str:
     """Official punctuation rule. Each mark is deleted if it touches a space anywhere in the input
     (or if the input has a digit-comma-digit such as "1,000": then every mark is deleted), else it
-    becomes a space ("t-shirt" -> "t shirt", "red, blue" -> "red blue", "1,000" -> "1000")."""
+    becomes a space ("t-shirt" -> "t shirt", "red, blue" -> "red blue", "1,000" -> "1000").
+    No lowercasing or whitespace strip: the official script applies this alone to the human answers."""
     out = text
     has_digit_comma = _DIGIT_COMMA.search(text) is not None
     for mark in PUNCTUATION:
@@ -129,35 +135,48 @@ def evalai_answer(text: str) -> str:
     return normalize_answer(evalai_word_tokenize(text))
 
 
-def _soft_score(k: int, n: int) -> float:
-    """Mean over the n leave-one-out subsets of min(1, matches / threshold), when k of the n
-    answers match. Leaving out a matching answer leaves k-1 matches, any other leaves k."""
+NORMALIZATIONS = ("official", "always")
+
+
+def official_vqa_answers(answers: Sequence[str]) -> list[str]:
+    """The human answers as the official VQA script compares them: the punctuation rule alone (no
+    lowercasing, strip, number words or articles), and only when the answers are not all identical.
+    E.g. ["Two"] * 10 stays ["Two"] * 10 (so "two" -> "2" scores 0), ["red-white", "red"] ->
+    ["red white", "red"]."""
+    return [_strip_punctuation(a) for a in answers] if len(set(answers)) > 1 else list(answers)
+
+
+def _soft_score(hits: Sequence[bool]) -> float:
+    """Mean over the leave-one-out subsets of min(1, matches / threshold); ``hits[i]``: whether human
+    answer i matches. Leaving out answer i leaves k - hits[i] matches. Terms are summed in answer
+    order like the official script, so N >= 4 (threshold 3) gives its exact float, not just a close one."""
+    n, k = len(hits), sum(hits)
     if n == 1:
         return float(k)  # single reference: plain exact match
     threshold = min(3, n - 1)
-    return (k * min(1.0, (k - 1) / threshold) + (n - k) * min(1.0, k / threshold)) / n
+    return sum(min(1, (k - hit) / threshold) for hit in hits) / n
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str], normalize: Callable[[str], str] = normalize_answer
-                 ) -> float:
-    """Official VQA soft accuracy of one prediction against the human answers.
+def vqa_accuracy(prediction: str, answers: Sequence[str], normalize: Callable[[str], str] = normalize_answer,
+                 process_answers: Callable[[Sequence[str]], list[str]] | None = None) -> float:
+    """VQA soft accuracy of one prediction against the human answers.
 
-    Prediction and answers are normalised with ``normalize`` (:func:`normalize_answer`, or
-    :func:`evalai_answer` for TextVQA). For each of the N
+    The prediction goes through ``normalize`` (:func:`normalize_answer`, or :func:`evalai_answer` for
+    TextVQA); the answers through ``process_answers`` (e.g. :func:`official_vqa_answers`), or through
+    ``normalize`` each when it is None (the "always" rule). For each of the N
     answers, the other N-1 are kept and the prediction scores min(1, #matches / 3); the result
     is the mean over the N subsets. With N = 10 and k matching humans: k=0 -> 0, 1 -> 0.3,
     2 -> 0.6, 3 -> 0.9, k>=4 -> 1.0.
     Other N (not in VQAv2/TextVQA/VizWiz): N >= 4 uses the same rule; N = 2 or 3 divides by
     N-1 instead of 3 so that full agreement can reach 1.0; N = 1 is exact match (the official
     code would always give 0 there).
-    Differences from the official VQA script, both on purpose: prediction and answers are always
-    normalised (it normalises neither when all humans agree, which is why submission files are
-    pre-processed), and N < 4 as above.
 
     Args:
         prediction: model output (a short answer).
         answers: the human answers, N >= 1.
-        normalize: answer processing applied to both sides.
+        normalize: answer processing of the prediction (and of the answers when
+            ``process_answers`` is None).
+        process_answers: processing of the list of human answers, or None.
     Returns:
         Accuracy in [0, 1].
     Raises:
@@ -166,34 +185,48 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], normalize: Callable[[s
     if isinstance(answers, str) or len(answers) == 0:
         raise ValueError(f"vqa_accuracy: answers must be a non-empty list of str, got {answers!r}")
     pred = normalize(prediction)
-    k = sum(normalize(a) == pred for a in answers)
-    return _soft_score(k, len(answers))
+    refs = [normalize(a) for a in answers] if process_answers is None else process_answers(answers)
+    return _soft_score([ref == pred for ref in refs])
 
 
-def score_vqa(records: Sequence[Mapping[str, Any]], name: str = "score_vqa",
-              normalize: Callable[[str], str] = normalize_answer) -> tuple[list[float], dict]:
+def _score_soft(records: Sequence[Mapping[str, Any]], name: str, normalize: Callable[[str], str],
+                normalization: str, official: Callable[[Sequence[str]], list[str]] | None
+                ) -> tuple[list[float], dict]:
+    """Soft accuracy of every record; ``official`` is the benchmark's human-answer rule used when
+    ``normalization == "official"``."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"{name}: normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    check_records(records, name, str_lists=("answers",))
+    process = official if normalization == "official" else None
+    scores = [vqa_accuracy(rec["prediction"], rec["answers"], normalize, process) for rec in records]
+    metrics = {"accuracy": 100.0 * sum(scores) / len(scores), "n": len(scores), "normalization": normalization}
+    logger.info("%s: accuracy %.2f%% over %d (%s normalization)", name, metrics["accuracy"], metrics["n"],
+                normalization)
+    return scores, metrics
+
+
+def score_vqa(records: Sequence[Mapping[str, Any]], normalization: str = "official") -> tuple[list[float], dict]:
     """Score VQAv2-style records with :func:`vqa_accuracy`.
 
     Args:
         records: dicts with "prediction" (str) and "answers" (list of human answers).
-        name: label used in error and log messages.
-        normalize: answer processing (default: the official VQA normalisation).
+        normalization: "official" (default; the VQA script: prediction always normalised, answers
+            as :func:`official_vqa_answers`) or "always" (:func:`normalize_answer` on both sides).
     Returns:
-        (per-record scores in [0, 1], {"accuracy": mean score in %, "n": number of records}).
+        (per-record scores in [0, 1], {"accuracy": mean score in %, "n": number of records,
+        "normalization": the mode used}).
     Raises:
-        ValueError: on empty input, a missing field, a non-str prediction or bad answers.
+        ValueError: on empty input, a missing field, a non-str prediction, bad answers or an
+            unknown ``normalization``.
     """
-    check_records(records, name, str_lists=("answers",))
-    scores = [vqa_accuracy(rec["prediction"], rec["answers"], normalize) for rec in records]
-    metrics = {"accuracy": 100.0 * sum(scores) / len(scores), "n": len(scores)}
-    logger.info("%s: accuracy %.2f%% over %d", name, metrics["accuracy"], metrics["n"])
-    return scores, metrics
+    return _score_soft(records, "score_vqa", normalize_answer, normalization, official_vqa_answers)
 
 
 def score_textvqa(records: Sequence[Mapping[str, Any]]) -> tuple[list[float], dict]:
     """TextVQA as LLaVA scores it (m4c evaluator): :func:`evalai_answer` on the prediction and on all
-    answers, then the soft accuracy of :func:`score_vqa` (10 answers per question)."""
-    return score_vqa(records, name="score_textvqa", normalize=evalai_answer)
+    answers, unconditionally (m4c's own rule, reported as ``"normalization": "always"``), then the
+    soft accuracy of :func:`vqa_accuracy` (10 answers per question)."""
+    return _score_soft(records, "score_textvqa", evalai_answer, "always", None)
 
 
 def vizwiz_prediction(text: str) -> str:
@@ -221,19 +254,23 @@ def is_unanswerable(record: Mapping[str, Any]) -> bool:
     return 2 * sum(normalize_answer(a) == UNANSWERABLE for a in answers) > len(answers)
 
 
-def score_vizwiz(records: Sequence[Mapping[str, Any]]) -> tuple[list[float], dict]:
+def score_vizwiz(records: Sequence[Mapping[str, Any]], normalization: str = "official"
+                 ) -> tuple[list[float], dict]:
     """VizWiz-VQA: VQA soft accuracy, overall and split by answerability.
 
     Args:
         records: dicts with "prediction", "answers" and optional "answerable" (see
             :func:`is_unanswerable` for how the subsets are formed).
+        normalization: "official" (default; the VizWiz script: prediction through
+            :func:`normalize_answer`, human answers compared as stored) or "always" (both sides).
     Returns:
-        (per-record scores, {"accuracy", "n", "accuracy_unanswerable", "n_unanswerable",
-        "accuracy_answerable", "n_answerable"}); accuracies in %, NaN for an empty subset.
+        (per-record scores, {"accuracy", "n", "normalization", "accuracy_unanswerable",
+        "n_unanswerable", "accuracy_answerable", "n_answerable"}); accuracies in %, NaN for an
+        empty subset.
     Raises:
         ValueError: as :func:`score_vqa`, or on a bad "answerable" flag.
     """
-    scores, metrics = score_vqa(records, name="score_vizwiz")
+    scores, metrics = _score_soft(records, "score_vizwiz", normalize_answer, normalization, list)
     unans = [is_unanswerable(rec) for rec in records]
     for key, want in (("unanswerable", True), ("answerable", False)):
         subset = [s for s, u in zip(scores, unans) if u == want]
@@ -242,13 +279,11 @@ def score_vizwiz(records: Sequence[Mapping[str, Any]]) -> tuple[list[float], dic
     return scores, metrics
 
 
-def _gqa_norm(text: str) -> str:
-    return text.strip().rstrip(".").lower()
-
-
 def gqa_match(prediction: str, answer: str) -> bool:
-    """GQA exact match, LLaVA's rule: strip whitespace, drop trailing periods, lowercase
-    (applied to both sides; GQA answers are already lowercase words).
+    """GQA exact match, LLaVA's rule (convert_gqa_for_eval.py, then the official GQA eval.py): the
+    prediction with trailing periods dropped and lowercased must equal the gold answer as stored.
+    No whitespace strip, as there: LLaVA (and our runner) strip the decoded reply before scoring,
+    so " left" or "left\\n" here means the reply really had it, and it counts wrong.
 
     Args:
         prediction: model output.
@@ -260,7 +295,7 @@ def gqa_match(prediction: str, answer: str) -> bool:
     """
     if not isinstance(prediction, str) or not isinstance(answer, str):
         raise ValueError(f"gqa_match: prediction and answer must be str, got {prediction!r}, {answer!r}")
-    return _gqa_norm(prediction) == _gqa_norm(answer)
+    return prediction.rstrip(".").lower() == answer
 
 
 def score_gqa(records: Sequence[Mapping[str, Any]]) -> tuple[list[float], dict]:

@@ -18,7 +18,7 @@ MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_transla
 _YES_NO = ("yes", "no")
 
 
-def _gold(name: str, i: int, rec: Mapping[str, Any]) -> str:
+def _mme_gold(name: str, i: int, rec: Mapping[str, Any]) -> str:
     answer = rec["answer"]
     gold = str(answer).strip().lower()
     if gold not in _YES_NO:
@@ -69,21 +69,26 @@ def score_pope(records: Sequence[Mapping[str, Any]]) -> tuple[list[float], dict]
     """Score POPE with LLaVA's answer rule (:func:`pope_label`).
 
     Args:
-        records: dicts with "prediction" (str), "answer" ("yes"/"no", any case) and optional
-            "split" (e.g. "random", "popular", "adversarial").
+        records: dicts with "prediction" (str), "answer" and optional "split" (e.g. "random",
+            "popular", "adversarial"). As in LLaVA's eval_pope.py, a gold answer is negative only
+            if it is exactly "no"; anything else ("yes", "No", "true", ...) is positive. Answers
+            other than "yes"/"no" are counted in a warning.
     Returns:
         (per-record 0/1 scores, overall metrics {"accuracy", "precision", "recall", "f1",
         "yes_ratio" (all %), "n", "tp", "fp", "tn", "fn", "per_split": {split: same keys},
         "f1_mean_splits": the mean of the splits' F1 (the overall F1 when there are no splits)}).
         Records without a split count only in the overall metrics.
     Raises:
-        ValueError: on empty input, missing fields or answers other than yes/no.
+        ValueError: on empty input or missing fields.
     """
     check_records(records, "score_pope", ("answer",))
     preds, golds, scores = [], [], []
     by_split: dict[str, list[int]] = defaultdict(list)
+    odd = sum(rec["answer"] not in _YES_NO for rec in records)
+    if odd:
+        logger.warning("POPE: %d gold answers are neither 'yes' nor 'no'; counted positive as eval_pope.py does", odd)
     for i, rec in enumerate(records):
-        gold, pred = _gold("score_pope", i, rec), pope_label(rec["prediction"])
+        gold, pred = "no" if rec["answer"] == "no" else "yes", pope_label(rec["prediction"])
         preds.append(pred)
         golds.append(gold)
         scores.append(float(pred == gold))
@@ -102,18 +107,20 @@ def score_pope(records: Sequence[Mapping[str, Any]]) -> tuple[list[float], dict]
 
 
 def mme_label(text: str) -> str:
-    """Map a reply to "yes"/"no"/"other" with MME's official rule.
+    """Map a reply to "yes"/"no"/"other" with MME's official rule (eval_tool/calculation.py).
 
-    Lowercase and strip; "yes"/"no" as the whole reply are taken as is; otherwise look at the
-    first 4 characters: containing "yes" -> "yes", else containing "no" -> "no", else "other".
-    So "Yes, it is" -> yes, "No." -> no, "Not sure" / "None" -> no, "I see yes" -> other.
+    Lowercase, but no whitespace strip (the official code strips nothing); "yes"/"no" as the whole
+    reply are taken as is; otherwise look at the first 4 characters: containing "yes" -> "yes",
+    else containing "no" -> "no", else "other". So "Yes, it is" -> yes, "No." -> no,
+    "Not sure" / "None" -> no, "I see yes" -> other; " yes" and "yes\\n" -> yes (still in the
+    first 4), but "  yes" -> other. The runner strips the decoded reply first, as LLaVA does.
 
     Args:
         text: model output.
     Returns:
         "yes", "no" or "other" ("other" is always scored wrong).
     """
-    reply = text.strip().lower()
+    reply = text.lower()
     if reply in _YES_NO:
         return reply
     prefix = reply[:4]
@@ -159,7 +166,7 @@ def score_mme(records: Sequence[Mapping[str, Any]]) -> tuple[list[float], dict]:
     for i, rec in enumerate(records):
         if rec["category"] not in known:
             raise ValueError(f"{record_ref('score_mme', i, rec)} category {rec['category']!r} not in {list(known)}")
-        gold, pred = _gold("score_mme", i, rec), mme_label(rec["prediction"])
+        gold, pred = _mme_gold("score_mme", i, rec), mme_label(rec["prediction"])
         other += pred == "other"
         scores.append(float(pred == gold))
         groups[rec["category"]][0].append(scores[-1])

@@ -13,6 +13,7 @@ from eval.scorers.vqa import (
     gqa_match,
     is_unanswerable,
     normalize_answer,
+    official_vqa_answers,
     score_gqa,
     score_textvqa,
     score_vizwiz,
@@ -62,6 +63,8 @@ from eval.scorers.vqa import (
         ("Isnt", "isn't"),
         ("whats up", "what's up"),
         ("Im", "im"),  # official key is "Im", but lookup happens after lowercasing
+        # the official digit-comma test wants exactly one comma between digits
+        ("1,,2", "1 2"),
     ],
 )
 def test_normalize_answer(text, expected):
@@ -100,7 +103,7 @@ def test_vqa_accuracy_ten_annotators(k, expected):
     assert vqa_accuracy("two", _answers(k)) == pytest.approx(expected)
 
 
-def test_vqa_accuracy_normalises_both_sides():
+def test_vqa_accuracy_default_normalises_both_sides():
     answers = ["Two."] * 2 + ["2"] + ["three"] * 7  # all three "2"-answers normalise to "2"
     assert vqa_accuracy("  TWO\n", answers) == pytest.approx(0.9)
     assert vqa_accuracy("a dog", ["Dog"] * 10) == 1.0
@@ -137,8 +140,65 @@ def test_score_vqa_and_textvqa():
     assert scores == pytest.approx([0.9, 1.0, 0.3, 0.0])
     assert metrics["accuracy"] == pytest.approx(55.0)
     assert metrics["n"] == 4
+    assert metrics["normalization"] == "official"
     t_scores, t_metrics = score_textvqa(records)
-    assert t_scores == scores and t_metrics == metrics
+    assert t_scores == scores
+    assert t_metrics == {"accuracy": metrics["accuracy"], "n": 4, "normalization": "always"}
+
+
+def _official_vqa_loop(prediction: str, answers: list[str]) -> float:
+    """The official vqaEval.py loop written out literally (answers as dicts with distinct ids, as in
+    the annotation files), to check our result is the very same float."""
+    pred = normalize_answer(prediction)
+    gts = [{"answer": a, "answer_id": i} for i, a in enumerate(official_vqa_answers(answers))]
+    accs = []
+    for left_out in gts:
+        others = [g for g in gts if g != left_out]
+        accs.append(min(1, float(len([g for g in others if g["answer"] == pred])) / 3))
+    return float(sum(accs)) / len(accs)
+
+
+@pytest.mark.parametrize("n", range(4, 11))
+def test_soft_accuracy_is_the_official_float_for_every_match_pattern(n):
+    # e.g. N=10 with matches at positions 3 and 4: the official sum gives 0.6000000000000001, not 0.6
+    for mask in range(2 ** n):
+        answers = ["2" if mask >> i & 1 else "3" for i in range(n)]
+        record = {"prediction": "two", "answers": answers}
+        assert score_vqa([record])[0][0] == _official_vqa_loop("two", answers), answers
+
+
+def test_official_vqa_answers():
+    assert official_vqa_answers(["Two"] * 10) == ["Two"] * 10  # all agree: untouched
+    assert official_vqa_answers(["red-white", "Red", "a dog.", " x "]) == ["red white", "Red", "a dog", " x "]
+
+
+# (prediction, human answers, official VQAv2 score, official VizWiz score, "always" score)
+NORMALIZATION_CASES = [
+    ("two", ["Two"] * 10, 0.0, 0.0, 1.0),  # humans agree: the VQA script leaves them raw
+    ("two", ["two"] * 10, 0.0, 0.0, 1.0),  # prediction always normalised to "2"
+    ("red", ["Red"] * 4 + ["blue"] * 6, 0.0, 0.0, 1.0),  # answers never lowercased officially
+    ("dog", ["the dog"] * 4 + ["cat"] * 6, 0.0, 0.0, 1.0),  # nor articles dropped
+    ("red white", ["red-white"] * 3 + ["red"] * 7, 0.9, 0.0, 0.9),  # VQA: punctuation rule when they disagree
+    ("Yes.", ["yes"] * 10, 1.0, 1.0, 1.0),
+    ("  Unanswerable\n", ["unanswerable"] * 10, 1.0, 1.0, 1.0),
+]
+
+
+@pytest.mark.parametrize("prediction, answers, vqa_official, vizwiz_official, always", NORMALIZATION_CASES)
+def test_official_and_always_normalization(prediction, answers, vqa_official, vizwiz_official, always):
+    record = {"prediction": prediction, "answers": answers}
+    for scorer, official in ((score_vqa, vqa_official), (score_vizwiz, vizwiz_official)):
+        scores, metrics = scorer([record])
+        assert scores == [pytest.approx(official)] and metrics["normalization"] == "official"
+        scores, metrics = scorer([record], normalization="always")
+        assert scores == [pytest.approx(always)] and metrics["normalization"] == "always"
+    assert score_vqa([record])[0][0] == _official_vqa_loop(prediction, answers)
+
+
+@pytest.mark.parametrize("scorer", [score_vqa, score_vizwiz])
+def test_unknown_normalization(scorer):
+    with pytest.raises(ValueError, match=r"normalization must be one of \('official', 'always'\), got 'lenient'"):
+        scorer([{"prediction": "a", "answers": ["a"]}], normalization="lenient")
 
 
 @pytest.mark.parametrize(
@@ -182,7 +242,7 @@ def test_evalai_rejects_non_str():
 def test_textvqa_applies_the_pre_step_to_prediction_and_answers():
     records = [
         # pre-step: "what 's" matches the 2 "what's" (the 8 "whats" become "what's") -> 0.6;
-        # official: all 10 normalise to "what's" -> 1.0
+        # normalize_answer alone: all 10 normalise to "what's" -> 1.0
         {"prediction": "What's", "answers": ["what's"] * 2 + ["whats"] * 8},
         # pre-step: "redwhite" != "red white" -> 0.0; official: "red white" == "red white" -> 1.0
         {"prediction": "red,white", "answers": ["red white"] * 10},
@@ -194,7 +254,7 @@ def test_textvqa_applies_the_pre_step_to_prediction_and_answers():
     scores, metrics = score_textvqa(records)
     assert scores == pytest.approx([0.6, 0.0, 1.0, 0.9])
     assert metrics["accuracy"] == pytest.approx(62.5)
-    official, official_metrics = score_vqa(records)
+    official, official_metrics = score_vqa(records, normalization="always")
     assert official == pytest.approx([1.0, 1.0, 1.0, 0.9])
     assert official_metrics["accuracy"] == pytest.approx(97.5)
 
@@ -265,7 +325,12 @@ def test_score_vizwiz_empty_subset_is_nan():
     [
         ("Yes.", "yes", True),
         ("yes...", "yes", True),
-        (" Left \n", "left", True),
+        ("Left", "left", True),
+        # no whitespace strip (LLaVA's convert_gqa_for_eval.py: rstrip('.').lower() only)
+        (" left", "left", False),
+        ("left\n", "left", False),
+        ("yes. ", "yes", False),  # the space stops rstrip('.')
+        ("left", "Left", False),  # the gold answer is compared as stored
         ("3.5", "3.5", True),
         ("the left", "left", False),  # no article removal in GQA
         ("two", "2", False),  # no number-word mapping in GQA

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from eval.scorers.yesno import (
@@ -104,10 +106,18 @@ def test_score_pope_without_split_counts_only_overall():
 def test_score_pope_errors():
     with pytest.raises(ValueError, match="empty"):
         score_pope([])
-    with pytest.raises(ValueError, match="answer must be one of"):
-        score_pope([_pope("Yes", "maybe", "random")])
     with pytest.raises(ValueError, match="lacks field 'answer'"):
         score_pope([{"prediction": "Yes"}])
+
+
+def test_score_pope_gold_negative_only_if_exactly_no(caplog):
+    # LLaVA's eval_pope.py: label == 'no' -> 0, anything else -> 1 (even "No")
+    golds = ["yes", "Yes ", "true", "No", "maybe", "no"]
+    with caplog.at_level(logging.WARNING, logger="eval.scorers.yesno"):
+        scores, m = score_pope([_pope("Yes", g, "random") for g in golds])
+    assert scores == [1, 1, 1, 1, 1, 0]
+    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (5, 1, 0, 0)
+    assert "4 gold answers are neither 'yes' nor 'no'" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -122,6 +132,14 @@ def test_score_pope_errors():
         ("I cannot tell", "other"),
         ("The answer is yes", "other"),  # only the first 4 characters are inspected
         ("", "other"),
+        # no strip, as the official parse_pred_ans: whitespace takes up room in the 4-character prefix
+        (" yes", "yes"),
+        ("yes\n", "yes"),
+        (" No\n", "no"),
+        ("  yes", "other"),
+        ("\n\nYes", "other"),
+        ("   no", "other"),
+        (" Not sure", "no"),
     ],
 )
 def test_mme_label(text, expected):

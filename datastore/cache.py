@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from datastore.store import AGGREGATIONS, Datastore, RetrievedTags
+from datastore.store import AGGREGATIONS, DEDUP_THRESHOLD, Datastore, RetrievedTags
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,15 @@ class CacheConfig:
         k_images: neighbour images whose tags are pooled.
         max_tags: tags kept per image.
         aggregate: a tag's score: "sum" or "max" of the cosines of the neighbours that have it.
+        exclude_self: drop each image's own datastore entry from its neighbours and take the next ones: a
+            training image from the crawl the datastore was built from would otherwise read its own caption,
+            which it never gets at test time. Its own entry is a neighbour whose key is the image id, the
+            id's path without extension or its file stem ("images/000123.jpg" matches key "000123"), or
+            whose cosine is at least dedup_threshold (a copy under another key). Harmless for images that
+            are not in the datastore.
+        dedup_threshold: cosine at or above which a neighbour is a copy of the image (with exclude_self;
+            above 1: by key only). The default drops exact copies only (distinct images of the synthetic
+            worlds reach 0.9998); a web CLIP scores re-processed copies lower: use e.g. 0.95 for real data.
         batch_size: images per encoder batch.
         num_workers: image decode worker processes.
         on_error: "error" stops at the first missing/corrupt image naming it; "skip" counts it.
@@ -56,6 +65,8 @@ class CacheConfig:
     k_images: int = 5
     max_tags: int | None = 32
     aggregate: str = "sum"
+    exclude_self: bool = True
+    dedup_threshold: float = DEDUP_THRESHOLD
     batch_size: int = 64
     num_workers: int = 2
     on_error: str = "error"
@@ -72,6 +83,8 @@ class CacheConfig:
             raise ValueError(f"aggregate={self.aggregate!r}: expected one of {AGGREGATIONS}")
         if self.k_images < 1:
             raise ValueError(f"k_images={self.k_images}: must be >= 1")
+        if self.dedup_threshold <= 0:
+            raise ValueError(f"dedup_threshold={self.dedup_threshold}: must be > 0 (a cosine; above 1 turns it off)")
 
 
 def llava_image_ids(paths: list[str]) -> list[str]:
@@ -145,7 +158,7 @@ def build_cache(config: CacheConfig, show_progress: bool = True) -> dict[str, An
 
     store = Datastore.open(config.datastore, device=config.device)
     rows: dict[str, list] = {"image": [], "tags": [], "scores": [], "neighbours": [], "neighbour_scores": []}
-    skipped, start = Counter(), time.perf_counter()
+    skipped, excluded, start = Counter(), Counter(), time.perf_counter()
     for batch in tqdm(_iter_batches(config, store.clip.preprocess), desc="cache", unit="batch",
                       disable=not show_progress):
         good = [(image_id, pixels) for image_id, pixels, reason in batch if reason is None]
@@ -158,13 +171,22 @@ def build_cache(config: CacheConfig, show_progress: bool = True) -> dict[str, An
         if not good:
             continue
         emb = store.clip.encode_images(torch.stack([p for _, p in good])).cpu().numpy()
-        retrieved = store.retrieve_tags(embeddings=emb, k_images=config.k_images,
-                                        max_tags=config.max_tags, aggregate=config.aggregate)
+        retrieved = store.retrieve_tags(
+            embeddings=emb, k_images=config.k_images, max_tags=config.max_tags, aggregate=config.aggregate,
+            exclude_keys=[image_id for image_id, _ in good] if config.exclude_self else None,
+            dedup_threshold=config.dedup_threshold if config.exclude_self else None)
         for (image_id, _), item in zip(good, retrieved):
+            excluded.update(by_key=item.excluded_by_key, near_duplicate=item.excluded_near_dup,
+                            images=item.excluded_by_key + item.excluded_near_dup > 0)
             rows["image"].append(image_id)
             for key, value in item.to_dict().items():
                 rows[key].append(value)
-    meta = _cache_meta(config, store, len(rows["image"]), skipped, time.perf_counter() - start)
+    n = len(rows["image"])
+    excluded = {k: excluded[k] for k in ("images", "by_key", "near_duplicate")}
+    logger.info("cache: excluded %d neighbours of %d of %d images (%d by key, %d near-duplicates)",
+                excluded["by_key"] + excluded["near_duplicate"], excluded["images"], n, excluded["by_key"],
+                excluded["near_duplicate"])
+    meta = _cache_meta(config, store, n, skipped, excluded, time.perf_counter() - start)
     table = pa.table(rows, schema=_schema()).replace_schema_metadata({CACHE_META_KEY: json.dumps(meta)})
     Path(config.out).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, config.out)
@@ -178,15 +200,17 @@ def _schema():
                       ("neighbours", pa.list_(pa.string())), ("neighbour_scores", pa.list_(pa.float32()))])
 
 
-def _cache_meta(config: CacheConfig, store: Datastore, n: int, skipped: Counter, seconds: float) -> dict:
-    settings = {k: v for k, v in asdict(config).items() if k in ("k_images", "max_tags", "aggregate")}
+def _cache_meta(config: CacheConfig, store: Datastore, n: int, skipped: Counter, excluded: dict,
+                seconds: float) -> dict:
+    settings = {k: v for k, v in asdict(config).items()
+                if k in ("k_images", "max_tags", "aggregate", "exclude_self", "dedup_threshold")}
     return {
         "datastore": str(Path(config.datastore).resolve()),
         "datastore_created": store.manifest["created"],
         "clip": store.manifest["clip"],
         "index": store.manifest["index"]["factory"],
         **settings,
-        "counts": {"written": n, "skipped": dict(skipped)},
+        "counts": {"written": n, "skipped": dict(skipped), "excluded": excluded},
         "seconds": round(seconds, 3),
     }
 

@@ -80,12 +80,19 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--max-index-memory", default="4G", help="index memory budget for the automatic choice")
     m.add_argument("--target-recall", type=float, default=0.95, help="recall@k the search params are tuned to")
 
+    from datastore.store import DEDUP_THRESHOLD  # light, as datastore.cache
+
     q = sub.add_parser("query", **defaults, help="print an image's nearest datastore images and retrieved tags")
     q.add_argument("--datastore", required=True, help="datastore directory")
     q.add_argument("--image", nargs="+", required=True, help="image file(s)")
     q.add_argument("-k", "--k", type=int, default=5, help="neighbour images per query")
     q.add_argument("--max-tags", type=int, default=20, help="tags printed per query")
     q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    q.add_argument("--exclude-self", action="store_true",
+                   help="drop each image's own datastore entry: a key equal to the image path, the path without "
+                        "extension or its file stem, or a cosine >= --dedup-threshold (as `cache` does)")
+    q.add_argument("--dedup-threshold", type=float, default=DEDUP_THRESHOLD,
+                   help="with --exclude-self: cosine at or above which a neighbour is a copy of the image")
     q.add_argument("--device", default="auto", help="CLIP device: cpu, cuda, cuda:N or auto")
 
     from datastore.cache import (
@@ -162,12 +169,15 @@ def cmd_query(args) -> None:
     from datastore.store import Datastore
 
     store = Datastore.open(args.datastore, device=resolve_device(args.device))
-    results = store.retrieve_tags(images=args.image, k_images=args.k, max_tags=args.max_tags)
+    results = store.retrieve_tags(images=args.image, k_images=args.k, max_tags=args.max_tags,
+                                  exclude_keys=args.image if args.exclude_self else None,
+                                  dedup_threshold=args.dedup_threshold if args.exclude_self else None)
     if args.json:
         print(json.dumps([{"image": img, **r.to_dict()} for img, r in zip(args.image, results)], indent=2))
         return
     for image, result in zip(args.image, results):
-        print(f"query {image}")
+        print(f"query {image}" + (f"  (excluded: {result.excluded_by_key} by key, {result.excluded_near_dup} "
+                                  "near-duplicates)" if args.exclude_self else ""))
         for rank, (key, score) in enumerate(zip(result.neighbours, result.neighbour_scores), 1):
             print(f"  neighbour {rank}: {key}  cos {score:.4f}")
         print("  tags: " + ", ".join(f"{t} ({s:.3f})" for t, s in zip(result.tags, result.scores)))
@@ -177,8 +187,11 @@ def cmd_cache(args) -> None:
     from datastore.cache import CacheConfig, build_cache
 
     meta = build_cache(config_from_args(CacheConfig, args, device=resolve_device(args.device)))
-    print(f"cache {args.out}: {meta['counts']['written']} images, skipped {meta['counts']['skipped'] or 'none'}, "
-          f"{meta['seconds']:.1f}s")
+    counts = meta["counts"]
+    excluded = counts["excluded"]
+    print(f"cache {args.out}: {counts['written']} images, skipped {counts['skipped'] or 'none'}, excluded "
+          f"{excluded['by_key']} self neighbours by key and {excluded['near_duplicate']} near-duplicates "
+          f"({excluded['images']} images), {meta['seconds']:.1f}s")
 
 
 def cmd_train_clip(args) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field, replace
+from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
 import numpy as np
@@ -16,6 +16,11 @@ from datastore.clip import ClipSpec, LoadedClip, describe_mismatch, load_clip, s
 logger = logging.getLogger(__name__)
 
 AGGREGATIONS = ("sum", "max")
+# Cosine at or above which a neighbour counts as a copy of the query. Exact copies score 1.0; distinct images
+# of the synthetic worlds' tiny CLIPs reach 0.99976 (docs/datastore.md, "Self-retrieval"), so the default
+# drops only exact copies. A web CLIP's re-processed copies score lower: set e.g. 0.95 for real data.
+DEDUP_THRESHOLD = 0.9999
+EXCLUDE_MARGIN = 4  # extra neighbours searched per query so that k_images usually survive the exclusions
 
 
 class DatastoreError(RuntimeError):
@@ -33,12 +38,18 @@ class SearchResult:
 
 @dataclass
 class RetrievedTags:
-    """One query's ranked, deduplicated tags with aggregated similarity, and the neighbours they came from."""
+    """One query's ranked, deduplicated tags with aggregated similarity, and the neighbours they came from.
+
+    ``excluded_by_key`` / ``excluded_near_dup``: neighbours dropped as the query image itself (see
+    :meth:`Datastore.retrieve_tags`); not part of :meth:`to_dict` (the cache stores their totals).
+    """
 
     tags: list[str]
     scores: list[float]
     neighbours: list[str]
     neighbour_scores: list[float]
+    excluded_by_key: int = 0
+    excluded_near_dup: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"tags": self.tags, "scores": self.scores, "neighbours": self.neighbours,
@@ -124,12 +135,18 @@ class Datastore:
         return SearchResult(keys=keys, scores=np.where(valid, scores, -np.inf).astype(np.float32), ids=ids)
 
     def retrieve_tags(self, images: Sequence[Any] | None = None, embeddings: Any = None, k_images: int = 5,
-                      max_tags: int | None = None, aggregate: str = "sum",
-                      min_support: float = 0.0) -> list[RetrievedTags]:
+                      max_tags: int | None = None, aggregate: str = "sum", min_support: float = 0.0,
+                      exclude_keys: Sequence[str | None] | None = None,
+                      dedup_threshold: float | None = None) -> list[RetrievedTags]:
         """Tags of each query's ``k_images`` nearest images, ranked by aggregated similarity.
 
         A tag's score is the sum (or max) of the cosine similarities of the neighbours whose caption
         produced it; ties keep the order of first appearance (nearest neighbour first).
+
+        Self-exclusion: a query image that is itself in the datastore (a training image from the web
+        crawl the datastore was built from) would read its own caption, which it never gets at test
+        time. Neighbours that are the query are dropped and the next ones taken (the search grows until
+        ``k_images`` survive or the datastore is exhausted); the counts are on the result.
 
         Args:
             images: PIL images or paths (encoded with the datastore's CLIP) — or give ``embeddings``.
@@ -139,6 +156,10 @@ class Datastore:
             aggregate: "sum" or "max".
             min_support: keep only tags whose entity has at least this support (see
                 :func:`filter_by_support`; needs ``aggregate="sum"``); 0 keeps all.
+            exclude_keys: one image id per query (None: no key): drop neighbours whose datastore key names
+                the same image (:func:`self_keys`: the id, its path without extension, or its file stem).
+            dedup_threshold: drop neighbours with cosine >= this (copies under another key; the index's
+                score, exact for Flat/HNSW indexes, approximate for quantised ones); None keeps them.
         """
         if aggregate not in AGGREGATIONS:
             raise ValueError(f"aggregate={aggregate!r}: expected one of {AGGREGATIONS}")
@@ -148,22 +169,79 @@ class Datastore:
             raise ValueError("give exactly one of images or embeddings")
         if embeddings is None:
             embeddings = self.encode_images(images)
-        result = self.search(embeddings, k_images)
-        flat_tags = self._tags.take(np.where(result.ids >= 0, result.ids, 0).ravel()).to_pylist()
-        out = []
-        for q in range(len(result.keys)):
-            n = len(result.keys[q])
-            rows = flat_tags[q * k_images: q * k_images + n]
-            sims = result.scores[q, :n].tolist()
-            found = filter_by_support(_aggregate(rows, sims, result.keys[q], aggregate), min_support)
-            out.append(truncate_tags(found, max_tags))
+        queries = _as_queries(embeddings, self.manifest["dim"])
+        if exclude_keys is not None and len(exclude_keys) != len(queries):
+            raise ValueError(f"{len(exclude_keys)} exclude_keys for {len(queries)} queries")
+        hits = self._search_excluding(queries, k_images, exclude_keys, dedup_threshold)
+        flat_tags = self._tags.take(np.array([i for h in hits for i in h.ids], dtype=np.int64)).to_pylist()
+        out, start = [], 0
+        for h in hits:
+            rows, start = flat_tags[start:start + len(h.ids)], start + len(h.ids)
+            found = replace(_aggregate(rows, h.scores, h.keys, aggregate), excluded_by_key=h.by_key,
+                            excluded_near_dup=h.near_dup)
+            out.append(truncate_tags(filter_by_support(found, min_support), max_tags))
         return out
+
+    def _search_excluding(self, queries: np.ndarray, k: int, exclude_keys: Sequence[str | None] | None,
+                          dedup_threshold: float | None) -> list[_Hits]:
+        """Per query the first ``k`` neighbours that survive the exclusions, and what was dropped before them."""
+        selves = [self_keys(x) for x in exclude_keys] if exclude_keys is not None else [frozenset()] * len(queries)
+        excluding = exclude_keys is not None or dedup_threshold is not None
+        hits: list[_Hits | None] = [None] * len(queries)
+        todo, fetch = list(range(len(queries))), min(k + EXCLUDE_MARGIN if excluding else k, max(len(self), 1))
+        while todo:
+            result = self.search(queries[todo], fetch)
+            deeper = []
+            for row, q in enumerate(todo):
+                h = _Hits()
+                for j, key in enumerate(result.keys[row]):
+                    if len(h.keys) == k:
+                        break
+                    if key in selves[q]:
+                        h.by_key += 1
+                    elif dedup_threshold is not None and result.scores[row, j] >= dedup_threshold:
+                        h.near_dup += 1
+                    else:
+                        h.ids.append(int(result.ids[row, j]))
+                        h.keys.append(key)
+                        h.scores.append(float(result.scores[row, j]))
+                if len(h.keys) < k and len(result.keys[row]) == fetch < len(self):
+                    deeper.append(q)  # exclusions ate the margin: more neighbours may survive further down
+                else:
+                    hits[q] = h
+            todo, fetch = deeper, min(2 * fetch, len(self))
+        return hits
 
     def vocabulary(self) -> list[str]:
         """All distinct tags in the datastore, sorted (e.g. for a random-tags ablation)."""
         import pyarrow.compute as pc
 
         return sorted(pc.unique(pc.list_flatten(self._tags)).to_pylist())
+
+
+def self_keys(image_id: str | None) -> frozenset[str]:
+    """The datastore keys that name the image ``image_id`` itself: the id, and for a path its path without
+    extension and its file stem ("images/000123.jpg" -> "images/000123.jpg", "images/000123", "000123").
+
+    LLaVA ids are paths relative to an image folder and webdataset keys are file stems, so the stem links an
+    image extracted from a datastore shard to its datastore entry. An unrelated image whose stem happens to
+    equal a key only loses that one neighbour (the next one is taken).
+    """
+    if not image_id:
+        return frozenset()
+    path = PurePosixPath(image_id)
+    return frozenset({image_id, str(path.with_suffix("")), path.stem})
+
+
+@dataclass
+class _Hits:
+    """One query's surviving neighbours (datastore rows, keys, cosines) and the counts of dropped ones."""
+
+    ids: list[int] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    by_key: int = 0
+    near_dup: int = 0
 
 
 def entity_of(tag: str) -> str:
@@ -191,19 +269,18 @@ def filter_by_support(found: RetrievedTags, min_support: float) -> RetrievedTags
         return found
     total = sum(s for s in found.neighbour_scores if np.isfinite(s))
     if total <= 0:
-        return RetrievedTags([], [], found.neighbours, found.neighbour_scores)
+        return replace(found, tags=[], scores=[])
     support: dict[str, float] = defaultdict(float)
     for tag, score in zip(found.tags, found.scores):
         support[entity_of(tag)] = max(support[entity_of(tag)], score / total)
     keep = [j for j, tag in enumerate(found.tags) if support[entity_of(tag)] >= min_support - 1e-6]
-    return RetrievedTags([found.tags[j] for j in keep], [found.scores[j] for j in keep], found.neighbours,
-                         found.neighbour_scores)
+    return replace(found, tags=[found.tags[j] for j in keep], scores=[found.scores[j] for j in keep])
 
 
 def truncate_tags(found: RetrievedTags, max_tags: int | None) -> RetrievedTags:
     """A copy of ``found`` with its first ``max_tags`` tags (and scores); None keeps all."""
     n = len(found.tags) if max_tags is None else max_tags
-    return RetrievedTags(found.tags[:n], found.scores[:n], found.neighbours, found.neighbour_scores)
+    return replace(found, tags=found.tags[:n], scores=found.scores[:n])
 
 
 def _aggregate(rows: list[list[str]], sims: list[float], keys: list[str], how: str) -> RetrievedTags:

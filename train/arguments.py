@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from datastore.store import DEDUP_THRESHOLD
+
 STAGES = ("pretrain", "finetune", "lora")
 
 
@@ -96,6 +98,13 @@ class TagArguments:
     min_tag_support: float = field(default=0.0, metadata={
         "help": "read only tags whose entity neighbours holding at least this share of the neighbours' summed "
                 "similarity name (datastore.store.filter_by_support; 0: every retrieved tag)"})
+    exclude_self: bool = field(default=True, metadata={
+        "help": "live retrieval (--datastore) drops the training image's own datastore entry from its neighbours "
+                "(key = image path, path without extension or file stem; or cosine >= --dedup_threshold), as "
+                "`tuna-datastore cache` does by default: the model must not learn to read its own caption"})
+    dedup_threshold: float = field(default=DEDUP_THRESHOLD, metadata={
+        "help": "cosine at or above which a neighbour is a copy of the training image (with --exclude_self; "
+                "default: exact copies only; e.g. 0.95 for a web CLIP)"})
 
     rename_p: float = field(default=0.0, metadata={
         "help": "share of training samples whose --rename_names words become random --rename_pool names on "
@@ -107,6 +116,8 @@ class TagArguments:
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_tag_support <= 1.0:
             raise ValueError(f"--min_tag_support {self.min_tag_support}: must be in [0, 1]")
+        if self.dedup_threshold <= 0:
+            raise ValueError(f"--dedup_threshold {self.dedup_threshold}: must be > 0 (a cosine; above 1 turns it off)")
         if not 0.0 <= self.rename_p <= 1.0:
             raise ValueError(f"--rename_p {self.rename_p}: must be in [0, 1]")
         if self.rename_p > 0 and not (self.rename_names and self.rename_pool):

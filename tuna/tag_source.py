@@ -9,7 +9,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from datastore.cache import RetrievalCache
-from datastore.store import Datastore, RetrievedTags, filter_by_support, truncate_tags
+from datastore.store import (
+    DEDUP_THRESHOLD,
+    Datastore,
+    RetrievedTags,
+    filter_by_support,
+    truncate_tags,
+)
 from tuna.configuration_tuna import ablation_policy
 
 LIVE_CACHE_SIZE = 4096  # live retrievals remembered per image id
@@ -41,6 +47,10 @@ class TagSource:
         min_support: keep only tags whose entity most neighbours name
             (:func:`datastore.store.filter_by_support`; 0 keeps all), applied before ``max_tags``;
             the random-tags ablation then draws as many tags as survive.
+        exclude_self: live retrieval drops the image's own datastore entry (key = the image id, its path
+            without extension or its file stem; or cosine >= ``dedup_threshold``) from its neighbours, as
+            ``tuna-datastore cache`` does by default: for training images that the datastore may contain.
+        dedup_threshold: cosine at or above which a neighbour is a copy of the image (with ``exclude_self``).
 
     Raises:
         ValueError: unknown ablation, random tags without any vocabulary, ``min_support`` outside [0, 1],
@@ -49,7 +59,8 @@ class TagSource:
 
     def __init__(self, cache: RetrievalCache | None = None, datastore: Datastore | None = None,
                  k_images: int = 5, max_tags: int = 10, ablation: str = "none",
-                 vocabulary: Sequence[str] | None = None, seed: int = 0, min_support: float = 0.0) -> None:
+                 vocabulary: Sequence[str] | None = None, seed: int = 0, min_support: float = 0.0,
+                 exclude_self: bool = False, dedup_threshold: float = DEDUP_THRESHOLD) -> None:
         self._tags = ablation_policy(ablation).tags
         if self._tags == "random" and vocabulary is None and datastore is None:
             raise ValueError(f"{ablation} needs a vocabulary or a datastore to draw tags from")
@@ -59,6 +70,7 @@ class TagSource:
             raise ValueError(f"min_support needs a cache built with aggregate='sum'; {cache.path} has "
                              f"aggregate={cache.meta['aggregate']!r}")
         self.min_support = min_support
+        self.exclude_self, self.dedup_threshold = exclude_self, dedup_threshold
         self.cache, self.datastore = cache, datastore
         self.k_images, self.max_tags, self.ablation, self.seed = k_images, max_tags, ablation, seed
         self._vocabulary = list(vocabulary) if vocabulary is not None else None
@@ -67,7 +79,8 @@ class TagSource:
     @classmethod
     def for_model(cls, model: Any, *, ablation: str | None = None, retrieval_cache: str | None = None,
                   datastore: str | None = None, k_images: int = 5, min_support: float = 0.0,
-                  seed: int = 0) -> TagSource | None:
+                  seed: int = 0, exclude_self: bool = False,
+                  dedup_threshold: float = DEDUP_THRESHOLD) -> TagSource | None:
         """The tag source of ``model`` under its ablation: how every command turns its tag flags into one.
 
         Args:
@@ -76,7 +89,7 @@ class TagSource:
             ablation: overrides the model's ablation, in ``model.config`` too: the model and its tags
                 then follow the same switch.
             retrieval_cache, datastore: paths of a retrieval cache parquet and of a datastore directory.
-            k_images, min_support, seed: as in the constructor.
+            k_images, min_support, seed, exclude_self, dedup_threshold: as in the constructor.
         Returns:
             A source; with ``no_tags`` one that gives none (the paths are not opened). None when the
             ablation reads tags but neither path is given: the caller passes tags itself or says which
@@ -95,7 +108,7 @@ class TagSource:
         return cls(cache=RetrievalCache(retrieval_cache) if retrieval_cache else None,
                    datastore=Datastore.open(datastore, clip=model.vision.clip) if datastore else None,
                    k_images=k_images, max_tags=model.config.max_tags, ablation=ablation, seed=seed,
-                   min_support=min_support)
+                   min_support=min_support, exclude_self=exclude_self, dedup_threshold=dedup_threshold)
 
     @property
     def vocabulary(self) -> list[str]:
@@ -131,8 +144,7 @@ class TagSource:
             if image is not None and image_id not in missing and not self._known(image_id):
                 missing[image_id] = image
         if missing:
-            found = self.datastore.retrieve_tags(images=list(missing.values()), k_images=self.k_images,
-                                                 max_tags=self.max_tags, min_support=self.min_support)
+            found = self._retrieve(list(missing), list(missing.values()))
             for image_id, tags in zip(missing, found):
                 self._remember(image_id, tags)
         return len(missing)
@@ -157,13 +169,18 @@ class TagSource:
             self._live.move_to_end(image_id)
             return self._live[image_id]
         if self.datastore is not None and image is not None:
-            found = self.datastore.retrieve_tags(images=[image], k_images=self.k_images, max_tags=self.max_tags,
-                                                 min_support=self.min_support)[0]
+            found = self._retrieve([image_id], [image])[0]
             self._remember(image_id, found)
             return found
         where = f"retrieval cache {self.cache.path}" if self.cache is not None else "no retrieval cache"
         raise MissingTagsError(f"no tags for image {image_id!r}: not in {where}, and no datastore "
                                "(with the image) for live retrieval")
+
+    def _retrieve(self, image_ids: list[str], images: list[Any]) -> list[RetrievedTags]:
+        return self.datastore.retrieve_tags(
+            images=images, k_images=self.k_images, max_tags=self.max_tags, min_support=self.min_support,
+            exclude_keys=image_ids if self.exclude_self else None,
+            dedup_threshold=self.dedup_threshold if self.exclude_self else None)
 
     def _randomise(self, image_id: str, found: RetrievedTags) -> RetrievedTags:
         digest = hashlib.sha256(f"{self.seed}:{image_id}".encode()).digest()

@@ -1,21 +1,23 @@
-"""Retrieval cache: file contents equal direct retrieval; bad inputs error or are counted."""
+"""Retrieval cache: file contents equal direct retrieval; bad inputs error or are counted; self-exclusion."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
 
-from tests.datastore.conftest import sample_image, write_shards
+from tests.datastore.conftest import sample_jpeg, write_shards
 
 
 def _llava_set(tmp_path, indices):
+    """LLaVA records whose images are datastore images (the stored JPEG bytes) under other names."""
     folder = tmp_path / "images"
     (folder / "sub").mkdir(parents=True)
     records = []
     for i in indices:
-        sample_image(i).save(folder / "sub" / f"{i}.jpg", quality=95)
+        (folder / "sub" / f"{i}.jpg").write_bytes(sample_jpeg(i))
         records.append({"id": f"q{i}", "image": f"sub/{i}.jpg", "conversations": []})
     records.append({"id": "text-only", "conversations": []})
     records.append({"id": "dup", "image": f"sub/{indices[0]}.jpg", "conversations": []})
@@ -24,26 +26,37 @@ def _llava_set(tmp_path, indices):
     return path, folder
 
 
-def test_cache_matches_direct_retrieval(built, tmp_path):
+@pytest.mark.parametrize("exclude_self", [True, False])
+def test_cache_matches_direct_retrieval(built, tmp_path, exclude_self, caplog):
     from datastore.cache import CacheConfig, RetrievalCache, build_cache
-    from datastore.store import Datastore
+    from datastore.store import DEDUP_THRESHOLD, Datastore
 
     root, _ = built
-    path, folder = _llava_set(tmp_path, [3, 50, 77, 101])
+    indices = (3, 50, 77, 101)
+    path, folder = _llava_set(tmp_path, list(indices))
     out = tmp_path / "cache.parquet"
-    meta = build_cache(CacheConfig(datastore=str(root), out=str(out), llava_json=[str(path)],
-                                   image_folder=str(folder), k_images=3, max_tags=6, num_workers=0),
-                       show_progress=False)
-    assert meta["counts"] == {"written": 4, "skipped": {}}
+    with caplog.at_level(logging.INFO, logger="datastore.cache"):
+        meta = build_cache(CacheConfig(datastore=str(root), out=str(out), llava_json=[str(path)],
+                                       image_folder=str(folder), k_images=3, max_tags=6, num_workers=0,
+                                       exclude_self=exclude_self), show_progress=False)
+    # each image is a datastore image under another name: dropped as a near-duplicate (cosine 1)
+    n = 4 if exclude_self else 0
+    assert meta["counts"] == {"written": 4, "skipped": {},
+                              "excluded": {"images": n, "by_key": 0, "near_duplicate": n}}
+    assert f"excluded {n} neighbours of {n} of 4 images (0 by key, {n} near-duplicates)" in caplog.text
     cache = RetrievalCache(out)
     assert len(cache) == 4 and "sub/3.jpg" in cache and cache.meta["k_images"] == 3
+    assert (cache.meta["exclude_self"], cache.meta["dedup_threshold"]) == (exclude_self, DEDUP_THRESHOLD)
     store = Datastore.open(root)
-    direct = store.retrieve_tags(images=[folder / "sub" / f"{i}.jpg" for i in (3, 50, 77, 101)],
-                                 k_images=3, max_tags=6)
-    for i, expected in zip((3, 50, 77, 101), direct):
+    ids = [f"sub/{i}.jpg" for i in indices]
+    direct = store.retrieve_tags(images=[folder / x for x in ids], k_images=3, max_tags=6,
+                                 exclude_keys=ids if exclude_self else None,
+                                 dedup_threshold=DEDUP_THRESHOLD if exclude_self else None)
+    for i, expected in zip(indices, direct):
         got = cache[f"sub/{i}.jpg"]
         assert got.tags == expected.tags and got.neighbours == expected.neighbours
         np.testing.assert_allclose(got.scores, expected.scores, atol=1e-5)
+        assert (f"s{i:06d}" in got.neighbours) != exclude_self and len(got.neighbours) == 3
     with pytest.raises(Exception, match="not in retrieval cache"):
         cache["sub/999.jpg"]
 
@@ -58,11 +71,21 @@ def test_cache_from_shards_and_bad_images(built, tmp_path):
         build_cache(CacheConfig(datastore=str(root), out=str(out), shards=shards), show_progress=False)
     meta = build_cache(CacheConfig(datastore=str(root), out=str(out), shards=shards, on_error="skip"),
                        show_progress=False)
-    assert meta["counts"] == {"written": 5, "skipped": {"corrupt_image": 1}}
-    assert "s000002" not in RetrievalCache(out) and "s000005" in RetrievalCache(out)
+    # the shards hold datastore images under their datastore keys: each drops its own entry by key
+    assert meta["counts"] == {"written": 5, "skipped": {"corrupt_image": 1},
+                              "excluded": {"images": 5, "by_key": 5, "near_duplicate": 0}}
+    cache = RetrievalCache(out)
+    assert "s000002" not in cache and "s000005" in cache and "s000005" not in cache["s000005"].neighbours
 
     path, folder = _llava_set(tmp_path, [1])
     (folder / "sub" / "1.jpg").unlink()
     with pytest.raises(CacheError, match="image 'sub/1.jpg': missing file"):
         build_cache(CacheConfig(datastore=str(root), out=str(out), llava_json=[str(path)],
                                 image_folder=str(folder), num_workers=0), show_progress=False)
+
+
+def test_cache_rejects_a_bad_threshold(built, tmp_path):
+    from datastore.cache import CacheConfig
+
+    with pytest.raises(ValueError, match="dedup_threshold=0: must be > 0"):
+        CacheConfig(datastore=str(built[0]), out=str(tmp_path / "c.parquet"), shards=["x.tar"], dedup_threshold=0)

@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-tag-support", type=float, default=0.0,
                    help="read only tags whose entity neighbours holding at least this share of the neighbours' "
                         "summed similarity name (0.5: a majority vote; 0: every retrieved tag, the default)")
+    p.add_argument("--random-tags-vocab", metavar="FILE",
+                   help="with --ablation random_tags: draw the random tags from this file (one tag per line) instead "
+                        "of the datastore's tags; a small datastore names few entities, so its random blocks hold the "
+                        "right one by chance")
     p.add_argument("--judge-url", help="OpenAI-compatible API base (e.g. https://api.openai.com/v1) for LLaVA-W and "
                                       "MM-Vet; key from $OPENAI_API_KEY. Without it they are 'not scored: no judge'")
     p.add_argument("--judge-model", default="gpt-4-0613", help="judge model name")
@@ -90,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                             out=args.out, datastore=args.datastore, retrieval_cache=args.retrieval_cache,
                             no_tags=args.no_tags, ablation=args.ablation, batch_size=args.batch_size, limit=args.limit,
                             k_images=args.k_images, min_tag_support=args.min_tag_support,
+                            random_tags_vocab=args.random_tags_vocab,
                             device=resolve_device(args.device), judge_url=args.judge_url,
                             judge_model=args.judge_model)
         results = evaluate(config)

@@ -38,6 +38,7 @@ class EvalConfig:
     limit: int | None = None
     k_images: int = 5
     min_tag_support: float = 0.0
+    random_tags_vocab: str | None = None
     device: str = "cpu"
     judge_url: str | None = None
     judge_model: str | None = None
@@ -64,7 +65,8 @@ def load_model(config: EvalConfig):
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     source = TagSource.for_model(model, ablation="no_tags" if config.no_tags else config.ablation,
                                  retrieval_cache=config.retrieval_cache, datastore=config.datastore,
-                                 k_images=config.k_images, min_support=config.min_tag_support)
+                                 k_images=config.k_images, min_support=config.min_tag_support,
+                                 random_vocabulary=config.random_tags_vocab)
     if source is None:
         raise ValueError("tags need --datastore or --retrieval-cache (or --no-tags for the baseline)")
     return model, tokenizer, TunaProcessor.from_model(model, tokenizer, tag_source=source)

@@ -278,6 +278,26 @@ def stage_datastore(config: QuickstartConfig, paths: Paths) -> None:
         build_cache(CacheConfig(datastore=str(store), out=str(cache), image_folder=str(world.images),
                                 llava_json=[str(f) for f in train_files + world.eval_question_files()],
                                 k_images=config.k_images, max_tags=32, num_workers=1, device=config.device))
+    write_random_tags_vocab(paths)
+
+
+RANDOM_VOCAB_NAMES = 20_000
+
+
+def write_random_tags_vocab(paths: Paths) -> None:
+    """The random-tags ablation's vocabulary: the datastore's 1,000-odd tags plus 20,000 made-up names.
+
+    The world's datastore names 24 entities, ~44 tags each, so a random block of five of its tags holds
+    the right entity ~20 % of the time and random tags score well above chance. A real datastore's
+    vocabulary (millions of tags) makes that negligible; this one brings it to ~1 %.
+    """
+    from datastore.store import Datastore
+    from pipeline.copy_text import caption_words, make_lexicon
+
+    tags = Datastore.open(paths.datastore).vocabulary()
+    known = caption_words(tags) | caption_words(World.open(paths.world).names())
+    names = make_lexicon(7919, RANDOM_VOCAB_NAMES, known)
+    paths.random_vocab.write_text("\n".join(tags + names) + "\n")
 
 
 # DeepSpeed's own defaults for the bucket sizes that HF's "auto" derives from the LLM's hidden size (hidden²
@@ -379,6 +399,8 @@ def eval_runs(config: QuickstartConfig, paths: Paths) -> dict[str, tuple[str, Pa
     runs = {name: (run.model, paths.world, ["synth_open", "synth_pope"],
                    list(run.flags) if "--no-tags" in run.flags else tags + list(run.flags))
             for name, run in RUNS.items()}
+    for flags in (flags for _, _, _, flags in runs.values() if "random_tags" in flags):
+        flags += ["--random-tags-vocab", str(paths.random_vocab)]
     if config.swap:
         runs["swap_baseline"] = ("baseline", paths.world2, ["synth_open"], ["--no-tags"])
         runs["swap_tuna"] = ("tuna", paths.world2, ["synth_open"],

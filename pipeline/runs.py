@@ -36,6 +36,7 @@ class Paths:
         self.seen_names = root / "seen_names.txt"  # the names TUNA's stage 2 permutes (rename_p)
         self.datastore, self.datastore2 = root / "datastore", root / "datastore_swap"
         self.cache, self.cache2 = root / "tags.parquet", root / "tags_swap.parquet"
+        self.random_vocab = root / "random_tags_vocab.txt"  # what the random-tags ablation draws from
         self.models = root / "models"
         self.eval = root / "eval"
         self.logs = root / "logs"

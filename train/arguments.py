@@ -95,6 +95,8 @@ class TagArguments:
     ablation: str = field(default="none", metadata={
         "help": "none, no_tags (plain LLaVA), random_tags, uniform_weights, no_image_aware, text_tags"})
     random_tags_seed: int = field(default=0, metadata={"help": "seed of the random_tags draw"})
+    random_tags_vocab: str | None = field(default=None, metadata={
+        "help": "text file, one tag per line, that random_tags draws from (default: the datastore's tags)"})
     min_tag_support: float = field(default=0.0, metadata={
         "help": "read only tags whose entity neighbours holding at least this share of the neighbours' summed "
                 "similarity name (datastore.store.filter_by_support; 0: every retrieved tag)"})

@@ -101,7 +101,8 @@ def build_tag_source(targs: TagArguments, model: TunaForCausalLM) -> TagSource:
     source = TagSource.for_model(model, ablation=targs.ablation, retrieval_cache=targs.retrieval_cache,
                                  datastore=targs.datastore, k_images=targs.k_images,
                                  min_support=targs.min_tag_support, seed=targs.random_tags_seed,
-                                 exclude_self=targs.exclude_self, dedup_threshold=targs.dedup_threshold)
+                                 exclude_self=targs.exclude_self, dedup_threshold=targs.dedup_threshold,
+                                 random_vocabulary=targs.random_tags_vocab)
     if source is None:
         raise ValueError("tags need --retrieval_cache and/or --datastore (or --ablation no_tags)")
     return source

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -26,6 +27,19 @@ class MissingTagsError(KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
+
+
+def read_vocabulary(path: str | Path) -> list[str]:
+    """Distinct non-empty lines of a text file (a tag vocabulary), in file order.
+
+    Raises:
+        ValueError: the file holds no tag (an unreadable file raises OSError).
+    """
+    tags = list(dict.fromkeys(line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()))
+    tags = [t for t in tags if t]
+    if not tags:
+        raise ValueError(f"tag vocabulary {path} holds no tag (one per line expected)")
+    return tags
 
 
 class TagSource:
@@ -79,8 +93,8 @@ class TagSource:
     @classmethod
     def for_model(cls, model: Any, *, ablation: str | None = None, retrieval_cache: str | None = None,
                   datastore: str | None = None, k_images: int = 5, min_support: float = 0.0,
-                  seed: int = 0, exclude_self: bool = False,
-                  dedup_threshold: float = DEDUP_THRESHOLD) -> TagSource | None:
+                  seed: int = 0, exclude_self: bool = False, dedup_threshold: float = DEDUP_THRESHOLD,
+                  random_vocabulary: str | None = None) -> TagSource | None:
         """The tag source of ``model`` under its ablation: how every command turns its tag flags into one.
 
         Args:
@@ -90,6 +104,9 @@ class TagSource:
                 then follow the same switch.
             retrieval_cache, datastore: paths of a retrieval cache parquet and of a datastore directory.
             k_images, min_support, seed, exclude_self, dedup_threshold: as in the constructor.
+            random_vocabulary: a text file, one tag per line, that random tags are drawn from (default: the
+                datastore's tags). A small world's datastore names only a few entities, so its random
+                blocks hold the right one by chance; a real datastore's vocabulary makes that negligible.
         Returns:
             A source; with ``no_tags`` one that gives none (the paths are not opened). None when the
             ablation reads tags but neither path is given: the caller passes tags itself or says which
@@ -108,7 +125,8 @@ class TagSource:
         return cls(cache=RetrievalCache(retrieval_cache) if retrieval_cache else None,
                    datastore=Datastore.open(datastore, clip=model.vision.clip) if datastore else None,
                    k_images=k_images, max_tags=model.config.max_tags, ablation=ablation, seed=seed,
-                   min_support=min_support, exclude_self=exclude_self, dedup_threshold=dedup_threshold)
+                   min_support=min_support, exclude_self=exclude_self, dedup_threshold=dedup_threshold,
+                   vocabulary=read_vocabulary(random_vocabulary) if random_vocabulary else None)
 
     @property
     def vocabulary(self) -> list[str]:

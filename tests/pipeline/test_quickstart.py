@@ -46,7 +46,7 @@ def test_results_table_json_and_chart(run):
     results = json.loads((out / "results.json").read_text())
     assert set(results["runs"]) == set(RUNS)
     for metrics in results["runs"].values():
-        assert set(metrics) == {"identification", "attributes", "pope_f1"}
+        assert set(metrics) == {"identification", "attributes", "pope_f1", "pope_yes"}
         assert all(set(v) == {"seen", "novel"} for v in metrics.values())
         assert all(0 <= x <= 100 for v in metrics.values() for x in v.values() if x is not None)
     by_scene = results["identification_by_scene"]
@@ -63,7 +63,12 @@ def test_results_table_json_and_chart(run):
         out / "eval" / "tuna" / "synth_open" / "predictions.jsonl").read_text().splitlines()))
     assert all(r["prompt"].startswith(" Tags: ") and "<image>" not in r["prompt"] for r in reference)
     assert set(results["swap"]) >= {"baseline", "tuna", "purity"}
-    assert set(results["checks"]) == {"novel_gain", "seen_difference", "random_tags_vs_baseline_novel", "swap_gain"}
+    # random tags come from the datastore's tags plus 20,000 made-up names: the right one only by rare chance
+    assert all(v <= 5 for v in diagnostics["random_tags"]["name_in_tags"].values())
+    assert set(diagnostics) >= {"wrong_entity_in_block", "top_weighted_in_image", "top_retrieved_in_image"}
+    assert set(results["checks"]) == {"novel_gain", "seen_difference", "random_tags_vs_baseline_novel",
+                                      "adaptive_vs_uniform_novel", "pope_f1_vs_baseline", "pope_f1_gain_novel",
+                                      "pope_yes_ratio", "swap_gain"}
     table = (out / "results.md").read_text()
     assert table == results_markdown(results) and table in stdout
     lines = table.splitlines()
@@ -91,13 +96,23 @@ def test_rerun_skips_finished_stages(run):
 
 
 def test_expected_outcome_checks():
-    runs = {"baseline": {"identification": {"seen": 50.0, "novel": 2.0}},
-            "tuna": {"identification": {"seen": 49.0, "novel": 40.0}},
-            "tuna_random_tags": {"identification": {"seen": 10.0, "novel": 4.0}}}
-    checks = expected_outcome({"runs": runs})
+    def run(seen: float, novel: float, f1: tuple[float, float] = (60.0, 60.0), yes: tuple[float, float] = (50.0, 50.0)):
+        return {"identification": {"seen": seen, "novel": novel}, "pope_f1": dict(zip(("seen", "novel"), f1)),
+                "pope_yes": dict(zip(("seen", "novel"), yes))}
+
+    runs = {"baseline": run(50.0, 2.0, (60.0, 50.0)), "tuna": run(49.0, 40.0, (62.0, 56.0), (45.0, 71.0)),
+            "tuna_random_tags": run(10.0, 4.0), "tuna_uniform_weights": run(49.0, 36.0)}
+    swap = {run: {"identification": {"seen": None, "novel": novel}} for run, novel in (("baseline", 0.0),
+                                                                                       ("tuna", 19.0))}
+    checks = expected_outcome({"runs": runs, "swap": swap})
     assert checks["novel_gain"] == {"value": 38.0, "goal": ">= 30 points", "met": True}
     assert checks["seen_difference"]["value"] == -1.0 and checks["seen_difference"]["met"]
     assert checks["random_tags_vs_baseline_novel"]["value"] == 2.0 and checks["random_tags_vs_baseline_novel"]["met"]
+    assert checks["adaptive_vs_uniform_novel"]["value"] == 4.0 and not checks["adaptive_vs_uniform_novel"]["met"]
+    assert checks["pope_f1_vs_baseline"]["value"] == 2.0 and checks["pope_f1_vs_baseline"]["met"]
+    assert checks["pope_f1_gain_novel"]["value"] == 6.0 and checks["pope_f1_gain_novel"]["met"]
+    assert checks["pope_yes_ratio"]["value"] == 71.0 and not checks["pope_yes_ratio"]["met"]
+    assert checks["swap_gain"]["value"] == 19.0 and not checks["swap_gain"]["met"]
     runs["tuna"]["identification"]["seen"] = 45.0
     assert not expected_outcome({"runs": runs})["seen_difference"]["met"]
 

@@ -79,6 +79,27 @@ def test_for_model_follows_the_ablation_table(store_and_cache, tmp_path):
     assert model.config.ablation == "no_tags"
 
 
+def test_random_tags_from_a_vocabulary_file(store_and_cache, tmp_path):
+    """--random-tags-vocab: random blocks come from the file only (a small datastore's own tags would
+    hold the right entity by chance); blank and repeated lines are dropped; an empty file is an error."""
+    from types import SimpleNamespace
+
+    from tuna.tag_source import read_vocabulary
+
+    store, cache = store_and_cache
+    names = [f"name{i}" for i in range(50)]
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(names + ["", "name3", "  "]) + "\n")
+    assert read_vocabulary(vocab) == names
+    model = SimpleNamespace(config=SimpleNamespace(ablation="random_tags", max_tags=4), vision=SimpleNamespace(clip=None))
+    source = TagSource.for_model(model, retrieval_cache=cache.path, random_vocabulary=str(vocab))
+    drawn = source("a.jpg").tags
+    assert len(drawn) == 4 and set(drawn) <= set(names)
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match="empty.txt holds no tag"):
+        TagSource.for_model(model, retrieval_cache=cache.path, random_vocabulary=str(tmp_path / "empty.txt"))
+
+
 def test_live_retrieval_is_remembered_per_image_id(store_and_cache):
     store, _ = store_and_cache
     calls = []

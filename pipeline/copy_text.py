@@ -17,8 +17,10 @@ from typing import Iterable
 
 SYSTEM_TURN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"  # tiny.CHATML_TEMPLATE's default
 END_OF_TURN = "<|im_end|>"
-TASKS = ("tags_single", "tags_attr", "scene", "list", "define", "tags_plain", "echo", "tags_place")
-TASK_WEIGHTS = (25.0, 20.0, 20.0, 15.0, 10.0, 10.0, 10.0, 15.0)  # relative frequency, in the order of TASKS
+TASKS = ("tags_single", "tags_attr", "scene", "list", "define", "tags_plain", "echo", "tags_place", "repeat",
+         "tags_exist")
+# relative frequency, in the order of TASKS
+TASK_WEIGHTS = (25.0, 20.0, 20.0, 15.0, 10.0, 10.0, 10.0, 15.0, 20.0, 10.0)
 EVAL_TASKS = ("tags_single", "tags_attr", "scene", "list", "tags_place")
 
 
@@ -50,6 +52,8 @@ _BY_ATTR = ("Which {noun} is {a}?", "Name the {a} {noun}.", "What is the {a} {no
 _BY_PLACE = ("Which {noun} is {p}?", "Name the {noun} {p}.", "What can be found {p}?", "What sits {p}?",
              "Tell me which {noun} is {p}.", "Which {noun} did they put {p}?")
 _WHERE = ("Where is the {n}?", "Where does the {n} sit?", "In which place is the {n}?")
+_EXISTS = ("Is there a {n} here?", "Is there a {n} in the picture?", "Can you see a {n}?",
+           "Does the picture have a {n}?", "Is any {n} shown?", "Do you see a {n} here?")
 _COLOUR_OF = ("Which colour does the {n} have?", "Tell me the colour of the {n}.", "The {n} has which colour?")
 
 
@@ -140,11 +144,12 @@ class CopyTextGenerator:
         self.rejected = 0
         self._drawn: list[str] = []
 
-    def names(self, k: int) -> list[str]:
-        """``k`` distinct fresh names, none a known word nor a prefix-plural of another."""
+    def names(self, k: int, fresh: bool = False) -> list[str]:
+        """``k`` distinct names, none a known word nor a prefix-plural of another; drawn from the pools
+        in their shares, or all freshly made up with ``fresh``."""
         out: list[str] = []
         while len(out) < k:
-            draw = self.rng.random()
+            draw = 1.0 if fresh else self.rng.random()
             if draw < self.pool_fraction + self.words_fraction:
                 n = self.rng.choice(self.pool if draw < self.pool_fraction else self.words)
                 if n not in out:
@@ -307,6 +312,33 @@ class CopyTextGenerator:
         lead = r.choice(("Say these names back:", "Repeat after me:", "Echo the words:", "Copy this:"))
         return self._finish("echo", f"{lead} {names}.", [(r.choice(("Go.", "Now repeat them.", "Your turn.")),
                                                             names)], chat)
+
+    def _repeat(self, chat: bool) -> CopyText:
+        """Say back a run of made-up names (several subword tokens each), whole or from one of them on:
+        every answer token after the first is predictable only by finding the token before it earlier in
+        the text and copying what followed (an induction head), the skill that copies a multi-token
+        name the tokenizer never saw whole -- as a swapped datastore's names are."""
+        r = self.rng
+        names = self.names(r.randint(2, 6), fresh=True)
+        lead = r.choice(("Sequence:", "Words:", "Say back:", "Read:", "Here:"))
+        start = r.randrange(len(names)) if r.random() < 0.5 else 0
+        ask = (r.choice(("Repeat them.", "Say them again.", "Copy the words.")) if start == 0 else
+               r.choice(("Continue from {n}.", "Repeat from {n} on.", "Say {n} and what follows.")).format(n=names[start]))
+        return self._finish("repeat", f"{lead} {' '.join(names)}.", [(ask, " ".join(names[start:]))], chat)
+
+    def _tags_exist(self, chat: bool) -> CopyText:
+        """A tag list, then whether a name is in it: "Yes" as often as "No" (the absent name drawn like the
+        listed ones), so yes/no questions about objects are answered by reading the tags."""
+        r = self.rng
+        objs = self._objects(r.choice((1, 1, 2, 3)))
+        absent = self.names(1)[0]
+        while any(absent == o["name"] for o in objs):
+            absent = self.names(1)[0]
+        tags = [t for o in objs for t in self._tag_phrases(o, r.randint(1, 3))]
+        r.shuffle(tags)
+        asked, answer = (r.choice(objs)["name"], "Yes") if r.random() < 0.5 else (absent, "No")
+        return self._finish("tags_exist", " Tags: " + ", ".join(tags) + ".",
+                            [(r.choice(_EXISTS).format(n=asked), answer)], chat)
 
     def _tags_plain(self, chat: bool) -> CopyText:
         """Running text that restates the dominant tag's name."""

@@ -66,7 +66,7 @@ def run_metrics(run_dir: Path, pope: bool = True) -> dict[str, dict[str, float |
     if pope:
         groups = json.loads((run_dir / "results.json").read_text())["benchmarks"]["synth_pope"]["groups"]
         out["pope_f1"] = {nov: groups["novelty"][nov]["f1"] for nov in ("seen", "novel")}
-        out["pope_yes"] = {nov: 100 * groups["novelty"][nov]["yes_ratio"] for nov in ("seen", "novel")}
+        out["pope_yes"] = {nov: groups["novelty"][nov]["yes_ratio"] for nov in ("seen", "novel")}  # already %
     return out
 
 

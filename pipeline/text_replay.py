@@ -13,7 +13,7 @@ from common.prompts import SHORT_ANSWER
 from pipeline.copy_text import CopyText, CopyTextGenerator, caption_words
 from pipeline.text_pretrain import TextPretrainConfig, name_pools
 
-REPLAY_TASKS = ("tags_single", "tags_attr", "scene", "list", "echo", "tags_place")
+REPLAY_TASKS = ("tags_single", "tags_attr", "scene", "list", "echo", "tags_place", "repeat", "tags_exist")
 
 
 def llava_conversation(sample: CopyText) -> list[dict[str, str]]:

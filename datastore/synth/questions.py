@@ -36,8 +36,8 @@ def _what_is(scene: Scene, obj: SceneObject) -> str:
     return f"What is {ref}?"
 
 
-def _qa_pairs(scene: Scene, world: WorldCatalogue, rng: np.random.Generator) -> list[tuple[str, str]]:
-    """Candidate (question, short answer) pairs about a seen-only scene."""
+def _qa_pairs(scene: Scene) -> list[tuple[str, str]]:
+    """Candidate (question, short answer) pairs about a seen-only scene, existence questions aside."""
     objs = scene.objects
     pairs = [("What objects are in the image?",
               join_phrases([noun_phrase(g, size=False, colour=True, position=False) for g in scene.groups()]))]
@@ -47,14 +47,20 @@ def _qa_pairs(scene: Scene, world: WorldCatalogue, rng: np.random.Generator) -> 
         pairs.append((f"What size is {_ref(scene, o)}?", o.size))
     for name, n in scene.counts().items():
         pairs.append((f"How many {name}s are there?", str(n)))
-        pairs.append((f"Is there a {name} in the image?", "Yes"))
-    present = list(scene.counts())  # scene order: a set's order changes with PYTHONHASHSEED (and so would the data)
-    absent = [c.name for c in world.seen if c.name not in present]
-    partners = [world.by_name(n).confusable_with for n in present]
-    tricky = [p for p in partners if p and p not in present]
-    for name in (tricky[:1] + [absent[int(rng.integers(len(absent)))]]) if absent else tricky[:1]:
-        pairs.append((f"Is there a {name} in the image?", "No"))
     return pairs
+
+
+def _existence_pairs(scene: Scene, world: WorldCatalogue, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """As many "No" as "Yes" existence questions (POPE's format), the negatives confusable partners first,
+    then random absent seen names. Unbalanced (57 % "No") they taught every model to answer "No" to all."""
+    present = list(scene.counts())  # scene order: a set's order changes with PYTHONHASHSEED (and so would the data)
+    partners = [world.by_name(n).confusable_with for n in present]
+    tricky = list(dict.fromkeys(p for p in partners if p and p not in present))
+    absent = [c.name for c in world.seen if c.name not in present and c.name not in tricky]
+    others = [absent[i] for i in rng.permutation(len(absent))]
+    negatives = (tricky + others)[:len(present)]
+    return [(f"Is there a {name} in the image?", "Yes") for name in present[:len(negatives)]] + [
+        (f"Is there a {name} in the image?", "No") for name in negatives]
 
 
 def pretrain_record(record: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -67,12 +73,15 @@ def pretrain_record(record: dict[str, Any], seed: int) -> dict[str, Any]:
 
 
 def instruct_record(record: dict[str, Any], world: WorldCatalogue, seed: int) -> dict[str, Any]:
-    """LLaVA multi-turn instruction sample with 3-5 questions about the image (seen names only), each
-    question followed by LLaVA-1.5's short-answer prompt on a new line."""
+    """LLaVA multi-turn instruction sample with 3-5 questions about the image (seen names only), one of
+    them an existence question, each followed by LLaVA-1.5's short-answer prompt on a new line."""
     rng = sample_rng(seed, "instruct_qa", record["index"])
     rng.integers(len(PRETRAIN_PROMPTS))  # keep this stream aligned with pretrain_record's draw
-    pairs = _qa_pairs(record["scene"], world, rng)
-    chosen = [pairs[i] for i in rng.permutation(len(pairs))[: int(rng.integers(3, 6))]]
+    pairs = _qa_pairs(record["scene"])
+    chosen = [pairs[i] for i in rng.permutation(len(pairs))[: int(rng.integers(2, 5))]]
+    # one existence question per image (yes or no, balanced), as LLaVA's mix holds POPE-style yes/no questions
+    existence = _existence_pairs(record["scene"], world, rng)
+    chosen.insert(int(rng.integers(len(chosen) + 1)), existence[int(rng.integers(len(existence)))])
     turns = []
     for i, (question, answer) in enumerate(chosen):
         turns.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + f"{question}\n{SHORT_ANSWER}"})

@@ -116,6 +116,18 @@ def test_novel_names_never_in_instruction_data(world_dir):
     assert any(name in t for t in novel_eval for name in novel)
 
 
+def test_instruction_existence_questions_are_balanced(world_dir):
+    """One "Is there a ...?" question per image, answered Yes about as often as No: a 57 % "No" share once taught every model to answer "No" to every POPE question."""
+    instruct = json.loads((world_dir / "llava" / "instruct.json").read_text())
+    answers = []
+    for r in instruct:
+        turns = r["conversations"]
+        existence = [(q["value"], a["value"]) for q, a in zip(turns[::2], turns[1::2]) if "Is there a" in q["value"]]
+        assert len(existence) == 1 and existence[0][1] in ("Yes", "No")
+        answers.append(existence[0][1])
+    assert 0.35 <= answers.count("Yes") / len(answers) <= 0.65
+
+
 def test_category_offset_gives_disjoint_world():
     a, b = WorldCatalogue(), WorldCatalogue(category_offset=24)
     assert not {c.name for c in a.categories} & {c.name for c in b.categories}

@@ -86,7 +86,7 @@ def test_render_chat_matches_the_tokenizer_chat_template(run):
 def test_answers_are_copied_from_the_context_with_fresh_names():
     gen = CopyTextGenerator(0, known_words=caption_words(CAPTIONS))
     seen_answers = set()
-    for task in TASKS:
+    for task in (t for t in TASKS if t != "tags_exist"):  # its answers are Yes / No
         for chat in (True, False):
             for _ in range(30):
                 s = gen.sample(task, chat=chat)
@@ -110,6 +110,30 @@ def test_tag_reading_answer_is_the_dominant_first_tag():
         assert heads[0] == s.answer
         assert heads.count(s.answer) > max(heads.count(h) for h in set(heads) - {s.answer}) if len(set(heads)) > 1 \
             else True
+
+
+def test_existence_answer_says_whether_the_asked_name_is_in_the_tags():
+    import re
+
+    gen = CopyTextGenerator(5, pool=[f"lex{i}" for i in range(40)], pool_fraction=0.5)
+    answers = []
+    for _ in range(300):
+        s = gen.sample("tags_exist", chat=True)
+        user, answer = s.turns[0]
+        heads = {t.split()[-1] for t in user.split(" Tags: ", 1)[1].split(".", 1)[0].split(", ")}
+        asked = re.search(r" (?:an?|any) (\w+)(?: here| in the picture| shown)?\?$", user).group(1)
+        assert answer == ("Yes" if asked in heads else "No")
+        answers.append(answer)
+    assert 0.4 < answers.count("Yes") / len(answers) < 0.6
+
+
+def test_repeat_answers_are_the_named_run_of_made_up_names():
+    gen = CopyTextGenerator(6, pool=["lexa", "lexb"], pool_fraction=1.0)  # repeat ignores the pools: fresh names
+    for _ in range(100):
+        s = gen.sample("repeat", chat=True)
+        names = s.turns[0][0].split(": ", 1)[1].split(".", 1)[0].split()
+        assert not {"lexa", "lexb"} & set(names) and 2 <= len(names) <= 6
+        assert s.answer == " ".join(names[names.index(s.answer.split()[0]):])
 
 
 def test_place_tags_answer_is_the_name_led_by_the_asked_place():
@@ -221,7 +245,8 @@ def test_text_replay_records_are_text_only_llava_copy_conversations():
         turns = r["conversations"]
         assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
         first_answer = turns[1]["value"]
-        assert all(part.strip() in turns[0]["value"] for part in first_answer.split(","))  # copied
+        assert first_answer in ("Yes", "No") or all(  # an existence question, or copied from the text
+            part.strip() in turns[0]["value"] for part in first_answer.split(","))
     suffixed = [t["value"].endswith("\n" + SHORT_ANSWER) for r in records for t in r["conversations"][::2]]
     assert 0.4 < sum(suffixed) / len(suffixed) < 0.95  # suffix_share 0.7
 

@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from eval.benchmarks import (
-    BENCHMARKS, OPTION_LETTER, SHORT_ANSWER, Benchmark, MissingBenchmarkFile, read_jsonl, register,
+    BENCHMARKS, OPTION_LETTER, SHORT_ANSWER, Benchmark, MissingBenchmarkFile, read_jsonl, register, strip_suffix,
 )
 from eval.scorers.choice import rotate_options, score_circular, score_multiple_choice
 from eval.scorers.yesno import MME_COGNITION, MME_PERCEPTION, score_mme
@@ -35,21 +35,6 @@ def _read_json(path: Path) -> Any:
             return json.load(f)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-
-
-def strip_suffix(text: str, suffix: str) -> str:
-    """``text`` stripped, without a trailing ``suffix`` (so the runner's suffix is not doubled).
-
-    Args:
-        text: question text as stored in the benchmark file.
-        suffix: instruction the runner appends on its own line.
-    Returns:
-        The stripped text without the suffix.
-    """
-    text = text.strip()
-    if suffix and text.endswith(suffix):
-        text = text[: -len(suffix)].rstrip()
-    return text
 
 
 # ---------------------------------------------------------------- ScienceQA-IMG

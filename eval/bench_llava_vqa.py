@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from eval.benchmarks import BENCHMARKS, SHORT_ANSWER, Benchmark, read_jsonl, register
+from eval.benchmarks import BENCHMARKS, SHORT_ANSWER, Benchmark, read_jsonl, register, strip_suffix
 from eval.scorers.vqa import evalai_answer, score_gqa, score_textvqa, score_vizwiz, score_vqa
 from eval.scorers.yesno import score_pope
 
@@ -24,21 +24,6 @@ logger = logging.getLogger(__name__)
 POPE_SPLITS = ("adversarial", "popular", "random")
 OCR_PREFIX = "Reference OCR token:"
 VIZWIZ_SUFFIX = "When the provided information is insufficient, respond with 'Unanswerable'.\n" + SHORT_ANSWER
-
-
-def strip_suffix(text: str, suffix: str) -> str:
-    """``text`` without a trailing ``"\\n" + suffix`` (surrounding whitespace ignored); unchanged otherwise.
-
-    Args:
-        text: a question as a question file gives it.
-        suffix: the prompt suffix the runner will append.
-    Returns:
-        The question without the suffix.
-    """
-    body = text.rstrip()
-    if suffix and body.endswith(suffix) and body[:-len(suffix)].endswith("\n"):
-        return body[:-len(suffix)].rstrip()
-    return text
 
 
 def read_json(path: Path) -> Any:

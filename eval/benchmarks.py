@@ -63,6 +63,22 @@ class Benchmark:
         return {**paths, "images": images}
 
 
+def strip_suffix(text: str, suffix: str) -> str:
+    """``text`` stripped, without a trailing ``suffix`` on its own line (the runner appends the benchmark's
+    suffix itself, so a question file that already has it would read the instruction twice).
+
+    Args:
+        text: a question as a question file gives it.
+        suffix: the prompt suffix the runner will append.
+    Returns:
+        The question without the suffix; only stripped when it does not end with the suffix on its own line.
+    """
+    body = text.strip()
+    if suffix and body.endswith(suffix) and body[:-len(suffix)].endswith("\n"):
+        return body[:-len(suffix)].rstrip()
+    return body
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
     with open(path) as f:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.distributed import barrier, dist_env
-from eval.benchmarks import Benchmark, get_benchmark
+from eval.benchmarks import Benchmark, get_benchmark, strip_suffix
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ def run_benchmark(model, tokenizer, processor, bench: Benchmark, config: EvalCon
     rank, world, _ = dist_env()
     files = bench.resolve(config.data_root)
     samples = bench.load(files)[:config.limit]
+    suffixed = drop_prompt_suffix(bench, samples)
     for i, s in enumerate(samples):
         s["index"] = i
     mine = samples[rank::world]
@@ -146,7 +147,28 @@ def run_benchmark(model, tokenizer, processor, bench: Benchmark, config: EvalCon
         merged += [json.loads(line) for line in part.read_text().splitlines()]
         part.unlink()
     merged.sort(key=lambda r: r["index"])
-    return score_records(bench, merged, out_dir, seconds, _judge(config))
+    return {**score_records(bench, merged, out_dir, seconds, _judge(config)), "prompt_suffix_stripped": suffixed}
+
+
+def drop_prompt_suffix(bench: Benchmark, samples: list[dict]) -> int:
+    """Strip the benchmark's prompt suffix from questions that already end with it (the runner appends it,
+    and a doubled instruction silently breaks a small model); warn about it, and about questions that
+    still hold the instruction elsewhere. Returns how many were stripped."""
+    if not bench.prompt_suffix:
+        return 0
+    stripped = 0
+    for s in samples:
+        text = strip_suffix(s["text"], bench.prompt_suffix)
+        stripped += text != s["text"].strip()
+        s["text"] = text
+    inside = sum(bench.prompt_suffix in s["text"] for s in samples)
+    if stripped:
+        logger.warning("%s: %d of %d questions already end with the prompt suffix %r; it is appended once, not "
+                       "twice", bench.name, stripped, len(samples), bench.prompt_suffix)
+    if inside:
+        logger.warning("%s: %d questions hold the prompt suffix %r inside their text; with the appended one "
+                       "the model reads it twice", bench.name, inside, bench.prompt_suffix)
+    return stripped
 
 
 def _judge(config: EvalConfig):

@@ -172,3 +172,23 @@ def test_min_tag_support_flag_filters_the_blocks_read(world, model_dir, tmp_path
     expected = [filter_by_support(f, 0.5).tags[:5] for f in full]
     assert [[t["tag"] for t in r["tags"]] for r in records] == expected
     assert any(e != f.tags[:5] for e, f in zip(expected, full))  # the filter removed something here
+
+
+def test_questions_that_already_end_with_the_prompt_suffix_read_it_once(world, model_dir, tmp_path, caplog):
+    """A synthetic-layout question file written with LLaVA-1.5's short-answer instruction already on its last
+    line: the runner strips it before appending its own, says so, and records how many it stripped."""
+    import shutil
+
+    from common.prompts import SHORT_ANSWER
+
+    root = tmp_path / "root"
+    shutil.copytree(world["data_root"], root, symlinks=True)
+    questions = root / "eval" / "open" / "questions.jsonl"
+    rows = [json.loads(line) for line in questions.read_text().splitlines()]
+    questions.write_text("".join(json.dumps({**r, "text": r["text"] + "\n" + SHORT_ANSWER}) + "\n" for r in rows))
+    with caplog.at_level("WARNING", logger="eval.runner"):
+        results = evaluate(EvalConfig(model=str(model_dir), benches=["synth_open"], data_root=str(root),
+                                      out=str(tmp_path / "out"), datastore=str(world["datastore"]), limit=6))
+    assert results["benchmarks"]["synth_open"]["prompt_suffix_stripped"] == 6
+    assert "6 of 6 questions already end with the prompt suffix" in caplog.text
+    assert all(r["prompt"].count(SHORT_ANSWER) == 1 for r in predictions(tmp_path / "out", "synth_open"))

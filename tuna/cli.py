@@ -119,7 +119,8 @@ def ask(args) -> dict:
 
 def _print(record: dict) -> None:
     if record["tags"]:
-        print(f"tags ({record['ablation']}):")
+        # name the ablation only when one is on ("tags (none):" above a real tag list read as "no tags")
+        print("tags:" if record["ablation"] == "none" else f"tags (ablation {record['ablation']}):")
         for item in record["tags"]:
             weight = "   -  " if item["weight"] is None else f"{item['weight']:.3f}"
             print(f"  {weight}  {item['tag']}")

@@ -39,7 +39,7 @@ def test_ask_with_given_tags_prints_answer_and_weights(model_dir, tmp_path, caps
     code, out, _ = run(capsys, "--model", model_dir, "--image", tmp_path / "x.jpg", "--question", "What is it?",
                        "--tags", "red blorp, cat", "--max-new-tokens", 4)
     assert code == 0
-    assert out.startswith("tags (none):\n") and "red blorp" in out and "\nanswer: " in out
+    assert out.startswith("tags:\n") and "red blorp" in out and "\nanswer: " in out
 
 
 @pytest.fixture(scope="module")

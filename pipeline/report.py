@@ -121,15 +121,14 @@ def weighting_diagnostics(run_dir: Path, world: Path) -> dict[str, dict[str, flo
     out: dict[str, dict[str, float | None]] = {"wrong_entity_in_block": {}, "top_weighted_in_image": {},
                                                 "top_retrieved_in_image": {}}
     for novelty in ("seen", "novel"):
-        rows = [r for r in records if r["novelty"] == novelty]
-        mixed = [r for r in rows if {entity_of(t["tag"]) for t in r["tags"]} - shown[r["image"]]
-                 and {entity_of(t["tag"]) for t in r["tags"]} & shown[r["image"]]]
-        out["wrong_entity_in_block"][novelty] = percent(
-            [float(bool({entity_of(t["tag"]) for t in r["tags"]} - shown[r["image"]])) for r in rows])
+        rows = [(r, shown[r["image"]], {entity_of(t["tag"]) for t in r["tags"]}) for r in records
+                if r["novelty"] == novelty]
+        out["wrong_entity_in_block"][novelty] = percent([float(bool(block - image)) for _, image, block in rows])
+        mixed = [(r, image) for r, image, block in rows if block - image and block & image]
         out["top_weighted_in_image"][novelty] = percent([float(entity_of(max(
-            r["tags"], key=lambda t: t["weight"] or 0.0)["tag"]) in shown[r["image"]]) for r in mixed])
-        out["top_retrieved_in_image"][novelty] = percent(
-            [float(entity_of(r["tags"][0]["tag"]) in shown[r["image"]]) for r in mixed])
+            r["tags"], key=lambda t: t["weight"] or 0.0)["tag"]) in image) for r, image in mixed])
+        out["top_retrieved_in_image"][novelty] = percent([float(entity_of(r["tags"][0]["tag"]) in image)
+                                                          for r, image in mixed])
     return out
 
 

@@ -26,7 +26,7 @@ EPILOG = """examples:
 """
 
 
-def _add_clip_args(p: argparse.ArgumentParser) -> None:
+def add_clip_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("CLIP encoder (open_clip)")
     g.add_argument("--model", help="open_clip architecture, e.g. ViT-B-32, ViT-L-14-336, tuna-tiny-clip")
     g.add_argument("--pretrained", help="open_clip pretrained tag (e.g. laion2b_s34b_b79k) or a local checkpoint")
@@ -36,7 +36,7 @@ def _add_clip_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
 
 
-def _clip_spec(args):
+def clip_spec_from_args(args):
     from datastore.clip import ClipSpec
 
     return ClipSpec(model=args.model, pretrained=args.pretrained, model_config=args.model_config,
@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--rank", type=int, help="this job's rank when not launched by torchrun (job arrays)")
     b.add_argument("--world-size", type=int, help="number of jobs when not launched by torchrun")
     b.add_argument("--no-merge", action="store_true", help="only build parts; run 'merge' later")
-    _add_clip_args(b)
+    add_clip_args(b)
 
     m = sub.add_parser("merge", **defaults, help="build the index and manifest once all parts exist")
     m.add_argument("--out", required=True, help="datastore directory")
@@ -136,7 +136,7 @@ def cmd_build(args) -> None:
     from datastore.tags import TagParserConfig
 
     config = BuildConfig(
-        inputs=args.input, out=args.out, clip=_clip_spec(args),
+        inputs=args.input, out=args.out, clip=clip_spec_from_args(args),
         reader=ReaderConfig(image_key=args.image_key, caption_key=args.caption_key,
                             batch_size=args.batch_size, num_workers=args.num_workers),
         tags=TagParserConfig(name=args.parser, emit=args.tag_emit, vocabulary=args.vocabulary),

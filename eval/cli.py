@@ -16,6 +16,8 @@ EPILOG = """examples:
   tuna-eval --model runs/baseline --bench synth_open --data-root world --no-tags --out ev/base
   tuna-eval --model runs/tuna --bench synth_open --data-root world --datastore ds --ablation uniform_weights --out ev/u
   torchrun --nproc_per_node 8 $(which tuna-eval) --model runs/tuna --bench synth_open ... --out ev/tuna
+  tuna-eval --model runs/tuna --bench synth_open --data-root world --datastore ds --out ev/kshot \\
+      --shots 0,1,2,4,8 --demo-pool pools/world --retriever sit
   tuna-eval compare ev/base ev/tuna ev/u
 """
 
@@ -50,6 +52,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --ablation random_tags: draw the random tags from this file (one tag per line) instead "
                         "of the datastore's tags; a small datastore names few entities, so its random blocks hold the "
                         "right one by chance")
+    icl = p.add_argument_group("k-shot evaluation (demonstrations from a tuna-icl pool)")
+    icl.add_argument("--shots", default="0", help="comma-separated shot counts, one pass each, e.g. 0,1,2,4,8")
+    icl.add_argument("--demo-pool", help="demonstration pool directory (tuna-icl pool build)")
+    icl.add_argument("--retriever", default="siir", help="random, siir, sttr, sitr, sit, oracle, or PREFIX:PATH")
+    icl.add_argument("--demo-order", default="similar-last", choices=["similar-last", "similar-first", "shuffled"],
+                     help="prompt order of the demonstrations (similar-last: the most similar next to the question)")
+    icl.add_argument("--no-demo-tags", action="store_true", help="no retrieved tags for the demonstrations' images")
+    icl.add_argument("--seed", type=int, default=0, help="seed of the random retriever and of shuffled orders")
     p.add_argument("--judge-url", help="OpenAI-compatible API base (e.g. https://api.openai.com/v1) for LLaVA-W and "
                                       "MM-Vet; key from $OPENAI_API_KEY. Without it they are 'not scored: no judge'")
     p.add_argument("--judge-model", default="gpt-4-0613", help="judge model name")
@@ -60,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def compare(runs: list[str]) -> str:
     """Markdown table of several runs' results.json side by side."""
+    from eval.kshot import kshot_table
     from eval.runner import markdown_table
 
     results = []
@@ -68,7 +79,8 @@ def compare(runs: list[str]) -> str:
         if not path.is_file():
             raise FileNotFoundError(f"no results.json in {run}")
         results.append(json.loads(path.read_text()))
-    return markdown_table(results, [Path(r).name for r in runs])
+    names = [Path(r).name for r in runs]
+    return markdown_table(results, names) + kshot_table(results, names)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,18 +97,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = _parser().parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    from eval.kshot import KShotSettings
     from eval.runner import EvalConfig, evaluate
 
     code = 0
     try:
         init_distributed()
+        shots = [int(k) for k in args.shots.split(",") if k.strip()]
+        kshot = None if args.demo_pool is None else KShotSettings(
+            pool=args.demo_pool, retriever=args.retriever, order=args.demo_order, demo_tags=not args.no_demo_tags,
+            seed=args.seed)
         config = EvalConfig(model=args.model, benches=[b for b in args.bench.split(",") if b], data_root=args.data_root,
                             out=args.out, datastore=args.datastore, retrieval_cache=args.retrieval_cache,
                             no_tags=args.no_tags, ablation=args.ablation, batch_size=args.batch_size, limit=args.limit,
                             k_images=args.k_images, min_tag_support=args.min_tag_support,
                             random_tags_vocab=args.random_tags_vocab,
                             device=resolve_device(args.device), judge_url=args.judge_url,
-                            judge_model=args.judge_model)
+                            judge_model=args.judge_model, shots=shots, kshot=kshot)
         results = evaluate(config)
         if results is not None:
             print((Path(args.out) / "results.md").read_text(), end="")

@@ -7,6 +7,7 @@ prediction files back into question order and scores them, so the results equal 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -16,6 +17,8 @@ from typing import Any
 
 from common.distributed import barrier, dist_env
 from eval.benchmarks import Benchmark, get_benchmark, strip_suffix
+from eval.kshot import (DemoSource, KShotSettings, encode_kshot_prompt, kshot_table, query_example,
+                        summary_columns)
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +45,8 @@ class EvalConfig:
     device: str = "cpu"
     judge_url: str | None = None
     judge_model: str | None = None
+    shots: list[int] = field(default_factory=lambda: [0])
+    kshot: KShotSettings | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -51,6 +56,10 @@ class EvalConfig:
             raise ValueError(f"--no-tags contradicts --ablation {self.ablation}")
         for name in self.benches:
             get_benchmark(name)
+        if not self.shots or any(k < 0 for k in self.shots) or len(set(self.shots)) != len(self.shots):
+            raise ValueError(f"shots={self.shots}: give distinct shot counts >= 0, e.g. 0,1,2,4,8")
+        if any(self.shots) and self.kshot is None:
+            raise ValueError(f"shots={self.shots}: k-shot evaluation needs --demo-pool")
 
 
 def load_model(config: EvalConfig):
@@ -72,17 +81,31 @@ def load_model(config: EvalConfig):
     return model, tokenizer, TunaProcessor.from_model(model, tokenizer, tag_source=source)
 
 
-def answer_batch(model, tokenizer, processor, bench: Benchmark, samples: list[dict], folder: Path) -> list[dict]:
-    """Greedy answers for ``samples``; each record gets prompt, tags with weights and prediction."""
+def answer_batch(model, tokenizer, processor, bench: Benchmark, samples: list[dict], folder: Path,
+                 shots: int = 0, demos: DemoSource | None = None) -> list[dict]:
+    """Greedy answers for ``samples``; each record gets prompt, tags with weights and prediction (and, with
+    ``shots`` > 0, the ``shots`` demonstrations from ``demos`` before each question)."""
+    from icl.prompts import kshot_conversation
     from tuna.conversation import render_text
 
     questions = [s["text"] + ("\n" + bench.prompt_suffix if bench.prompt_suffix else "") for s in samples]
     images = [_image_of(s, folder) for s in samples]
     ids = [str(s["image"]) for s in samples]
+    chosen: list[list] = [[] for _ in samples]
+    if shots:
+        queries = [query_example(s, q, folder) for s, q in zip(samples, questions)]
+        chosen = demos.demos_for(queries, shots, bench.prompt_suffix)
     if processor.tag_source is not None:  # live retrieval: one datastore call for the batch's new images
-        processor.tag_source.prefetch(ids, images)
-    encoded = [processor.encode(q, images=[im], image_ids=[i], sample_id=str(s["question_id"]))
-               for q, im, i, s in zip(questions, images, ids, samples)]
+        demo_paths = [d.image for row in chosen for d, _ in row]
+        processor.tag_source.prefetch(ids + demo_paths, images + [_open_rgb(p) for p in demo_paths])
+    if shots:
+        encoded = [encode_kshot_prompt(processor, [d for d, _ in row], q, demos.settings.demo_tags)
+                   for row, q in zip(chosen, queries)]
+        prompts = [kshot_conversation([d for d, _ in row], q, with_answer=False) for row, q in zip(chosen, queries)]
+    else:
+        encoded = [processor.encode(q, images=[im], image_ids=[i], sample_id=str(s["question_id"]))
+                   for q, im, i, s in zip(questions, images, ids, samples)]
+        prompts = [q if "<image>" in q else "<image>\n" + q for q in questions]
     batch = processor.collate(encoded, padding_side="left")
     batch = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -90,14 +113,27 @@ def answer_batch(model, tokenizer, processor, bench: Benchmark, samples: list[di
                                          return_tag_weights=True)
     stops = set(model.config.stop_token_ids) | {pad}
     weights = [[] if tag_weights is None else tag_weights[n, :len(t)].tolist() for n, t in enumerate(batch["tags"])]
+    # tags are per image, the samples' images in a row: each record reports its question's (last) image
+    last = [n - 1 for n in itertools.accumulate(len(e["tags"]) for e in encoded)]
     records = []
-    for s, q, row, tags, w in zip(samples, questions, tokens.tolist(), batch["tags"], weights):
+    for s, prompt, row, n, picked in zip(samples, prompts, tokens.tolist(), last, chosen):
+        tags, w = batch["tags"][n], weights[n]
         answer = tokenizer.decode([t for t in row if t not in stops], skip_special_tokens=True).strip()
-        prompt = render_text(q if "<image>" in q else "<image>\n" + q, model.config.template, tokenizer)
         s = {k: v for k, v in s.items() if k != "image_bytes"}  # not written to the jsonl
-        records.append({**s, "prompt": prompt, "tags": [{"tag": t, "weight": (w[i] if w else None)}
-                                                        for i, t in enumerate(tags)], "prediction": answer})
+        record = {**s, "prompt": render_text(prompt, model.config.template, tokenizer),
+                  "tags": [{"tag": t, "weight": (w[i] if w else None)} for i, t in enumerate(tags)],
+                  "prediction": answer}
+        if shots:
+            record.update(shots=shots, demos=[{"id": d.id, "score": round(score, 6)} for d, score in picked])
+        records.append(record)
     return records
+
+
+def _open_rgb(path: str):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
 
 
 def _image_of(sample: dict, folder: Path):
@@ -117,8 +153,10 @@ def _image_of(sample: dict, folder: Path):
         raise ValueError(f"question {sample['question_id']!r}: cannot read {where}: {exc}") from exc
 
 
-def run_benchmark(model, tokenizer, processor, bench: Benchmark, config: EvalConfig) -> dict[str, Any] | None:
-    """This rank's share of ``bench``; on rank 0 the merged, scored result (None elsewhere)."""
+def run_benchmark(model, tokenizer, processor, bench: Benchmark, config: EvalConfig, shots: int = 0,
+                  demos: DemoSource | None = None) -> dict[str, Any] | None:
+    """This rank's share of ``bench`` (``shots`` demonstrations from ``demos`` before each question); on
+    rank 0 the merged, scored result (None elsewhere)."""
     from tqdm import tqdm
 
     rank, world, _ = dist_env()
@@ -128,13 +166,15 @@ def run_benchmark(model, tokenizer, processor, bench: Benchmark, config: EvalCon
     for i, s in enumerate(samples):
         s["index"] = i
     mine = samples[rank::world]
-    out_dir = Path(config.out) / bench.name
+    out_dir = Path(config.out) / bench.name / (f"{shots}-shot" if shots else "")
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     records = []
     steps = range(0, len(mine), config.batch_size)
-    for k in tqdm(steps, desc=f"{bench.name} [rank {rank}]", disable=rank != 0):
-        records += answer_batch(model, tokenizer, processor, bench, mine[k:k + config.batch_size], files["images"])
+    desc = f"{bench.name}{f' {shots}-shot' if shots else ''} [rank {rank}]"
+    for k in tqdm(steps, desc=desc, disable=rank != 0):
+        records += answer_batch(model, tokenizer, processor, bench, mine[k:k + config.batch_size], files["images"],
+                                shots, demos)
     seconds = time.perf_counter() - start
     shard = out_dir / f"predictions.rank{rank}.jsonl"
     shard.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -211,15 +251,26 @@ def evaluate(config: EvalConfig) -> dict[str, Any] | None:
                                                                        "template")},
                "clip_identity": model.config.clip_identity, "datastore": _datastore_identity(config),
                "benchmarks": {}}
+    demos = DemoSource(config.kshot) if any(config.shots) else None
+    if demos is not None:
+        results["demo_pool"] = {"path": config.kshot.pool, "n": len(demos.pool), "retriever": config.kshot.retriever,
+                                "order": config.kshot.order, "demo_tags": config.kshot.demo_tags}
     for name in config.benches:
-        entry = run_benchmark(model, tokenizer, processor, get_benchmark(name), config)
-        if entry is not None:
-            results["benchmarks"][name] = entry
+        bench = get_benchmark(name)
+        by_shot = {k: run_benchmark(model, tokenizer, processor, bench, config, k, demos) for k in config.shots}
+        if rank != 0:
+            continue
+        results["benchmarks"][name] = by_shot[config.shots[0]]
+        if demos is not None:
+            main = {k: e["metrics"].get(bench.main_metric) for k, e in by_shot.items()}
+            results.setdefault("kshot", {})[name] = {
+                "retriever": config.kshot.retriever, "main_metric": bench.main_metric, "shots": main,
+                **summary_columns(main), "entries": by_shot, "excluded": demos.retriever.excluded.to_dict()}
     if rank != 0:
         return None
     out = Path(config.out)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(markdown_table([results], [out.name]))
+    (out / "results.md").write_text(markdown_table([results], [out.name]) + kshot_table([results], [out.name]))
     return results
 
 

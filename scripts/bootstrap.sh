@@ -10,7 +10,9 @@ STAMP="$VENV/.tuna-lock-sha256"
 LOCK_HASH="$(cat "$ROOT/constraints.txt" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$LOCK_HASH" ]; then
-    where="$("$VENV/bin/python" -c 'import datastore, os; print(os.path.dirname(os.path.dirname(datastore.__file__)))' 2>/dev/null || true)"
+    # from / : run from the clone, `import eval` would find the clone's own folder and hide an install
+    # that still points at an older clone (console scripts like tuna-eval would then run the old code)
+    where="$(cd / && "$VENV/bin/python" -c 'import eval, os; print(os.path.dirname(os.path.dirname(eval.__file__)))' 2>/dev/null || true)"
     if [ "$where" != "$ROOT" ]; then
         echo "[bootstrap] pointing $VENV at $ROOT" >&2
         "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e "$ROOT" >&2

@@ -1,0 +1,1 @@
+"""In-context learning: demonstration pools, retrievers, k-shot prompts, answer-likelihood scoring."""

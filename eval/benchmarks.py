@@ -145,6 +145,14 @@ register(Benchmark(
     description="synthetic world: multiple-choice identification"))
 
 
+register(Benchmark(
+    name="synth_icl", files={"questions": "icl/questions.jsonl", "answers": "icl/answers.jsonl"},
+    image_folder="images", load=lambda f: _load_synth(f, "answers"), score=score_open,
+    prompt_suffix=SHORT_ANSWER, group_by=("novelty", "distractor"),
+    description="synthetic world's in-context learning task (tuna-synth --icl-queries): name a single object; "
+                "distractor queries wear their confusable partner's colour and background"))
+
+
 def get_benchmark(name: str) -> Benchmark:
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")

@@ -97,7 +97,7 @@ def cmd_retrieve(args) -> None:
     from datastore.store import DEDUP_THRESHOLD
     from icl.formats import Skipped, read_examples
     from icl.pool import Pool
-    from icl.retrievers import make_retriever
+    from icl.retrievers import label_precision, make_retriever
 
     pool = Pool.open(args.pool)
     if args.format:
@@ -114,13 +114,15 @@ def cmd_retrieve(args) -> None:
     threshold = DEDUP_THRESHOLD if args.dedup_threshold is None else args.dedup_threshold
     retriever = make_retriever(args.retriever, pool, seed=args.seed, dedup_threshold=threshold)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    ranked = []
+    for start in tqdm(range(0, len(queries), 256), desc="retrieve", unit="batch"):
+        ranked += retriever.retrieve(queries[start:start + 256], args.k)
     with open(args.out, "w") as f:
-        for start in tqdm(range(0, len(queries), 256), desc="retrieve", unit="batch"):
-            chunk = queries[start:start + 256]
-            for query, ranked in zip(chunk, retriever.retrieve(chunk, args.k)):
-                f.write(json.dumps({"id": query.id, "demos": [d for d, _ in ranked],
-                                    "scores": [round(s, 6) for _, s in ranked]}) + "\n")
-    print(f"{len(queries)} queries, {args.retriever} k={args.k}: {args.out}; excluded {retriever.excluded.to_dict()}")
+        f.writelines(json.dumps({"id": q.id, "demos": [d for d, _ in r], "scores": [round(s, 6) for _, s in r]}) + "\n"
+                     for q, r in zip(queries, ranked))
+    precision = label_precision(pool, queries, ranked)
+    print(f"{len(queries)} queries, {args.retriever} k={args.k}: {args.out}; excluded {retriever.excluded.to_dict()}"
+          + ("" if precision is None else f"; demos with the query's label: {precision:.1f} %"))
 
 
 COMMANDS = {("pool", "build"): cmd_pool_build, ("pool", "info"): cmd_pool_info, ("retrieve", None): cmd_retrieve}

@@ -22,6 +22,9 @@
 ``synth``          ``inputs=[world_root]``: a ``tuna-synth`` output folder; its open-ended eval questions
                    (``eval/open/questions.jsonl`` joined with ``answers.jsonl`` by question_id), images under
                    ``world_root/images``; task = the question category.
+``synth-icl``      ``inputs=[world_root]``: the in-context learning task's query set (``icl/questions.jsonl`` +
+                   ``answers.jsonl``, ``tuna-synth --icl-queries``); its support set is LLaVA JSON
+                   (``--format llava --input ROOT/icl/support.json --image-root ROOT/images``).
 
 ``image_root`` defaults to the folder of the first input file (llava, vqav2, coco-karpathy). Argument errors
 raise ValueError when ``read_examples`` is called; unreadable or malformed input files raise ValueError naming
@@ -42,7 +45,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("llava", "vqav2", "coco-karpathy", "image-folder", "webdataset", "synth")
+FORMATS = ("llava", "vqav2", "coco-karpathy", "image-folder", "webdataset", "synth", "synth-icl")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 KARPATHY_SPLITS = ("train", "val", "test", "restval")
 IMAGE_MARKER = "<image>"
@@ -128,8 +131,10 @@ def read_examples(fmt: str, inputs: list[str], image_root: str | None = None, ex
         examples = (e for path in inputs for e in _image_folder(path, class_prompt))
     elif fmt == "webdataset":
         examples = _webdataset(inputs, extract_dir, caption_prompt, skipped)
-    else:
+    elif fmt == "synth":
         examples = (e for path in inputs for e in _synth(path, skipped))
+    else:
+        examples = (e for path in inputs for e in _synth(path, skipped, icl=True))
     return _unique(examples, skipped)
 
 
@@ -451,11 +456,16 @@ def _wds_answers(meta: dict[str, Any], sample: dict[str, Any]) -> tuple[str, ...
 
 
 # ---------------------------------------------------------------- synthetic world
-def _synth(root: str, skipped: Skipped) -> Iterator[Example]:
+def _synth(root: str, skipped: Skipped, icl: bool = False) -> Iterator[Example]:
+    """The open-ended eval questions, or (``icl``) the in-context learning task's query set."""
+    from datastore.synth.icl_task import ICL_DIR
     from datastore.synth.layout import World
 
     world = World.open(root)
-    questions_file = world.eval_questions("open")
+    questions_file = world.root / ICL_DIR / "questions.jsonl" if icl else world.eval_questions("open")
+    if icl and not questions_file.is_file():
+        raise ValueError(f"{questions_file} not found: generate the world with tuna-synth --icl-queries N "
+                         "--icl-support-per-category M")
     answers_file = questions_file.parent / "answers.jsonl"
     answers = {str(row.get("question_id")): row for row in _load_jsonl(answers_file)}
     for index, q in enumerate(_load_jsonl(questions_file)):

@@ -192,3 +192,11 @@ def order_demos(ranked: Ranked, order: str = "similar-last", seed: int = 0, quer
         perm = np.random.default_rng(int.from_bytes(digest[:8], "little")).permutation(len(ranked))
         return [ranked[i] for i in perm]
     raise ValueError(f"order={order!r}: expected similar-last, similar-first or shuffled")
+
+
+def label_precision(pool: Pool, queries: Sequence[Example], ranked: Sequence[Ranked]) -> float | None:
+    """Share of retrieved demos whose label is the query's (over labelled queries; None without any): how
+    often a retriever shows the model demonstrations of the right class."""
+    hits = [pool.examples[pool.position[d]].label == q.label for q, r in zip(queries, ranked) if q.label is not None
+            for d, _ in r]
+    return 100.0 * sum(hits) / len(hits) if hits else None

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from datastore.synth.icl_task import ICL_DIR, write_icl_task
 from datastore.synth.layout import CORPUS_DIR, EVAL_DIR, IMAGES_DIR, LLAVA_DIR, WORLD_JSON, World, corpus_shard_name
 from datastore.synth.questions import eval_questions, instruct_record, pretrain_record
 from datastore.synth.scene import render_sample
@@ -36,6 +37,10 @@ class SynthConfig:
         n_corpus, n_instruct, n_eval: images in the datastore corpus, instruction set and eval set.
         image_size: image side in pixels (64-128).
         n_seen, n_novel: categories per novelty group; category_offset: first catalogue entry.
+        icl_support_per_category: support images per category of the in-context learning task (0: no
+            task; datastore/synth/icl_task.py).
+        icl_queries: query images of the in-context learning task (half seen, half novel).
+        icl_distractor_share: share of ICL queries wearing their confusable partner's colour and background.
         shard_size: corpus samples per webdataset shard.
         workers: rendering processes.
         jpeg_quality: JPEG quality of every image.
@@ -51,6 +56,9 @@ class SynthConfig:
     n_seen: int = 16
     n_novel: int = 8
     category_offset: int = 0
+    icl_support_per_category: int = 0
+    icl_queries: int = 0
+    icl_distractor_share: float = 0.5
     shard_size: int = 1_000
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     jpeg_quality: int = 90
@@ -62,6 +70,12 @@ class SynthConfig:
         for name in ("n_corpus", "n_instruct", "n_eval", "shard_size", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.icl_support_per_category < 0 or self.icl_queries < 0 or not 0 <= self.icl_distractor_share <= 1:
+            raise ValueError(f"icl_support_per_category={self.icl_support_per_category}, icl_queries="
+                             f"{self.icl_queries}, icl_distractor_share={self.icl_distractor_share}: need counts "
+                             ">= 0 and a share in [0, 1]")
+        if (self.icl_support_per_category > 0) != (self.icl_queries > 0):
+            raise ValueError("the in-context learning task needs both icl_support_per_category and icl_queries")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality={self.jpeg_quality}: must be 1..100")
         WorldCatalogue(self.n_seen, self.n_novel, self.category_offset)  # validates the category range
@@ -70,8 +84,11 @@ class SynthConfig:
         return WorldCatalogue(self.n_seen, self.n_novel, self.category_offset)
 
     def recipe(self) -> dict:
-        """The arguments that determine the output."""
-        return {k: v for k, v in asdict(self).items() if k not in ("out", "workers", "overwrite")}
+        """The arguments that determine the output (the ICL task's only when it is generated, so worlds
+        without it keep their bytes)."""
+        icl = ("icl_support_per_category", "icl_queries", "icl_distractor_share")
+        return {k: v for k, v in asdict(self).items()
+                if k not in ("out", "workers", "overwrite") and (self.icl_queries or k not in icl)}
 
 
 def _jpeg(pixels, quality: int) -> bytes:
@@ -126,7 +143,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 # Everything the generator writes under ``out``; --overwrite removes exactly these (nothing else).
-OUTPUTS = (WORLD_JSON, CORPUS_DIR, f"{IMAGES_DIR}/instruct", f"{IMAGES_DIR}/eval", LLAVA_DIR, EVAL_DIR)
+OUTPUTS = (WORLD_JSON, CORPUS_DIR, f"{IMAGES_DIR}/instruct", f"{IMAGES_DIR}/eval", LLAVA_DIR, EVAL_DIR,
+           f"{IMAGES_DIR}/{ICL_DIR}", ICL_DIR)
 
 
 def _prepare_out(config: SynthConfig) -> Path:
@@ -179,6 +197,12 @@ def generate_world(config: SynthConfig, progress=None) -> dict:
     start = time.perf_counter()
     counts = _write_text_outputs(out, config, world, streams)
     seconds["questions"] = time.perf_counter() - start
+    if config.icl_queries:
+        start = time.perf_counter()
+        counts.update(write_icl_task(out, world, config.seed, config.icl_support_per_category, config.icl_queries,
+                                     config.icl_distractor_share, config.image_size,
+                                     lambda pixels: _jpeg(pixels, config.jpeg_quality)))
+        seconds["icl"] = time.perf_counter() - start
     info = {
         "format_version": FORMAT_VERSION, "generator": "tuna-synth", "generator_version": GENERATOR_VERSION,
         "args": config.recipe(), "categories": world.to_json(), "colours": list(COLOURS),

@@ -13,7 +13,8 @@ from datastore.synth.world import (
 )
 
 # Independent RNG streams: corpus, instruction and eval images never share a generator.
-STREAMS: dict[str, int] = {"corpus": 1, "instruct": 2, "eval": 3, "instruct_qa": 4, "eval_qa": 5}
+STREAMS: dict[str, int] = {"corpus": 1, "instruct": 2, "eval": 3, "instruct_qa": 4, "eval_qa": 5,
+                           "icl_support": 6, "icl_query": 7}
 KEY_PREFIX = {"corpus": "c", "instruct": "i", "eval": "e"}
 POSITION_PHRASES = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
 COUNT_WORDS = {2: "two", 3: "three"}

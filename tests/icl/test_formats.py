@@ -47,7 +47,7 @@ def test_skipped_counts_and_keeps_five_examples():
 def test_unknown_format_lists_formats():
     with pytest.raises(ValueError, match="llava, vqav2, coco-karpathy, image-folder, webdataset, synth"):
         read_examples("coco", ["x.json"])
-    assert FORMATS == ("llava", "vqav2", "coco-karpathy", "image-folder", "webdataset", "synth")
+    assert FORMATS == ("llava", "vqav2", "coco-karpathy", "image-folder", "webdataset", "synth", "synth-icl")
 
 
 @pytest.mark.parametrize("fmt", ["llava", "coco-karpathy"])

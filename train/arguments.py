@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import TrainingArguments
 
@@ -75,9 +76,58 @@ class DataArguments:
     group_by_modality_length: bool = field(default=False, metadata={
         "help": "batches of only image or only text samples, of similar length (LLaVA)"})
 
+    # in-context tuning (train/icl_tuning.py)
+    icl_pool: str | None = field(default=None, metadata={
+        "help": "in-context tuning: demonstration pool (`tuna-icl pool build`) whose retrieved examples are put "
+                "before a share --icl_p of the --data_path samples, as rounds of their own; the loss is on the "
+                "sample's answer only. A sample given demos keeps only its first question/answer round "
+                "(train/icl_tuning.py)"})
+    icl_retriever: str = field(default="siir", metadata={
+        "help": "retriever of the demos: random, siir, sttr, sitr, sit, oracle, or PREFIX:PATH (icl.retrievers); "
+                "it never picks the sample itself or another question on its image"})
+    icl_shots: str = field(default="1,2,4", metadata={
+        "help": "comma-separated shot counts; each sample given demos draws its K from them uniformly"})
+    icl_p: float = field(default=0.5, metadata={
+        "help": "share of the training samples given K demos, drawn per sample from --seed and the sample index "
+                "(the same on every rank, worker, epoch and rerun); 0: plain training"})
+    icl_order: str = field(default="similar-last", metadata={
+        "help": "prompt order of the demos: similar-last (most similar next to the question), similar-first, "
+                "shuffled"})
+    icl_demo_tags: bool = field(default=True, metadata={
+        "help": "retrieved tags for the demos' images too, from the run's tag source (a cache-only "
+                "--retrieval_cache must hold the demo images, else give --datastore for live retrieval); "
+                "false: the demos get an empty tag block"})
+
     def __post_init__(self) -> None:
         if not self.data_path and not self.wds_shards:
             raise ValueError("no training data: give --data_path (LLaVA JSON) and/or --wds_shards")
+        from train.icl_tuning import ORDERS, parse_shots
+
+        parse_shots(self.icl_shots)
+        if not 0.0 <= self.icl_p <= 1.0:
+            raise ValueError(f"--icl_p {self.icl_p}: must be in [0, 1]")
+        if self.icl_order not in ORDERS:
+            raise ValueError(f"--icl_order {self.icl_order!r}: expected one of {', '.join(ORDERS)}")
+        if self.icl_pool is not None:
+            if not (Path(self.icl_pool) / "manifest.json").is_file():
+                raise ValueError(f"--icl_pool {self.icl_pool}: no demonstration pool there (no manifest.json; "
+                                 "build one with `tuna-icl pool build`)")
+            if self.wds_shards:
+                raise ValueError("--icl_pool works on --data_path (LLaVA JSON) samples only, not --wds_shards")
+            from icl.retrievers import RETRIEVERS
+
+            if self.icl_retriever not in RETRIEVERS and ":" not in self.icl_retriever:
+                raise ValueError(f"--icl_retriever {self.icl_retriever!r}: expected one of {', '.join(RETRIEVERS)} "
+                                 "or PREFIX:PATH")
+
+    def icl_settings(self, seed: int = 0):
+        """The in-context tuning settings (train.icl_tuning.ICLSettings), or None without --icl_pool."""
+        from train.icl_tuning import ICLSettings
+
+        if self.icl_pool is None:
+            return None
+        return ICLSettings(pool=self.icl_pool, retriever=self.icl_retriever, shots=self.icl_shots, p=self.icl_p,
+                           order=self.icl_order, demo_tags=self.icl_demo_tags, seed=seed)
 
 
 @dataclass

@@ -51,7 +51,8 @@ def load_llava_json(paths: Sequence[str]) -> list[dict[str, Any]]:
     return records
 
 
-def _images_of(record: dict[str, Any]) -> list[str]:
+def images_of(record: dict[str, Any]) -> list[str]:
+    """The image names (relative paths) of a LLaVA record: none, one, or a list."""
     image = record.get("image")
     if image is None:
         return []
@@ -77,7 +78,7 @@ class LlavaJsonDataset(Dataset):
         if not self.records:
             raise ValueError(f"no samples in {list(paths)}")
         self.image_folder = Path(image_folder) if image_folder else None
-        if self.image_folder is None and any(_images_of(r) for r in self.records):
+        if self.image_folder is None and any(images_of(r) for r in self.records):
             raise ValueError("the data has image samples: give --image_folder")
         self.processor, self.on_bad_sample, self.renamer = processor, on_bad_sample, renamer
 
@@ -89,21 +90,28 @@ class LlavaJsonDataset(Dataset):
         out = []
         for record in self.records:
             words = sum(len(str(turn.get("value", "")).split()) for turn in record["conversations"])
-            n_images = len(_images_of(record))
+            n_images = len(images_of(record))
             length = words + n_images * self.processor.tokens_per_image
             out.append(length if n_images else -length)
         return out
 
+    def sample_id(self, i: int) -> str:
+        """The id of sample ``i`` as errors and skip records name it (its ``id``, else its index)."""
+        return str(self.records[i].get("id", i))
+
+    def word_map(self, i: int) -> dict[str, str] | None:
+        """Sample ``i``'s renaming (train/rename.py), or None."""
+        return self.renamer(i) if self.renamer is not None else None
+
     def _encode(self, i: int) -> dict[str, Any]:
         record = self.records[i]
-        sample_id = str(record.get("id", i))
-        names = _images_of(record)
+        sample_id = self.sample_id(i)
+        names = images_of(record)
         conversation = record["conversations"]
         if names and not any(IMAGE_MARKER in str(t.get("value", "")) for t in conversation):
             raise BadSampleError(f"sample {sample_id!r}: has an image but no {IMAGE_MARKER} marker")
         return self.processor.encode(conversation, images=[self.image_folder / n for n in names],
-                                     image_ids=names, sample_id=sample_id,
-                                     word_map=self.renamer(i) if self.renamer is not None else None)
+                                     image_ids=names, sample_id=sample_id, word_map=self.word_map(i))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         skipped = []
@@ -115,7 +123,7 @@ class LlavaJsonDataset(Dataset):
                 reason = f"{type(exc).__name__}: {exc}"
                 if self.on_bad_sample == "error":
                     raise BadSampleError(f"bad training sample (index {j}): {reason}") from exc
-                skipped.append({"index": j, "id": str(self.records[j].get("id", j)), "reason": reason})
+                skipped.append({"index": j, "id": self.sample_id(j), "reason": reason})
                 continue
             item["skipped"] = skipped
             return item

@@ -6,6 +6,9 @@
 
 ``python train/train.py --help`` lists every argument (HF TrainingArguments included). Ready-made
 stage scripts are in ``scripts/`` (train_pretrain.sh, train_finetune.sh, train_lora.sh).
+
+In-context tuning: ``--icl_pool POOL --icl_p 0.5 --icl_shots 1,2,4 [--icl_retriever siir]`` gives a share of the
+LLaVA samples K retrieved demonstrations each, the loss on the sample's answer only (train/icl_tuning.py).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from datastore.clip import ClipSpec  # noqa: E402
 from common.log import setup_logging  # noqa: E402
 from train.arguments import DataArguments, ModelArguments, TagArguments, TunaTrainingArguments  # noqa: E402
 from train.data import LlavaJsonDataset, TrainCollator, WebDatasetSamples  # noqa: E402
+from train.icl_tuning import ICLCountsCallback, ICLTuningDataset  # noqa: E402
 from train.rename import NameRandomiser  # noqa: E402
 from train.trainer import StopAfterSteps, TunaTrainer  # noqa: E402
 from tuna.modeling_tuna import TunaForCausalLM  # noqa: E402
@@ -87,7 +91,13 @@ def build_dataset(dargs: DataArguments, processor: TunaProcessor, targs: TagArgu
         renamer = NameRandomiser.from_files(targs.rename_names, targs.rename_pool, targs.rename_p, seed)
         logger.info("renaming %d names to %d pool names in %.0f%% of the samples", len(renamer.names),
                     len(renamer.pool), 100 * renamer.p)
-    if dargs.data_path:
+    icl = dargs.icl_settings(seed)
+    if icl is not None and dargs.wds_shards:
+        raise ValueError("--icl_pool works on --data_path (LLaVA JSON) samples only, not --wds_shards")
+    if dargs.data_path and icl is not None:  # in-context tuning: a share of the samples get demos
+        datasets.append(ICLTuningDataset(dargs.data_path, dargs.image_folder, processor, icl,
+                                         dargs.on_bad_sample, renamer=renamer))
+    elif dargs.data_path:
         datasets.append(LlavaJsonDataset(dargs.data_path, dargs.image_folder, processor, dargs.on_bad_sample,
                                          renamer=renamer))
     if dargs.wds_shards:
@@ -127,10 +137,12 @@ def run(argv: list[str] | None = None) -> int:
     dataset = build_dataset(dargs, processor, targs, args.seed)
     timings["setup_s"] = time.perf_counter() - start
     args.remove_unused_columns = False  # the batch carries tags and skip records the model consumes
+    callbacks = [StopAfterSteps(args.stop_after_steps)] if args.stop_after_steps else []
+    if isinstance(dataset, ICLTuningDataset):
+        callbacks.append(ICLCountsCallback(dataset))
     trainer = TunaTrainer(model=model, args=args, train_dataset=dataset, data_collator=TrainCollator(processor),
                           processing_class=tokenizer, stage=margs.stage,
-                          group_by_modality_length=dargs.group_by_modality_length,
-                          callbacks=[StopAfterSteps(args.stop_after_steps)] if args.stop_after_steps else None)
+                          group_by_modality_length=dargs.group_by_modality_length, callbacks=callbacks or None)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("stage %s: %d trainable parameters; %s samples", margs.stage, trainable,
                 len(dataset) if hasattr(dataset, "__len__") else "streamed")

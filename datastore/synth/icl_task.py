@@ -58,9 +58,13 @@ def _stable_int(*parts: object) -> int:
 def home_look(category: Category, seed: int) -> tuple[str, dict]:
     """(colour name, background spec) of a category's support images: a pure function of name and seed."""
     colour = list(COLOURS)[_stable_int(seed, "colour", category.name) % len(COLOURS)]
-    rng = np.random.default_rng(_stable_int(seed, "background", category.name))
-    rgb = np.array(COLOURS[colour])
-    return colour, _background([rgb, np.array(secondary_shade(tuple(int(v) for v in rgb)))], rng)
+    return _look(colour, np.random.default_rng(_stable_int(seed, "background", category.name)))
+
+
+def _look(colour: str, rng: np.random.Generator) -> tuple[str, dict]:
+    """``colour`` and a background that contrasts with it and with its pattern tone."""
+    rgb = COLOURS[colour]
+    return colour, _background([np.array(rgb), np.array(secondary_shade(rgb))], rng)
 
 
 def single_object_scene(category: Category, colour: str, background: dict, image_size: int,
@@ -75,9 +79,7 @@ def single_object_scene(category: Category, colour: str, background: dict, image
 
 
 def _random_look(rng: np.random.Generator) -> tuple[str, dict]:
-    colour = str(rng.choice(list(COLOURS)))
-    rgb = np.array(COLOURS[colour])
-    return colour, _background([rgb, np.array(secondary_shade(tuple(int(v) for v in rgb)))], rng)
+    return _look(str(rng.choice(list(COLOURS))), rng)
 
 
 def support_sample(world: WorldCatalogue, seed: int, index: int, per_category: int, image_size: int

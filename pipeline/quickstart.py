@@ -42,7 +42,7 @@ from pipeline.runs import RUNS, TEXT_REFERENCE, Paths
 
 @dataclass
 class QuickstartConfig:
-    """Sizes and budgets of one quickstart run (defaults: about 11 min on 2 CPU cores).
+    """Sizes and budgets of one quickstart run (defaults: about 50 min on 2 CPU cores).
 
     Why each default is what it is: docs/quickstart.md, "Why the recipe looks like this"; the
     experiments behind them: docs/experiments.md.

@@ -82,8 +82,11 @@ class TunaTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # per-step training logs: every rank is here at the same step
-            counts = torch.tensor([self._tokens, self._samples, self._skipped], dtype=torch.float64)
-            peak = torch.tensor([_peak_memory_mb()], dtype=torch.float64)
+            # NCCL reduces device tensors only; gloo (CPU runs) host tensors
+            on_gpu = torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl"
+            device = self.args.device if on_gpu else "cpu"
+            counts = torch.tensor([self._tokens, self._samples, self._skipped], dtype=torch.float64, device=device)
+            peak = torch.tensor([_peak_memory_mb()], dtype=torch.float64, device=device)
             if torch.distributed.is_initialized():
                 torch.distributed.all_reduce(counts)
                 torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)

@@ -15,7 +15,7 @@ def _add_quickstart(sub) -> None:
 
     q = sub.add_parser(
         "quickstart", formatter_class=HelpFormatter,
-        help="the whole pipeline on the synthetic world: baseline vs TUNA (about 11 min on 2 CPU cores)",
+        help="the whole pipeline on the synthetic world: baseline vs TUNA (about 50 min on 2 CPU cores)",
         description="Synthesize a world with seen and novel object categories; train a tiny CLIP on its corpus "
                     "and a tiny LLM on text only; build the datastore and retrieval caches; train a no-tags "
                     "baseline and TUNA with deepspeed (ZeRO-2, both stages, same data/budget/seed); evaluate "
@@ -32,7 +32,29 @@ def _run_quickstart(args: argparse.Namespace) -> dict:
     return run_quickstart(config_from_args(QuickstartConfig, args))
 
 
-COMMANDS = (Command("quickstart", _add_quickstart, _run_quickstart),)
+def _add_quickstart_icl(sub) -> None:
+    from pipeline.icl_suite import ICLSuiteConfig
+
+    q = sub.add_parser(
+        "quickstart-icl", formatter_class=HelpFormatter,
+        help="in-context learning on a finished quickstart: k-shot accuracy per demonstration retriever",
+        description="On a finished `tuna quickstart`: add the synthetic ICL task to its world (a support set of "
+                    "every category; queries, half of them with distractors where image similarity picks the "
+                    "wrong demonstrations), build demonstration pools with its CLIP, continue its TUNA model with "
+                    "in-context tuning (deepspeed), and evaluate k-shot accuracy with each retriever (random, "
+                    "SIIR, STTR, SITR, SIT, oracle) on seen and novel categories. Writes results_icl.json/.md/.png "
+                    "under --out (default QUICKSTART/icl). Re-running continues after the last finished stage.")
+    add_config_flags(q, ICLSuiteConfig)
+
+
+def _run_quickstart_icl(args: argparse.Namespace) -> dict:
+    from pipeline.icl_suite import ICLSuiteConfig, run_icl_suite
+
+    return run_icl_suite(config_from_args(ICLSuiteConfig, args))
+
+
+COMMANDS = (Command("quickstart", _add_quickstart, _run_quickstart),
+            Command("quickstart-icl", _add_quickstart_icl, _run_quickstart_icl))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -173,6 +173,7 @@ class Pipeline:
         self.state_file = self.root / "stages.json"
         self.state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
         recipe = {k: v for k, v in asdict(config).items() if k not in ("out", "overwrite", "threads", "device")}
+        recipe = json.loads(json.dumps(recipe))  # as stages.json holds it (tuples are lists there)
         if self.state.get("recipe", recipe) != recipe:
             raise StageError(f"{self.root} holds a quickstart run with other settings; use --overwrite "
                              f"or another --out")

@@ -91,7 +91,7 @@ class SynthConfig:
                 if k not in ("out", "workers", "overwrite") and (self.icl_queries or k not in icl)}
 
 
-def _jpeg(pixels, quality: int) -> bytes:
+def jpeg_bytes(pixels, quality: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
@@ -113,7 +113,7 @@ def _write_shard(task: tuple[SynthConfig, int]) -> int:
         for index in range(start, stop):
             sample = render_sample(world, config.seed, "corpus", index, config.image_size)
             meta = {"key": sample.key, "caption": sample.caption, **sample.scene.to_json()}
-            _add_member(tar, f"{sample.key}.jpg", _jpeg(sample.image, config.jpeg_quality))
+            _add_member(tar, f"{sample.key}.jpg", jpeg_bytes(sample.image, config.jpeg_quality))
             _add_member(tar, f"{sample.key}.txt", sample.caption.encode())
             _add_member(tar, f"{sample.key}.json", json.dumps(meta, sort_keys=True).encode())
     return stop - start
@@ -127,7 +127,7 @@ def _write_images(task: tuple[SynthConfig, str, int, int]) -> list[dict]:
     for index in range(start, stop):
         sample = render_sample(world, config.seed, stream, index, config.image_size)
         rel = f"{stream}/{sample.key}.jpg"
-        (World(Path(config.out)).images / rel).write_bytes(_jpeg(sample.image, config.jpeg_quality))
+        (World(Path(config.out)).images / rel).write_bytes(jpeg_bytes(sample.image, config.jpeg_quality))
         records.append({"index": index, "key": sample.key, "image": rel, "caption": sample.caption,
                         "scene": sample.scene})
     return records
@@ -201,7 +201,7 @@ def generate_world(config: SynthConfig, progress=None) -> dict:
         start = time.perf_counter()
         counts.update(write_icl_task(out, world, config.seed, config.icl_support_per_category, config.icl_queries,
                                      config.icl_distractor_share, config.image_size,
-                                     lambda pixels: _jpeg(pixels, config.jpeg_quality)))
+                                     lambda pixels: jpeg_bytes(pixels, config.jpeg_quality)))
         seconds["icl"] = time.perf_counter() - start
     info = {
         "format_version": FORMAT_VERSION, "generator": "tuna-synth", "generator_version": GENERATOR_VERSION,

@@ -156,3 +156,19 @@ def write_icl_task(out: Path, world: WorldCatalogue, seed: int, per_category: in
         (out / ICL_DIR / name).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     return {"icl_support": len(support), "icl_support_seen": len(support_seen), "icl_queries": len(questions),
             "icl_distractors": sum(q["distractor"] for q in questions)}
+
+
+def add_icl_task(root: str | Path, per_category: int, n_queries: int, distractor_share: float = 0.5) -> dict[str, int]:
+    """Write the ICL task into an existing world at ``root`` (same seed, categories and image settings as its
+    ``world.json``; its other files are untouched); the task's arguments go to ``icl/task.json``."""
+    from datastore.synth.generate import jpeg_bytes  # generate imports this module
+    from datastore.synth.layout import World
+
+    args = World.open(root).args
+    world = WorldCatalogue(args["n_seen"], args["n_novel"], args.get("category_offset", 0))
+    counts = write_icl_task(Path(root), world, args["seed"], per_category, n_queries, distractor_share,
+                            args["image_size"], lambda pixels: jpeg_bytes(pixels, args.get("jpeg_quality", 90)))
+    task = {"icl_support_per_category": per_category, "icl_queries": n_queries,
+            "icl_distractor_share": distractor_share, "counts": counts}
+    (Path(root) / ICL_DIR / "task.json").write_text(json.dumps(task, indent=1, sort_keys=True) + "\n")
+    return counts

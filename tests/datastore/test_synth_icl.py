@@ -104,3 +104,15 @@ def test_label_precision():
     query = Example("q", "q.jpg", "q", ("x",), "t", "x")
     assert label_precision(FakePool(), [query], [[("a", 1.0), ("b", 0.5)]]) == 50.0
     assert label_precision(FakePool(), [Example("u", "u.jpg", "q", ("z",), "t")], [[("a", 1.0)]]) is None
+
+
+def test_adding_the_task_to_a_world_gives_the_same_files(world_dir, tmp_path):
+    from datastore.synth.icl_task import add_icl_task
+
+    generate_world(_config(tmp_path / "w", icl_support_per_category=0, icl_queries=0))
+    counts = add_icl_task(tmp_path / "w", PER_CATEGORY, QUERIES)
+    assert counts["icl_queries"] == QUERIES
+    for name in ("support.json", "questions.jsonl", "answers.jsonl"):
+        assert (tmp_path / "w" / "icl" / name).read_bytes() == (world_dir / "icl" / name).read_bytes()
+    assert _digest(tmp_path / "w" / "images" / "icl") == _digest(world_dir / "images" / "icl")
+    assert json.loads((tmp_path / "w" / "icl" / "task.json").read_text())["icl_queries"] == QUERIES

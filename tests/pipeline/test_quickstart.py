@@ -213,3 +213,27 @@ def test_training_uses_deepspeeds_bucket_sizes_not_the_tiny_llms_auto(tmp_path, 
     assert zero.get("stage3_prefetch_bucket_size") == (50_000_000 if "3" in ds_config else None)
     assert {k: v for k, v in zero.items() if k not in SMALL_LLM_BUCKETS} == {
         k: v for k, v in shipped["zero_optimization"].items() if k not in SMALL_LLM_BUCKETS}
+
+
+def test_icl_suite_on_the_finished_quickstart(run):
+    """tuna quickstart-icl end to end at plumbing sizes: task, pools, in-context tuning, k-shot eval, report."""
+    out, _ = run
+    icl = out / "icl"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "quickstart-icl", "--quickstart", str(out),
+                           "--support-per-category", "2", "--queries", "16", "--steps", "4", "--icl-p", "1.0",
+                           "--train-shots", "1", "2", "--shots", "0", "1", "2", "--retrievers", "random", "oracle"],
+                          capture_output=True, text=True, timeout=1500, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((icl / "results_icl.json").read_text())
+    assert set(results["retrievers"]) == {"random", "oracle"}
+    assert set(results["retrievers"]["oracle"]) == {"0", "1", "2"}
+    assert results["label_precision"]["oracle"] == 100.0 and results["label_precision"]["random"] < 50
+    assert (icl / "results_icl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| oracle | novel |" in (icl / "results_icl.md").read_text()
+    counts = json.loads((icl / "tuna-icl" / "icl_counts.json").read_text())
+    assert counts, "in-context tuning wrote no counts"
+    again = subprocess.run([sys.executable, "-m", "pipeline.cli", "quickstart-icl", "--quickstart", str(out),
+                            "--support-per-category", "2", "--queries", "16", "--steps", "4", "--icl-p", "1.0",
+                            "--train-shots", "1", "2", "--shots", "0", "1", "2", "--retrievers", "random", "oracle"],
+                           capture_output=True, text=True, timeout=300, check=False)
+    assert again.returncode == 0 and again.stdout.count("done in an earlier run") == 4

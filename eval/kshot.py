@@ -72,8 +72,9 @@ def query_example(sample: dict, question: str, folder: Path):
         raise ValueError(f"question {sample['question_id']!r}: k-shot evaluation needs image files, this "
                          "benchmark stores its images inline")
     answers = tuple(str(a) for a in sample.get("answers") or [sample.get("answer", "")])
+    # the label is the gold answer, as the pools label their examples: only the oracle retriever reads it
     return Example(id=str(sample["question_id"]), image=str(folder / sample["image"]), question=question,
-                   answers=answers or ("",), task=str(sample.get("category", "vqa")))
+                   answers=answers or ("",), task=str(sample.get("category", "vqa")), label=answers[0] if answers else None)
 
 
 def encode_kshot_prompt(processor, demos: list, query, demo_tags: bool) -> dict:

@@ -65,7 +65,7 @@ class ICLSuiteConfig:
     train_shots: tuple[int, ...] = (1, 2, 4)
     shots: tuple[int, ...] = (0, 1, 2, 4)
     retrievers: tuple[str, ...] = RETRIEVERS
-    lr: float = 5e-4
+    lr: float = 1e-4  # 5e-4 cost the model 5–8 points 0-shot (docs/experiments.md, section 14)
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -148,11 +148,17 @@ def stage_tune(config: ICLSuiteConfig, paths: SuitePaths) -> None:
                echo=_train_progress)
 
 
-def eval_runs(config: ICLSuiteConfig, paths: SuitePaths) -> dict[str, tuple[str, list[str]]]:
-    """run name -> (retriever, shot counts): the 0-shot pass once, then every retriever at K > 0."""
-    runs = {"zero_shot": ("random", ["0"])} if 0 in config.shots else {}
+def eval_runs(config: ICLSuiteConfig, paths: SuitePaths) -> dict[str, tuple[Path, str, list[str]]]:
+    """run name -> (model, retriever, shot counts): the tuned model's 0-shot pass once, then every retriever at
+    K > 0; and the quickstart's TUNA before in-context tuning, 0-shot and with SIIR's and the oracle's demos
+    (does the tuning give the in-context ability, or had the model it already?)."""
     ks = [str(k) for k in config.shots if k > 0]
-    runs.update({r: (r, ks) for r in config.retrievers} if ks else {})
+    before = paths.qs.model("tuna", 2)
+    runs = {"zero_shot": (paths.model, "random", ["0"]), "untuned_zero_shot": (before, "random", ["0"])}
+    runs.update({r: (paths.model, r, ks) for r in config.retrievers} if ks else {})
+    for retriever in ("siir", "oracle"):  # image similarity and its ceiling
+        if ks and retriever in config.retrievers:
+            runs[f"untuned_{retriever}"] = (before, retriever, ks)
     return runs
 
 
@@ -160,10 +166,10 @@ def stage_eval(config: ICLSuiteConfig, paths: SuitePaths) -> None:
     qs = recorded_config(paths.qs.root)
     side_by_side = qs.nproc if qs.device == "cpu" else 1
 
-    def evaluate(item: tuple[str, tuple[str, list[str]]]) -> None:
-        name, (retriever, shots) = item
+    def evaluate(item: tuple[str, tuple[Path, str, list[str]]]) -> None:
+        name, (model, retriever, shots) = item
         start = time.perf_counter()
-        cmd = [console_script("tuna-eval"), "--model", str(paths.model), "--bench", "synth_icl",
+        cmd = [console_script("tuna-eval"), "--model", str(model), "--bench", "synth_icl",
                "--data-root", str(paths.world), "--out", str(paths.eval / name), "--batch-size", "16",
                "--device", qs.device, "--datastore", str(paths.qs.datastore), "--retrieval-cache", str(paths.qs.cache),
                "--min-tag-support", str(qs.eval_min_tag_support), "--k-images", str(qs.k_images),
@@ -185,22 +191,26 @@ def report(config: ICLSuiteConfig, paths: SuitePaths) -> dict[str, Any]:
     """Accuracy per retriever and shot count, by novelty and distractor; table, JSON and chart."""
     groups = {"seen": lambda r: r["novelty"] == "seen", "novel": lambda r: r["novelty"] == "novel",
               "clean": lambda r: not r["distractor"], "distractor": lambda r: r["distractor"]}
+
+    def predictions(name: str, k: int) -> list[dict]:
+        folder = paths.eval / name / "synth_icl" / (f"{k}-shot" if k else "")
+        path = folder / "predictions.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
     results: dict[str, Any] = {"retrievers": {}, "label_precision": {}}
-    zero = paths.eval / "zero_shot" / "synth_icl" / "predictions.jsonl"
-    zero_records = [json.loads(line) for line in zero.read_text().splitlines()] if zero.is_file() else []
-    pool = None
-    for name, (retriever, shots) in eval_runs(config, paths).items():
-        if name == "zero_shot":
+    labels = _pool_labels(paths)
+    for name, (model, retriever, shots) in eval_runs(config, paths).items():
+        if name.endswith("zero_shot"):
             continue
-        per_shot = {}
-        for k in ([0] if zero_records else []) + [int(s) for s in shots]:
-            path = (zero if k == 0 else paths.eval / name / "synth_icl" / f"{k}-shot" / "predictions.jsonl")
-            records = zero_records if k == 0 else [json.loads(line) for line in path.read_text().splitlines()]
+        untuned = name.startswith("untuned_")
+        zero = predictions("untuned_zero_shot" if untuned else "zero_shot", 0)
+        per_shot = {0: {g: _accuracy(zero, keep) for g, keep in groups.items()}} if 0 in config.shots else {}
+        for k in map(int, shots):
+            records = predictions(name, k)
             per_shot[k] = {g: _accuracy(records, keep) for g, keep in groups.items()}
-            if k == max(int(s) for s in shots):
-                pool = pool or _pool_labels(paths)
-                results["label_precision"][retriever] = _demo_precision(records, pool)
-        results["retrievers"][retriever] = per_shot
+        label = f"{retriever} (before tuning)" if untuned else retriever
+        results["retrievers"][label] = per_shot
+        results["label_precision"][label] = _demo_precision(predictions(name, max(map(int, shots))), labels)
     (paths.root / "results_icl.json").write_text(json.dumps(results, indent=2))
     (paths.root / "results_icl.md").write_text(markdown(results))
     _chart(results, paths.root / "results_icl.png")
@@ -238,17 +248,18 @@ def _chart(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
     for ax, group in zip(axes, ("seen", "novel")):
         for retriever, per in results["retrievers"].items():
             shots = sorted(int(k) for k in per)
             ax.plot(shots, [per[k][group] if k in per else per[str(k)][group] for k in shots], marker="o",
                     label=retriever)
+        ax.set_xticks(sorted({int(k) for per in results["retrievers"].values() for k in per}))
         ax.set_title(f"{group} categories")
         ax.set_xlabel("demonstrations (shots)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("synth_icl accuracy (%)")
-    axes[1].legend()
+    axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

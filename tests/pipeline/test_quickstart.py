@@ -225,9 +225,10 @@ def test_icl_suite_on_the_finished_quickstart(run):
                           capture_output=True, text=True, timeout=1500, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((icl / "results_icl.json").read_text())
-    assert set(results["retrievers"]) == {"random", "oracle"}
-    assert set(results["retrievers"]["oracle"]) == {"0", "1", "2"}
+    assert set(results["retrievers"]) == {"random", "oracle", "oracle (before tuning)"}
+    assert set(results["retrievers"]["oracle"]) == set(results["retrievers"]["oracle (before tuning)"]) == {"0", "1", "2"}
     assert results["label_precision"]["oracle"] == 100.0 and results["label_precision"]["random"] < 50
+    assert results["label_precision"]["oracle (before tuning)"] == 100.0
     assert (icl / "results_icl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| oracle | novel |" in (icl / "results_icl.md").read_text()
     counts = json.loads((icl / "tuna-icl" / "icl_counts.json").read_text())

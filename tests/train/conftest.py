@@ -70,3 +70,20 @@ def log_history(out: Path) -> list[dict]:
 
 def step_losses(out: Path) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in log_history(out) if "loss" in e}
+
+
+def tiny_processor(world, max_length: int):
+    """A tiny TUNA model's processor reading the world's retrieval cache."""
+    from transformers import AutoTokenizer
+
+    from datastore.cache import RetrievalCache
+    from datastore.clip import ClipSpec
+    from tuna.modeling_tuna import TunaForCausalLM
+    from tuna.processing_tuna import TunaProcessor
+    from tuna.tag_source import TagSource
+
+    tokenizer = AutoTokenizer.from_pretrained(world["llm"])
+    model = TunaForCausalLM.from_components(str(world["llm"]), ClipSpec(model="tuna-tiny-clip"), tokenizer,
+                                            tag_hidden_dim=32, tag_num_heads=2, max_tags=5)
+    return TunaProcessor.from_model(model, tokenizer, tag_source=TagSource(cache=RetrievalCache(world["cache"])),
+                                    max_length=max_length)

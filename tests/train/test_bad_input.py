@@ -7,25 +7,18 @@ import shutil
 
 import pytest
 
-from tests.train.conftest import common_args, launch, log_history
-from train.data import BadSampleError, LlavaJsonDataset, ModalityLengthGroupedSampler, TrainCollator
+from tests.train.conftest import common_args, launch, log_history, tiny_processor
+from train.data import (
+    BadSampleError,
+    LlavaJsonDataset,
+    ModalityLengthGroupedSampler,
+    TrainCollator,
+)
 
 
 @pytest.fixture(scope="module")
 def processor(world):
-    from transformers import AutoTokenizer
-
-    from datastore.cache import RetrievalCache
-    from datastore.clip import ClipSpec
-    from tuna.modeling_tuna import TunaForCausalLM
-    from tuna.processing_tuna import TunaProcessor
-    from tuna.tag_source import TagSource
-
-    tokenizer = AutoTokenizer.from_pretrained(world["llm"])
-    model = TunaForCausalLM.from_components(str(world["llm"]), ClipSpec(model="tuna-tiny-clip"), tokenizer,
-                                            tag_hidden_dim=32, tag_num_heads=2, max_tags=5)
-    return TunaProcessor.from_model(model, tokenizer, tag_source=TagSource(cache=RetrievalCache(world["cache"])),
-                                    max_length=400)
+    return tiny_processor(world, max_length=400)
 
 
 @pytest.fixture()

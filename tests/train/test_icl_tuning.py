@@ -9,26 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.conftest import common_args, launch, step_losses
+from tests.train.conftest import common_args, launch, step_losses, tiny_processor
 from train.data import BadSampleError, LlavaJsonDataset
 from tuna.conversation import IGNORE_INDEX
 
 
 @pytest.fixture(scope="module")
 def processor(world):
-    from transformers import AutoTokenizer
-
-    from datastore.cache import RetrievalCache
-    from datastore.clip import ClipSpec
-    from tuna.modeling_tuna import TunaForCausalLM
-    from tuna.processing_tuna import TunaProcessor
-    from tuna.tag_source import TagSource
-
-    tokenizer = AutoTokenizer.from_pretrained(world["llm"])
-    model = TunaForCausalLM.from_components(str(world["llm"]), ClipSpec(model="tuna-tiny-clip"), tokenizer,
-                                            tag_hidden_dim=32, tag_num_heads=2, max_tags=5)
-    return TunaProcessor.from_model(model, tokenizer, tag_source=TagSource(cache=RetrievalCache(world["cache"])),
-                                    max_length=2048)
+    return tiny_processor(world, max_length=2048)
 
 
 def _build_pool(out, **kwargs):

@@ -154,8 +154,9 @@ def build_pool(config: PoolConfig, progress: bool = True) -> dict[str, Any]:
         skipped.add("bad image", examples[i].id)
     keep = np.setdiff1d(np.arange(len(examples)), bad)
     examples, image_vectors = [examples[i] for i in keep], image_vectors[keep]
-    if not examples:
-        raise PoolError(f"no usable examples in {config.inputs} ({config.format}); skipped: {skipped.counts}")
+    if len(examples) < 2:  # the index's recall check leaves one row out
+        raise PoolError(f"{len(examples)} usable examples in {config.inputs} ({config.format}): a pool needs 2 or "
+                        f"more; skipped: {skipped.counts}")
     seconds["encode_images"] = time.perf_counter() - start
     start = time.perf_counter()
     vectors = {"image": image_vectors,
@@ -170,7 +171,7 @@ def build_pool(config: PoolConfig, progress: bool = True) -> dict[str, Any]:
     infos = {}
     for kind in KINDS:
         np.save(tmp / "embeddings" / f"{kind}.npy", vectors[kind].astype(np.float16))
-        index_config = IndexConfig(**{**asdict(config.index), "k": min(config.index.k, len(examples)),
+        index_config = IndexConfig(**{**asdict(config.index), "k": min(config.index.k, len(examples) - 1),
                                       "n_eval_queries": min(config.index.n_eval_queries, max(1, len(examples) // 2))})
         index, infos[kind] = build_index(vectors[kind], index_config)
         save_index(index, infos[kind], tmp / "index" / kind)

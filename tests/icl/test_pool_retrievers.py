@@ -159,3 +159,23 @@ def test_cli_build_info_retrieve(world, tmp_path):
     assert len(rows) == 4 and all(len(r["demos"]) == 2 and r["id"] not in r["demos"] for r in rows)
     missing = subprocess.run([*run, "pool", "info", str(tmp_path / "nope")], capture_output=True, text=True, check=False)
     assert missing.returncode == 1 and "not a demonstration pool" in missing.stderr
+
+
+def test_a_pool_smaller_than_the_index_k_builds_and_a_one_example_pool_is_refused(tmp_path):
+    from PIL import Image
+
+    from icl.pool import PoolConfig, PoolError, build_pool
+
+    for cls in ("red_box", "blue_ball"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (32, 32), (200 if cls == "red_box" else 20, 40 * i, 60)).save(tmp_path / "train" / cls / f"{i}.jpg")
+    (tmp_path / "train" / "blue_ball" / "broken.jpg").write_bytes(b"not a jpeg")
+    manifest = build_pool(PoolConfig(format="image-folder", inputs=[str(tmp_path / "train")], out=str(tmp_path / "p"),
+                                     clip=ClipSpec(model="tuna-tiny-clip")), progress=False)
+    assert manifest["n"] == 4 and manifest["skipped"]["counts"] == {"bad image": 1}
+    (tmp_path / "one" / "only").mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(tmp_path / "one" / "only" / "x.jpg")
+    with pytest.raises(PoolError, match="a pool needs 2 or more"):
+        build_pool(PoolConfig(format="image-folder", inputs=[str(tmp_path / "one")], out=str(tmp_path / "p1"),
+                              clip=ClipSpec(model="tuna-tiny-clip")), progress=False)

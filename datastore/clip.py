@@ -61,6 +61,9 @@ class ClipSpec:
             self.model = stem
         if not self.model:
             raise ValueError("a CLIP model is needed: give an open_clip architecture name or a model_config JSON")
+        if self.pretrained and _looks_like_path(self.pretrained) and os.path.isfile(self.pretrained):
+            # manifests store the spec: a relative checkpoint path would break them from any other folder
+            self.pretrained = os.path.abspath(self.pretrained)
 
     def to_dict(self) -> dict[str, Any]:
         """Portable description (no device/precision) stored in manifests."""
@@ -173,11 +176,15 @@ def load_clip(spec: ClipSpec) -> LoadedClip:
     return LoadedClip(model=model, preprocess=preprocess, tokenizer=tokenizer, spec=spec, identity=identity)
 
 
+def _looks_like_path(pretrained: str) -> bool:
+    """A checkpoint file rather than an open_clip pretrained tag ("openai", "laion2b_s34b_b79k")."""
+    return os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
 def _local_checkpoint(pretrained: str | None) -> str | None:
     if pretrained is None:
         return None
-    looks_like_path = os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
-    if looks_like_path and not os.path.isfile(pretrained):
+    if _looks_like_path(pretrained) and not os.path.isfile(pretrained):
         raise ValueError(f"pretrained checkpoint file {pretrained!r} does not exist")
     return pretrained if os.path.isfile(pretrained) else None
 

@@ -56,8 +56,9 @@ class ClipTrainConfig:
         text_mode: "caption" (the shard's caption), "names" (the image's object names, "drerik and
             brudub") or "phrases" (names with random size/colour words and prefixes, re-drawn every
             step) or "object" (one of the image's names, drawn every step; every image holding that
-            object is a positive); all but "caption" need ``{key}.json`` with
-            ``objects[].category/colour/size/group``.
+            object is a positive); all but "caption" read each sample's ``{key}.json`` ``objects`` list:
+            "names" its ``category`` fields, "object" also ``colour`` and ``size``, "phrases" also
+            ``group`` (:data:`MODE_FIELDS`). Image-caption data without such JSON: "caption".
         attribute_p: in "phrases", the chance of each attribute word.
         multi_positive: pairs whose images have the same category set (or the same caption) count as
             positives of each other instead of negatives ("object": images holding the named object).
@@ -169,28 +170,60 @@ def _center_square(image, size: int):
     return image.crop((left, top, left + size, top + size))
 
 
-def _read_shard(task: tuple[str, int, str, str, bool]) -> tuple[np.ndarray, list, list, list, int]:
-    """Decode one shard: (uint8 images (n, S, S, 3), keys, captions, objects, skipped)."""
+# the ground-truth object fields each text mode reads from a sample's {key}.json ("objects": [...])
+MODE_FIELDS = {"caption": (), "names": ("category",), "object": ("category", "colour", "size"),
+               "phrases": ("category", "colour", "size", "group")}
+
+
+def _sample_objects(sample: dict, fields: tuple[str, ...]) -> tuple[list[dict] | None, str | None]:
+    """The sample's objects with ``fields``, or (None, why not)."""
+    if "json" not in sample:
+        return None, "no .json member"
+    try:
+        meta = json.loads(sample["json"])
+    except (ValueError, UnicodeDecodeError):
+        return None, "unreadable .json"
+    objects = meta.get("objects") if isinstance(meta, dict) else None
+    if not isinstance(objects, list) or not objects:
+        return None, "no 'objects' list in .json"
+    for field in fields:
+        if not all(isinstance(o, dict) and field in o for o in objects):
+            return None, f"an object without '{field}'"
+    return [{k: o[k] for k in fields} for o in objects], None
+
+
+def _read_shard(task: tuple[str, int, str, str, tuple[str, ...]]) -> tuple[np.ndarray, list, list, list, dict]:
+    """Decode one shard: (uint8 images (n, S, S, 3), keys, captions, objects, {skip reason: [keys]})."""
     from PIL import Image
 
     from datastore.reader import iter_raw_samples
 
-    url, size, image_key, caption_key, need_objects = task
-    images, keys, captions, objects, skipped = [], [], [], [], 0
+    url, size, image_key, caption_key, fields = task
+    images, keys, captions, objects = [], [], [], []
+    skipped: dict[str, list[str]] = {}
     for sample in iter_raw_samples(url):
         raw_image, raw_text = sample.get(image_key), sample.get(caption_key)
-        try:
-            image = Image.open(io.BytesIO(raw_image)).convert("RGB")
-            caption = " ".join(raw_text.decode("utf-8").split())
-            objs = None
-            if need_objects:
-                objs = [{k: o[k] for k in ("category", "colour", "size", "group")}
-                        for o in json.loads(sample["json"])["objects"]]
-        except Exception:  # missing/corrupt member: counted, like the datastore reader does
-            skipped += 1
-            continue
-        if not caption or (need_objects and not objs):
-            skipped += 1
+        why, objs = None, None
+        if raw_image is None:
+            why = f"no .{image_key} member"
+        elif raw_text is None:
+            why = f"no .{caption_key} member"
+        if why is None:
+            try:
+                image = Image.open(io.BytesIO(raw_image)).convert("RGB")
+            except Exception:  # any decoder error: counted, like the datastore reader does
+                why = "unreadable image"
+        if why is None:
+            try:
+                caption = " ".join(raw_text.decode("utf-8").split())
+            except UnicodeDecodeError:
+                why = "caption not UTF-8"
+            else:
+                why = None if caption else "empty caption"
+        if why is None and fields:
+            objs, why = _sample_objects(sample, fields)
+        if why is not None:
+            skipped.setdefault(why, []).append(str(sample.get("__key__")))
             continue
         images.append(np.asarray(_center_square(image, size), dtype=np.uint8))
         keys.append(sample["__key__"])
@@ -200,17 +233,19 @@ def _read_shard(task: tuple[str, int, str, str, bool]) -> tuple[np.ndarray, list
     return pixels, keys, captions, objects, skipped
 
 
-def load_corpus(shards: list[str], image_size: int, need_objects: bool, workers: int = 2,
+def load_corpus(shards: list[str], image_size: int, text_mode: str, workers: int = 2,
                 image_key: str = "jpg", caption_key: str = "txt", max_samples: int | None = None,
                 progress: bool = False) -> Corpus:
-    """Decode all samples of ``shards`` (in shard order) into memory.
+    """Decode all samples of ``shards`` (in shard order) into memory; samples lacking what ``text_mode``
+    reads (:data:`MODE_FIELDS`) are skipped and counted by reason.
 
     Raises:
-        ValueError: no usable sample, or ``need_objects`` and the shards carry no ``{key}.json`` objects.
+        ValueError: no usable sample (the message gives the skip reasons with a sample key each).
     """
     from tqdm import tqdm
 
-    tasks = [(url, image_size, image_key, caption_key, need_objects) for url in shards]
+    fields = MODE_FIELDS[text_mode]
+    tasks = [(url, image_size, image_key, caption_key, fields) for url in shards]
     parts = []
     bar = tqdm(total=len(tasks), unit="shard", desc="read", disable=not progress)
     if workers > 1 and len(tasks) > 1:
@@ -223,17 +258,22 @@ def load_corpus(shards: list[str], image_size: int, need_objects: bool, workers:
             parts.append(_read_shard(task))
             bar.update()
     bar.close()
-    skipped = sum(p[4] for p in parts)
+    reasons: dict[str, list[str]] = {}
+    for part in parts:
+        for why, keys in part[4].items():
+            reasons.setdefault(why, []).extend(keys)
+    summary = "; ".join(f"{why}: {len(keys)} (e.g. {keys[0]})" for why, keys in
+                        sorted(reasons.items(), key=lambda kv: -len(kv[1])))
     stop = min(max_samples or sum(len(p[1]) for p in parts), sum(len(p[1]) for p in parts))
     if not stop:
-        what = "image + caption + json objects" if need_objects else f"{image_key} + {caption_key}"
-        raise ValueError(f"no usable samples ({what}) in {len(shards)} shard(s); {skipped} skipped")
-    if skipped:
-        logger.warning("skipped %d samples without a usable image/caption%s", skipped,
-                       "/objects" if need_objects else "")
+        hint = (f"; --text-mode {text_mode} reads objects[].{{{','.join(fields)}}} from each sample's .json, "
+                "use --text-mode caption for image-caption data") if fields else ""
+        raise ValueError(f"no usable samples in {len(shards)} shard(s): {summary or 'the shards are empty'}{hint}")
+    if reasons:
+        logger.warning("skipped %d samples: %s", sum(map(len, reasons.values())), summary)
     return Corpus(images=np.concatenate([p[0] for p in parts])[:stop], keys=[k for p in parts for k in p[1]][:stop],
                   captions=[c for p in parts for c in p[2]][:stop],
-                  objects=[o for p in parts for o in p[3]][:stop] if need_objects else None)
+                  objects=[o for p in parts for o in p[3]][:stop] if fields else None)
 
 
 def _names(objects: list[dict]) -> list[str]:
@@ -423,7 +463,7 @@ def train_clip(shards: list[str] | str, out_dir: str | os.PathLike, config: Clip
     torch.set_num_threads(config.threads)
     try:
         with timer("read"):
-            corpus = load_corpus(urls, image_size, config.text_mode != "caption",
+            corpus = load_corpus(urls, image_size, config.text_mode,
                                  config.workers, config.image_key, config.caption_key, config.max_samples,
                                  progress)
         with timer("setup"):

@@ -78,8 +78,35 @@ def test_caption_mode_and_vit_config(synth, tmp_path):
 
 def test_names_mode_needs_ground_truth(corpus, tmp_path):
     # the generic test shards' json members have no objects: names need them, captions do not
-    with pytest.raises(ValueError, match="no usable samples"):
+    with pytest.raises(ValueError, match=r"no usable samples in 1 shard\(s\): no 'objects' list in .json: \d+ "
+                                         r"\(e\.g\. \S+\).*use --text-mode caption"):
         train_clip(corpus[:1], tmp_path, ClipTrainConfig(**TINY), progress=False)
+
+
+def test_skip_reasons_name_the_missing_field_and_a_sample(tmp_path):
+    """Only the fields the mode reads are required; what is missing is said with a sample key."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    from datastore.clip_train import load_corpus
+
+    def jpeg() -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), "red").save(buf, format="JPEG")
+        return buf.getvalue()
+
+    with wds.TarWriter(str(tmp_path / "s.tar")) as sink:  # another generator's schema: "color", no "group"
+        sink.write({"__key__": "a1", "jpg": jpeg(), "txt": b"a red kelbo",
+                    "json": json.dumps({"objects": [{"category": "kelbo", "color": "red", "size": "small"}]}).encode()})
+        sink.write({"__key__": "a2", "jpg": jpeg(), "txt": b"\xff\xfe bad", "json": b"{}"})
+        sink.write({"__key__": "a3", "jpg": b"not a jpeg", "txt": b"x", "json": b"{}"})
+    names = load_corpus([str(tmp_path / "s.tar")], 32, "names", workers=1)
+    assert names.keys == ["a1"] and names.objects == [[{"category": "kelbo"}]]  # names read category only
+    with pytest.raises(ValueError, match=r"an object without 'colour': 1 \(e\.g\. a1\).*caption not UTF-8: 1 "
+                                         r"\(e\.g\. a2\).*unreadable image: 1 \(e\.g\. a3\)"):
+        load_corpus([str(tmp_path / "s.tar")], 32, "phrases", workers=1)
 
 
 def test_bad_config_is_one_line_error():
@@ -178,12 +205,12 @@ def test_training_pixels_match_inference_preprocess(synth, trained):
     from datastore.clip_train import encode_corpus_images, load_corpus
 
     clip = load_clip(trained.spec)
-    corpus = load_corpus([str(synth / "corpus" / "corpus-000000.tar")], 64, need_objects=True, workers=1,
+    corpus = load_corpus([str(synth / "corpus" / "corpus-000000.tar")], 64, "phrases", workers=1,
                          max_samples=8)
     assert corpus.images.shape == (8, 64, 64, 3) and corpus.keys[0] == "c000000000"
     ours = encode_corpus_images(clip, corpus.images, batch_size=3)
     pixels = torch.stack([clip.preprocess(Image.fromarray(image)) for image in corpus.images])
     np.testing.assert_allclose(ours, clip.encode_images(pixels).numpy(), atol=1e-6)
-    resized = load_corpus([str(synth / "corpus" / "corpus-000000.tar")], 48, need_objects=False, workers=1,
+    resized = load_corpus([str(synth / "corpus" / "corpus-000000.tar")], 48, "caption", workers=1,
                           max_samples=2)
     assert resized.images.shape == (2, 48, 48, 3) and resized.objects is None

@@ -79,14 +79,13 @@ def query_example(sample: dict, question: str, folder: Path):
 
 def encode_kshot_prompt(processor, demos: list, query, demo_tags: bool) -> dict:
     """A generation prompt: the demos' rounds, then the query's question."""
-    from icl.prompts import kshot_conversation
+    from icl.prompts import clear_tags, kshot_conversation
 
     conversation = kshot_conversation(demos, query, with_answer=False)
     images = [d.image for d in demos] + [query.image]
     encoded = processor.encode(conversation, images=images, sample_id=query.id)
     if not demo_tags:
-        for i in range(len(demos)):
-            encoded["tags"][i], encoded["tag_words"][i], encoded["tag_scores"][i] = [], [], None
+        clear_tags(encoded, range(len(demos)))
     return encoded
 
 

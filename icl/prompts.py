@@ -77,9 +77,13 @@ def encode_kshot(processor: Any, demos: Sequence[Example], query: Example, answe
             if not demos:
                 raise
             demos, dropped = demos[1:], dropped + 1  # the first is the farthest from the query
-    for i, on in enumerate([demo_tags] * len(demos) + [query_tags]):
-        if not on:  # an empty block for this image; the others keep their retrieval scores
-            encoded["tags"][i], encoded["tag_words"][i], encoded["tag_scores"][i] = [], [], None
+    clear_tags(encoded, [i for i, on in enumerate([demo_tags] * len(demos) + [query_tags]) if not on])
     encoded["labels"] = label_last_answer_only(encoded["labels"])
     return KShotSample(encoded, demos, dropped)
+
+
+def clear_tags(encoded: dict[str, Any], images: Sequence[int]) -> None:
+    """An empty tag block for these images of an encoded sample; the others keep theirs and their scores."""
+    for i in images:
+        encoded["tags"][i], encoded["tag_words"][i], encoded["tag_scores"][i] = [], [], None
 

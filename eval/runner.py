@@ -96,8 +96,8 @@ def answer_batch(model, tokenizer, processor, bench: Benchmark, samples: list[di
         queries = [query_example(s, q, folder) for s, q in zip(samples, questions)]
         chosen = demos.demos_for(queries, shots, bench.prompt_suffix)
     if processor.tag_source is not None:  # live retrieval: one datastore call for the batch's new images
-        demo_paths = [d.image for row in chosen for d, _ in row]
-        processor.tag_source.prefetch(ids + demo_paths, images + [_open_rgb(p) for p in demo_paths])
+        demo_paths = [d.image for row in chosen for d, _ in row]  # paths: only unknown ones get opened
+        processor.tag_source.prefetch(ids + demo_paths, images + demo_paths)
     if shots:
         encoded = [encode_kshot_prompt(processor, [d for d, _ in row], q, demos.settings.demo_tags)
                    for row, q in zip(chosen, queries)]
@@ -127,13 +127,6 @@ def answer_batch(model, tokenizer, processor, bench: Benchmark, samples: list[di
             record.update(shots=shots, demos=[{"id": d.id, "score": round(score, 6)} for d, score in picked])
         records.append(record)
     return records
-
-
-def _open_rgb(path: str):
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return image.convert("RGB")
 
 
 def _image_of(sample: dict, folder: Path):

@@ -24,6 +24,11 @@ EPILOG = """examples:
   tuna-icl retrieve --pool pools/vqav2-train --retriever siir -k 4 --out demos.jsonl   (leave-one-out)
   tuna-icl retrieve --pool pools/vqav2-train --retriever sit -k 4 --format vqav2 \\
       --input val_questions.json val_annotations.json --image-root coco/val2014 --out demos.jsonl
+  tuna-icl lever-lm build-data --pool pools/vqav2-train --model runs/tuna --datastore ds --out dm/vqav2
+  torchrun --nproc_per_node 8 -m icl.cli lever-lm build-data ...      (anchors split over ranks)
+  tuna-icl lever-lm train --data dm/vqav2 --out lever-lm/vqav2
+  tuna-eval --model runs/tuna --bench vqav2_val --shots 1,2,4,8 --demo-pool pools/vqav2-train \\
+      --retriever lever-lm:lever-lm/vqav2 ...
 """
 
 
@@ -72,7 +77,80 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dedup-threshold", type=float, default=None,
                    help="image cosine from which a demo counts as a copy of the query (default: exact copies)")
     r.add_argument("--out", required=True, help="JSONL: query id, demo ids and scores, most similar first")
+    _lever_lm_parsers(sub, defaults)
     return parser
+
+
+def _lever_lm_parsers(sub, defaults: dict) -> None:
+    from icl.lever_lm.train import add_train_args
+
+    lever = sub.add_parser("lever-lm", help="Lever-LM: mine demonstration sequences, train the model that "
+                                            "generates them").add_subparsers(dest="lever_command", required=True)
+    d = lever.add_parser(
+        "build-data", **defaults, help="beam-search demonstration sequences by InfoScore (D_M)",
+        description="For anchors sampled from the pool: draw M candidate demos, then beam search sequences of "
+                    "length l whose InfoScore (gain in the answer's probability under the scoring model) is "
+                    "highest. Resumes finished blocks; under torchrun the blocks are split over ranks.")
+    d.add_argument("--pool", required=True, help="demonstration pool (anchors and candidates)")
+    d.add_argument("--out", required=True, help="D_M directory")
+    d.add_argument("--anchors", type=int, default=1000, help="n, anchors sampled from the pool")
+    d.add_argument("--candidates", type=int, default=64, help="M, candidate demos per anchor")
+    d.add_argument("--sampling", default="random", choices=["random", "siir", "sttr", "sitr", "sit"],
+                   help="how the candidate set is drawn: at random, or the anchor's nearest by that retriever")
+    d.add_argument("--beam", type=int, default=5, help="b, sequences kept per step")
+    d.add_argument("--length", type=int, default=2, help="l, demos per sequence")
+    d.add_argument("--block", type=int, default=8, help="anchors per part file (the resume unit)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--overwrite", action="store_true", help="delete --out first")
+    add_scorer_args(d)
+    t = lever.add_parser("train", **defaults, help="train Lever-LM on D_M (next-demo cross-entropy)",
+                         description="Train the demonstration generator. Launch with python, accelerate launch "
+                                     "(DeepSpeed through its config) or torchrun for data parallelism.")
+    add_train_args(t)
+    g = lever.add_parser("diagnose", **defaults, help="does InfoScore prefer demos of the anchor's label?")
+    g.add_argument("data", help="D_M directory")
+
+
+def add_scorer_args(parser: argparse.ArgumentParser) -> None:
+    """The scoring model: a TUNA folder (with its tag source) or a Hugging Face image-text-to-text model."""
+    s = parser.add_argument_group("scoring model")
+    which = s.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="TUNA model folder (train/train.py output)")
+    which.add_argument("--hf-model", help="Hugging Face image-text-to-text model (folder or hub id) taking "
+                                          "interleaved images")
+    s.add_argument("--datastore", help="datastore for the TUNA model's retrieved tags")
+    s.add_argument("--retrieval-cache", help="retrieval cache parquet for the TUNA model's tags")
+    s.add_argument("--k-images", type=int, default=5, help="neighbours retrieved per image for tags")
+    s.add_argument("--min-tag-support", type=float, default=0.0, help="as in tuna-eval")
+    s.add_argument("--no-demo-tags", action="store_true", help="empty tag blocks for the demos' images")
+    s.add_argument("--scorer-batch-size", type=int, default=16, help="candidate sets per forward pass")
+    s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (under torchrun: cuda:LOCAL_RANK)")
+
+
+def scorer_from_args(args):
+    """(scorer, identity) for :func:`add_scorer_args`' flags."""
+    import os
+
+    import torch
+
+    from icl.scoring import TunaScorer, model_identity
+
+    device = args.device
+    if device == "auto":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    if args.hf_model:
+        from icl.hf_scorer import HFScorer
+
+        return (HFScorer.from_pretrained(args.hf_model, device=device, batch_size=args.scorer_batch_size),
+                model_identity(args.hf_model, backend="hf"))
+    scorer = TunaScorer.from_pretrained(args.model, datastore=args.datastore, retrieval_cache=args.retrieval_cache,
+                                        k_images=args.k_images, min_tag_support=args.min_tag_support,
+                                        device=device, batch_size=args.scorer_batch_size,
+                                        demo_tags=not args.no_demo_tags)
+    tags = {"datastore": str(Path(args.datastore).resolve()) if args.datastore else None,
+            "retrieval_cache": str(Path(args.retrieval_cache).resolve()) if args.retrieval_cache else None,
+            "k_images": args.k_images, "min_tag_support": args.min_tag_support, "demo_tags": not args.no_demo_tags}
+    return scorer, model_identity(args.model, backend="tuna", **tags)
 
 
 def cmd_pool_build(args) -> None:
@@ -125,16 +203,52 @@ def cmd_retrieve(args) -> None:
           + ("" if precision is None else f"; demos with the query's label: {precision:.1f} %"))
 
 
-COMMANDS = {("pool", "build"): cmd_pool_build, ("pool", "info"): cmd_pool_info, ("retrieve", None): cmd_retrieve}
+def cmd_lever_build_data(args) -> None:
+    import os
+    import shutil
+
+    from icl.lever_lm.data import BuildDataConfig, build_data
+
+    config = BuildDataConfig(pool=args.pool, out=args.out, anchors=args.anchors, candidates=args.candidates,
+                             sampling=args.sampling, beam=args.beam, length=args.length, seed=args.seed,
+                             block=args.block)
+    if args.overwrite and Path(args.out).exists() and os.environ.get("RANK", "0") == "0":
+        shutil.rmtree(args.out)
+    scorer, identity = scorer_from_args(args)
+    manifest = build_data(config, scorer, identity)
+    if manifest:
+        print(f"D_M {args.out}: {manifest['anchors']} anchors, {manifest['sequences']} sequences, "
+              f"{manifest['sets_scored']} sets scored in {manifest['forward_passes']} forward passes, "
+              f"{manifest['seconds_per_anchor']} s per anchor ({manifest['sets_per_second']} sets/s)")
+
+
+def cmd_lever_train(args) -> None:
+    from icl.lever_lm.train import config_from_args, train_lever_lm
+
+    train_lever_lm(config_from_args(args))
+
+
+def cmd_lever_diagnose(args) -> None:
+    from icl.lever_lm.data import diagnostics, read_dm
+    from icl.pool import Pool
+
+    manifest, _, _ = read_dm(args.data)
+    print(json.dumps(diagnostics(args.data, Pool.open(manifest["pool"])), indent=1))
+
+
+COMMANDS = {("pool", "build"): cmd_pool_build, ("pool", "info"): cmd_pool_info, ("retrieve", None): cmd_retrieve,
+            ("lever-lm", "build-data"): cmd_lever_build_data, ("lever-lm", "train"): cmd_lever_train,
+            ("lever-lm", "diagnose"): cmd_lever_diagnose}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     start = time.perf_counter()
-    name = " ".join(filter(None, (args.command, getattr(args, "pool_command", None))))
+    sub = getattr(args, "pool_command", None) or getattr(args, "lever_command", None)
+    name = " ".join(filter(None, (args.command, sub)))
     try:
-        COMMANDS[(args.command, getattr(args, "pool_command", None))](args)
+        COMMANDS[(args.command, sub)](args)
     except (ValueError, RuntimeError, OSError, KeyError) as exc:
         logger.debug("traceback", exc_info=True)
         print(f"tuna-icl {name}: error: {exc}", file=sys.stderr)

@@ -246,6 +246,13 @@ class Pool:
         return len(self.examples)
 
     @property
+    def fingerprint(self) -> str:
+        """sha256 of the example ids in row order: what a model whose vocabulary is this pool checks."""
+        import hashlib
+
+        return hashlib.sha256("\n".join(e.id for e in self.examples).encode()).hexdigest()
+
+    @property
     def clip(self) -> LoadedClip:
         if self._clip is None:
             self._clip = load_clip(spec_from_dict(self.manifest["clip"]))

@@ -10,7 +10,8 @@ with the ICL literature's names:
 - ``sit``: [image; question] / sqrt(2) -> the same for the demos (mean of the two cosines; DRUM's start);
 - ``oracle``: demos with the query's label first (ranked by image similarity), then SIIR; experiments only.
 
-Learned retrievers (``drum:PATH``, ``lever-lm:PATH``) register a factory under their prefix.
+Learned retrievers (``drum:PATH``, ``lever-lm:PATH``) register a factory under their prefix; ``fixed:FILE``
+gives every query the same demos (a file of pool ids).
 
 Exclusions, counted in :attr:`Retriever.excluded`: the query itself (same id, or same image: another
 question on the query's image would leak its answer) and near-duplicate images (cosine >= threshold).
@@ -19,8 +20,10 @@ question on the query's image would leak its answer) and near-duplicate images (
 from __future__ import annotations
 
 import hashlib
+import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -153,6 +156,29 @@ class OracleRetriever(Retriever):
         return out
 
 
+@dataclass
+class FixedRetriever(Retriever):
+    """The same demos for every query: the first K usable ids of a file (one pool id per line, prompt order).
+    Lever-LM's "golden" sequence and fixed random sets; ranked lists are the reversed prompt order (rank 1
+    sits next to the query), so the default ``similar-last`` order shows the file's order."""
+
+    path: str = ""
+
+    def __post_init__(self) -> None:
+        lines = [line.strip() for line in Path(self.path).read_text().splitlines() if line.strip()]
+        unknown = [i for i in lines if i not in self.pool.position]
+        if unknown:
+            raise ValueError(f"fixed demos {self.path}: {len(unknown)} ids are not in the pool, e.g. {unknown[0]!r}")
+        self.ids = np.array([self.pool.position[i] for i in lines])
+
+    def retrieve(self, queries, k, vectors=None):
+        if k < 0:
+            raise ValueError(f"k={k}: must be >= 0")
+        vectors = vectors if vectors is not None or not queries or k == 0 else self.pool.query_vectors(queries)
+        return [list(reversed(self._filter(q, vectors["image"][i], np.zeros(len(self.ids)), self.ids, k)))
+                if k else [] for i, q in enumerate(queries)]
+
+
 RETRIEVERS: dict[str, Callable[..., Retriever]] = {
     "random": RandomRetriever,
     "siir": lambda pool, **kw: IndexRetriever(pool, query_kind="image", demo_kind="image", **kw),
@@ -161,14 +187,17 @@ RETRIEVERS: dict[str, Callable[..., Retriever]] = {
     "sit": lambda pool, **kw: IndexRetriever(pool, query_kind="sit", demo_kind="sit", **kw),
     "oracle": OracleRetriever,
 }
-# learned retrievers: prefix -> factory(pool, path, **kw), registered by their modules
-LEARNED: dict[str, Callable[..., Retriever]] = {}
+# learned retrievers: prefix -> factory(pool, path, **kw), registered by their modules, imported on first use
+LEARNED: dict[str, Callable[..., Retriever]] = {"fixed": lambda pool, path, **kw: FixedRetriever(pool, path=path, **kw)}
+LEARNED_MODULES = {"lever-lm": "icl.lever_lm.retriever"}
 
 
 def make_retriever(name: str, pool: Pool, **kwargs) -> Retriever:
     """The retriever called ``name`` (a built-in, or ``PREFIX:PATH`` for a learned one) over ``pool``."""
     if ":" in name:
         prefix, path = name.split(":", 1)
+        if prefix not in LEARNED and prefix in LEARNED_MODULES:
+            importlib.import_module(LEARNED_MODULES[prefix])
         if prefix not in LEARNED:
             raise ValueError(f"retriever {name!r}: no learned retriever {prefix!r} (known: {sorted(LEARNED) or 'none'})")
         retriever = LEARNED[prefix](pool, path, **kwargs)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -63,6 +64,26 @@ class TunaScorer:
     demo_tags: bool = True
     query_tags: bool = True
 
+    @classmethod
+    def from_pretrained(cls, path: str, *, datastore: str | None = None, retrieval_cache: str | None = None,
+                        k_images: int = 5, min_tag_support: float = 0.0, device: str = "cpu", batch_size: int = 8,
+                        demo_tags: bool = True) -> TunaScorer:
+        """A saved TUNA model with the tag source its flags describe (a tag-free model needs neither path)."""
+        from transformers import AutoTokenizer
+
+        from tuna.modeling_tuna import TunaForCausalLM
+        from tuna.processing_tuna import TunaProcessor
+        from tuna.tag_source import TagSource
+
+        model = TunaForCausalLM.from_pretrained(path).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        source = TagSource.for_model(model, retrieval_cache=retrieval_cache, datastore=datastore, k_images=k_images,
+                                     min_support=min_tag_support)
+        if source is None:
+            raise ValueError(f"{path} reads retrieved tags: give --datastore or --retrieval-cache")
+        return cls(model, TunaProcessor.from_model(model, tokenizer, tag_source=source), batch_size=batch_size,
+                   demo_tags=demo_tags)
+
     def loglik(self, query: Example, candidate_sets: Sequence[Sequence[Example]], answer: str | None = None
                ) -> SetScores:
         import torch
@@ -78,6 +99,21 @@ class TunaScorer:
             counts += out.n_tokens.cpu().tolist()
             dropped += [s.dropped for s in samples]
         return SetScores.from_lists(sums, counts, dropped)
+
+
+def model_identity(path: str | Path, **settings: Any) -> dict[str, Any]:
+    """What names a scoring model in a mined dataset's manifest: its folder, a hash of its config and the size
+    of its weights (hashing billions of weights per run is too slow), plus the settings that change scores."""
+    import hashlib
+
+    folder = Path(path)
+    if not folder.is_dir():  # a hub id: the name is all there is
+        return {"model": str(path), **settings}
+    config = folder / "config.json"
+    weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+    return {"model": str(folder.resolve()),
+            "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None,
+            "weights_bytes": sum(p.stat().st_size for p in weights), **settings}
 
 
 def info_score(scorer: Scorer, query: Example, base: Sequence[Example], candidates: Sequence[Example]) -> np.ndarray:

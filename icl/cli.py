@@ -137,7 +137,7 @@ def scorer_from_args(args):
 
     device = args.device
     if device == "auto":
-        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
     if args.hf_model:
         from icl.hf_scorer import HFScorer
 

@@ -80,7 +80,7 @@ def anchor_ids(pool: Pool, n: int, seed: int) -> list[str]:
 
 
 def _rank_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _check_settings(out: Path, record: dict[str, Any]) -> None:

@@ -271,16 +271,17 @@ class LeverLM(PreTrainedModel):
             used = torch.zeros_like(exclude)
             rows = torch.arange(batch, device=device)
             steps = []
-            # the whole prefix is recomputed each step: at most max_positions tokens through a small model
+            past = None  # key/value cache: each step feeds only the newest demo
             for _ in range(k):
-                hidden = self.backbone(inputs_embeds=embeds).last_hidden_state[:, -1]
+                out = self.backbone(inputs_embeds=embeds, past_key_values=past, use_cache=True)
+                hidden, past = out.last_hidden_state[:, -1], out.past_key_values
                 logprobs = self._logits(hidden, table).float().log_softmax(-1)[:, :n]
                 scores = logprobs.masked_fill(used, -torch.inf)
                 preferred = scores.argmax(-1)
                 ids = scores.masked_fill(exclude, -torch.inf).argmax(-1)
                 used[rows, ids] = True
                 steps.append((ids, logprobs[rows, ids], exclude[rows, preferred], preferred))
-                embeds = torch.cat([embeds, table[ids][:, None]], dim=1)
+                embeds = table[ids][:, None]
         finally:
             self.train(was_training)
         if not steps:

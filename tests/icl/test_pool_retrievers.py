@@ -130,6 +130,27 @@ def test_near_duplicate_images_are_excluded_and_counted(pool, tmp_path):
     assert retriever.excluded.near_duplicate >= 1 and retriever.excluded.same_id == 0
 
 
+def test_fixed_demos_are_the_files_first_k_in_prompt_order_without_the_query(pool, tmp_path):
+    from icl.retrievers import make_retriever, order_demos
+
+    by_image = {}
+    for e in pool.examples:
+        by_image.setdefault(e.image, e)
+    distinct = list(by_image.values())  # one example per image: only the query itself is excluded
+    ids = [e.id for e in distinct[:5]]
+    path = tmp_path / "golden.txt"
+    path.write_text("\n".join(ids) + "\n")
+    retriever = make_retriever(f"fixed:{path}", pool)
+    other, first = distinct[7], distinct[0]
+    ranked = retriever.retrieve([other, first], k=3)
+    assert [d for d, _ in order_demos(ranked[0])] == ids[:3]
+    assert [d for d, _ in order_demos(ranked[1])] == ids[1:4]  # the query itself is skipped, the next one joins
+    assert retriever.excluded.same_id == 1
+    path.write_text("not-a-pool-id\n")
+    with pytest.raises(ValueError, match="not in the pool"):
+        make_retriever(f"fixed:{path}", pool)
+
+
 def test_unknown_retriever_and_order(pool):
     from icl.retrievers import make_retriever, order_demos
 

@@ -65,6 +65,7 @@ class Retriever:
     excluded: Exclusions = field(default_factory=Exclusions)
 
     name = "base"
+    nested = True  # the top k of a deeper list is the k-list (false for sequence generators such as Lever-LM)
 
     def retrieve(self, queries: Sequence[Example], k: int, vectors: dict[str, np.ndarray] | None = None
                  ) -> list[Ranked]:
@@ -163,6 +164,7 @@ class FixedRetriever(Retriever):
     sits next to the query), so the default ``similar-last`` order shows the file's order."""
 
     path: str = ""
+    nested = False  # K demos are the file's first K, in prompt order
 
     def __post_init__(self) -> None:
         lines = [line.strip() for line in Path(self.path).read_text().splitlines() if line.strip()]

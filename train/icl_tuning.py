@@ -263,9 +263,13 @@ class ICLTuningDataset(LlavaJsonDataset):
         retriever = make_retriever(s.retriever, pool, seed=s.seed)
         depth = max(s.shots)
         by_shots: Counter[int] = Counter()
-        for b in range(0, len(queries), RETRIEVAL_BATCH):
-            batch = queries[b:b + RETRIEVAL_BATCH]
-            ranked = retriever.retrieve([q for _, _, q in batch], depth)
+        # a sequence retriever's K demos are not the top of a longer list (Lever-LM's first K generated are):
+        # ask it for each sample's own K
+        groups = ([queries] if retriever.nested else
+                  [[q for q in queries if q[1] == k] for k in sorted({k for _, k, _ in queries})])
+        batches = [group[b:b + RETRIEVAL_BATCH] for group in groups for b in range(0, len(group), RETRIEVAL_BATCH)]
+        for batch in batches:
+            ranked = retriever.retrieve([q for _, _, q in batch], depth if retriever.nested else batch[0][1])
             for (i, k, query), demos in zip(batch, ranked):
                 if not demos:
                     info.no_demos += 1

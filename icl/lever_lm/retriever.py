@@ -42,6 +42,7 @@ class LeverLMRetriever(Retriever):
     model: Any = field(default=None, init=False, repr=False, compare=False)
 
     name = "lever-lm"
+    nested = False  # the first K generated demos, not the last K of a longer sequence
 
     def __post_init__(self) -> None:
         from common.distributed import resolve_device

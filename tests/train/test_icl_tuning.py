@@ -102,6 +102,20 @@ def test_draws_are_deterministic_near_p_and_k_comes_from_the_list(world, process
     assert abs(draws.count(1) - draws.count(2)) < 150
 
 
+def test_sequence_retrievers_give_each_sample_its_first_k_demos(world, processor, llava_pool, tmp_path):
+    others = [e.id for e in llava_pool.examples if e.image != llava_pool.examples[0].image][:3]
+    path = tmp_path / "golden.txt"
+    path.write_text("\n".join(others) + "\n")
+    data = dataset(world, processor, llava_pool, p=1.0, shots=(1, 3), seed=2, retriever=f"fixed:{path}")
+    assert set(data.info.by_shots) == {1, 3}
+    first = {i: [data.demos[p].id for p in plan] for i, plan in data.plan.items()}
+    records = data.records
+    for i, ids in first.items():
+        usable = [d for d in others if not d.startswith(records[i]["id"] + ":")
+                  and llava_pool.examples[llava_pool.position[d]].image != str(world["images"] / records[i]["image"])]
+        assert ids == usable[:len(ids)], "a k-shot sample shows the sequence's first k demos, in its order"
+
+
 def test_too_long_samples_drop_the_farthest_demo_and_count_it(world, processor, llava_pool):
     data = dataset(world, processor, llava_pool, p=1.0, shots=(2,), order="similar-last")
     item = data[0]

@@ -8,8 +8,6 @@ import json
 import numpy as np
 import pytest
 
-from datastore.clip import ClipSpec
-from datastore.index import IndexConfig
 from icl.formats import Example
 from icl.scoring import SetScores
 
@@ -66,14 +64,8 @@ def test_beam_search_finds_the_planted_best_sequence_that_greedy_misses():
 
 
 @pytest.fixture(scope="module")
-def pool_dir(world, tmp_path_factory):
-    from icl.pool import PoolConfig, build_pool
-
-    out = tmp_path_factory.mktemp("lever-data") / "pool"
-    build_pool(PoolConfig(format="synth", inputs=[str(world["data_root"])], out=str(out),
-                          clip=ClipSpec(model="tuna-tiny-clip"), index=IndexConfig(n_eval_queries=10)),
-               progress=False)
-    return out
+def pool_dir(synth_pool_dir):
+    return synth_pool_dir
 
 
 def _label_scorer(pool_dir) -> PlantedScorer:

@@ -12,18 +12,11 @@ import numpy as np
 import pytest
 
 from datastore.clip import ClipSpec
-from datastore.index import IndexConfig
 
 
 @pytest.fixture(scope="module")
-def pool_dir(world, tmp_path_factory):
-    from icl.pool import PoolConfig, build_pool
-
-    out = tmp_path_factory.mktemp("icl") / "pool"
-    build_pool(PoolConfig(format="synth", inputs=[str(world["data_root"])], out=str(out),
-                          clip=ClipSpec(model="tuna-tiny-clip"), index=IndexConfig(n_eval_queries=10)),
-               progress=False)
-    return out
+def pool_dir(synth_pool_dir):
+    return synth_pool_dir
 
 
 @pytest.fixture(scope="module")

@@ -108,10 +108,11 @@ def evaluate(run: Path, pool: Path, out: Path, retriever: str, shots: tuple[int,
     if all((out / "synth_icl" / f"{k}-shot" / "predictions.jsonl").is_file() for k in shots):
         return
     start = time.perf_counter()
+    recipe = json.loads((run / "stages.json").read_text())["recipe"]  # the quickstart's evaluation tag settings
     cmd = [str(Path(sys.executable).with_name("tuna-eval")), "--model", str(run / "models" / "tuna-stage2"),
            "--bench", "synth_icl", "--data-root", str(run / "world"), "--out", str(out), "--batch-size", "16",
            "--device", "cpu", "--datastore", str(run / "datastore"), "--retrieval-cache", str(run / "tags.parquet"),
-           "--min-tag-support", "0.5", "--k-images", "5", "--shots", ",".join(map(str, shots)),
+           "--min-tag-support", str(recipe["eval_min_tag_support"]), "--k-images", str(recipe["k_images"]), "--shots", ",".join(map(str, shots)),
            "--demo-pool", str(pool), "--retriever", retriever, "--demo-order", order]
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "eval.log", "w") as log:
@@ -166,6 +167,9 @@ def main() -> None:
     parser.add_argument("--dm-random", type=Path, help="D_M mined with random candidate sets (ablation)")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--only", choices=["main", "ablations"], help="one part only (default both)")
+    parser.add_argument("--retrievers", default="random,siir,sttr,sitr,sit,oracle",
+                        help="retrievers Lever-LM is compared with in the main table")
+    parser.add_argument("--shots", default=",".join(map(str, MAIN_SHOTS)), help="shot counts of the main table")
     parser.add_argument("--epochs", type=int, default=10, help="Lever-LM training epochs (validation loss is "
                         "lowest near 6 on a 240-anchor D_M)")
     parser.add_argument("--parallel", type=int, default=2, help="evaluations side by side")
@@ -184,12 +188,13 @@ def main() -> None:
     jobs: dict[str, tuple[str, tuple[int, ...], str]] = {}  # eval name -> (retriever, shots, order)
     sections: list[tuple[str, list[str], tuple[int, ...]]] = []
     start = time.perf_counter()
+    main_shots = tuple(int(k) for k in args.shots.split(","))
     main_model = train(args.dm, models / "lever-lm", 2, args.seed, args.epochs)
-    jobs["lever-lm"] = (f"lever-lm:{main_model}", MAIN_SHOTS, "similar-last")  # the ablations' reference too
+    jobs["lever-lm"] = (f"lever-lm:{main_model}", main_shots, "similar-last")  # the ablations' reference too
     if args.only in (None, "main"):
-        names = ["random", "siir", "sttr", "sitr", "sit", "oracle"]
-        jobs.update({n: (n, MAIN_SHOTS, "similar-last") for n in names})
-        sections.append(("Lever-LM against the retrievers (untuned quickstart TUNA)", names + ["lever-lm"], MAIN_SHOTS))
+        names = args.retrievers.split(",")
+        jobs.update({n: (n, main_shots, "similar-last") for n in names})
+        sections.append(("Lever-LM against the retrievers (untuned quickstart TUNA)", names + ["lever-lm"], main_shots))
     if args.only in (None, "ablations"):
         s = ABLATION_SHOTS
         jobs["lever-lm shuffled"] = (f"lever-lm:{main_model}", s, "shuffled")

@@ -143,10 +143,13 @@ def scorer_from_args(args):
 
         return (HFScorer.from_pretrained(args.hf_model, device=device, batch_size=args.scorer_batch_size),
                 model_identity(args.hf_model, backend="hf"))
-    scorer = TunaScorer.from_pretrained(args.model, datastore=args.datastore, retrieval_cache=args.retrieval_cache,
-                                        k_images=args.k_images, min_tag_support=args.min_tag_support,
-                                        device=device, batch_size=args.scorer_batch_size,
-                                        demo_tags=not args.no_demo_tags)
+    try:
+        scorer = TunaScorer.from_pretrained(args.model, datastore=args.datastore,
+                                            retrieval_cache=args.retrieval_cache, k_images=args.k_images,
+                                            min_tag_support=args.min_tag_support, device=device,
+                                            batch_size=args.scorer_batch_size, demo_tags=not args.no_demo_tags)
+    except OSError as exc:  # transformers' message names the missing weights file, not the flag
+        raise ValueError(f"--model {args.model}: not a TUNA model folder ({exc})") from exc
     tags = {"datastore": str(Path(args.datastore).resolve()) if args.datastore else None,
             "retrieval_cache": str(Path(args.retrieval_cache).resolve()) if args.retrieval_cache else None,
             "k_images": args.k_images, "min_tag_support": args.min_tag_support, "demo_tags": not args.no_demo_tags}
@@ -208,12 +211,14 @@ def cmd_lever_build_data(args) -> None:
     import shutil
 
     from icl.lever_lm.data import BuildDataConfig, build_data
+    from icl.pool import pool_info
 
     config = BuildDataConfig(pool=args.pool, out=args.out, anchors=args.anchors, candidates=args.candidates,
                              sampling=args.sampling, beam=args.beam, length=args.length, seed=args.seed,
                              block=args.block)
     if args.overwrite and Path(args.out).exists() and os.environ.get("RANK", "0") == "0":
         shutil.rmtree(args.out)
+    pool_info(args.pool)  # a missing pool fails before the scoring model loads
     scorer, identity = scorer_from_args(args)
     manifest = build_data(config, scorer, identity)
     if manifest:

@@ -202,6 +202,9 @@ def diagnostics(path: str | Path, pool: Pool) -> dict[str, Any]:
     label-matching candidates in the first step's InfoScore ranking (50 = no preference, 100 = all first)."""
     _, sequences, anchors = read_dm(path)
     label = {e.id: e.label for e in pool.examples}
+    # only labelled anchors say anything about labels (caption pools have none: None == None is no match)
+    anchors = [a for a in anchors if label.get(a["anchor_id"]) is not None]
+    sequences = [s for s in sequences if label.get(s["anchor_id"]) is not None]
     length = max((len(s["demo_ids"]) for s in sequences), default=0)
     by_position = [[label[s["demo_ids"][p]] == label[s["anchor_id"]] for s in sequences if len(s["demo_ids"]) > p]
                    for p in range(length)]
@@ -218,7 +221,7 @@ def diagnostics(path: str | Path, pool: Pool) -> dict[str, Any]:
     def share(values) -> float | None:
         return round(100.0 * float(np.mean(values)), 1) if len(values) else None
 
-    return {"anchors": len(anchors), "sequences": len(sequences),
+    return {"labelled_anchors": len(anchors), "sequences": len(sequences),
             "candidates_with_anchor_label_pct": share(base_rate),
             "sequences_holding_anchor_label_pct": share(
                 [any(label[d] == label[s["anchor_id"]] for d in s["demo_ids"]) for s in sequences]),
@@ -227,5 +230,6 @@ def diagnostics(path: str | Path, pool: Pool) -> dict[str, Any]:
             "demos_with_anchor_label_pct_by_position": [share(v) for v in by_position],
             "infoscore_percentile_of_anchor_label_candidates": round(float(np.mean(percentiles)), 1)
             if percentiles else None,
-            "mean_base_probability": round(float(np.mean([a["base_probability"] for a in anchors])), 4),
+            "mean_base_probability": round(float(np.mean([a["base_probability"] for a in anchors])), 4)
+            if anchors else None,
             "mean_best_probability": round(float(np.mean([s["probability"] for s in best])), 4) if best else None}

@@ -106,3 +106,8 @@ def test_caption_pool_from_coco_karpathy(world, model_dir, tmp_path):  # noqa: F
              "--out", str(tmp_path / "dm"), "--device", "cpu"])
     rows = json.loads((tmp_path / "dm" / "manifest.json").read_text())
     assert rows["anchors"] == 3 and rows["sequences"] == 6
+    from icl.lever_lm.data import diagnostics
+    from icl.pool import Pool
+
+    found = diagnostics(tmp_path / "dm", Pool.open(pool))  # captions carry no label: nothing to say about labels
+    assert found["labelled_anchors"] == 0 and found["sequences_holding_anchor_label_pct"] is None

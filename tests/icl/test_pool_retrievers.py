@@ -123,6 +123,17 @@ def test_near_duplicate_images_are_excluded_and_counted(pool, tmp_path):
     assert retriever.excluded.near_duplicate >= 1 and retriever.excluded.same_id == 0
 
 
+def test_fingerprint_names_ids_and_image_embeddings(pool_dir, tmp_path):
+    from icl.pool import Pool
+
+    copy = tmp_path / "copy"
+    shutil.copytree(pool_dir, copy)
+    assert Pool.open(copy).fingerprint == Pool.open(pool_dir).fingerprint
+    images = np.load(copy / "embeddings" / "image.npy")
+    np.save(copy / "embeddings" / "image.npy", images[::-1].copy())  # same ids, other images (another world)
+    assert Pool.open(copy).fingerprint != Pool.open(pool_dir).fingerprint
+
+
 def test_fixed_demos_are_the_files_first_k_in_prompt_order_without_the_query(pool, tmp_path):
     from icl.retrievers import make_retriever, order_demos
 

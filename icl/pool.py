@@ -247,10 +247,15 @@ class Pool:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the example ids in row order: what a model whose vocabulary is this pool checks."""
+        """sha256 of the example ids in row order and of their image embeddings: what a model whose vocabulary
+        is this pool checks (ids alone repeat across pools of different data, e.g. synthetic worlds)."""
         import hashlib
 
-        return hashlib.sha256("\n".join(e.id for e in self.examples).encode()).hexdigest()
+        if not hasattr(self, "_fingerprint"):
+            digest = hashlib.sha256("\n".join(e.id for e in self.examples).encode())
+            digest.update(np.ascontiguousarray(self.vectors["image"], dtype=np.float16).tobytes())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
     @property
     def clip(self) -> LoadedClip:

@@ -28,14 +28,14 @@ def synthetic_pool(n: int, dim: int, root: Path):
     import faiss
 
     from icl.formats import Example
-    from icl.pool import Pool
+    from icl.pool import Pool, sit_vectors
 
     rng = np.random.default_rng(0)
     vectors = {}
     for kind in ("image", "question", "answer"):
         v = rng.standard_normal((n, dim)).astype(np.float32)
         vectors[kind] = v / np.linalg.norm(v, axis=1, keepdims=True)
-    vectors["sit"] = (np.concatenate([vectors["image"], vectors["question"]], axis=1) / np.sqrt(2)).astype(np.float32)
+    vectors["sit"] = sit_vectors(vectors["image"], vectors["question"])
     indexes = {}
     for kind, v in vectors.items():
         indexes[kind] = faiss.IndexFlatIP(v.shape[1])
@@ -46,13 +46,14 @@ def synthetic_pool(n: int, dim: int, root: Path):
 
 def queries_like(pool, m: int):
     from icl.formats import Example
+    from icl.pool import sit_vectors
 
     rng = np.random.default_rng(1)
     vectors = {}
     for kind in ("image", "question", "answer"):
         v = rng.standard_normal((m, pool.vectors[kind].shape[1])).astype(np.float32)
         vectors[kind] = v / np.linalg.norm(v, axis=1, keepdims=True)
-    vectors["sit"] = (np.concatenate([vectors["image"], vectors["question"]], axis=1) / np.sqrt(2)).astype(np.float32)
+    vectors["sit"] = sit_vectors(vectors["image"], vectors["question"])
     return [Example(f"q{i}", f"/query/{i}.jpg", "q?", ("a",), "vqa", None) for i in range(m)], vectors
 
 

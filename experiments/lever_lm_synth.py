@@ -121,23 +121,22 @@ def evaluate(run: Path, pool: Path, out: Path, retriever: str, shots: tuple[int,
     print(f"   {out.name}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def accuracy(out: Path, k: int) -> dict[str, float | None]:
+def predictions(out: Path, k: int) -> list[dict]:
     path = out / "synth_icl" / f"{k}-shot" / "predictions.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-    table = {}
-    for group, keep in GROUPS.items():
-        scores = [r["score"] for r in records if keep(r)]
-        table[group] = round(100.0 * sum(scores) / len(scores), 1) if scores else None
-    return table
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def accuracy(out: Path, k: int) -> dict[str, float | None]:
+    from pipeline.icl_suite import _accuracy
+
+    records = predictions(out, k)
+    return {group: _accuracy(records, keep) for group, keep in GROUPS.items()}
 
 
 def label_precision(out: Path, k: int, labels: dict[str, str]) -> float | None:
-    path = out / "synth_icl" / f"{k}-shot" / "predictions.jsonl"
-    if not path.is_file():
-        return None
-    hits = [labels.get(d["id"]) == r["answers"][0] for line in path.read_text().splitlines()
-            for r in [json.loads(line)] for d in r.get("demos", [])]
-    return round(100.0 * sum(hits) / len(hits), 1) if hits else None
+    from pipeline.icl_suite import _demo_precision
+
+    return _demo_precision(predictions(out, k), labels)
 
 
 def table(title: str, runs: dict[str, Path], shots: tuple[int, ...], labels: dict[str, str]) -> tuple[str, dict]:

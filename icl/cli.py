@@ -129,15 +129,10 @@ def add_scorer_args(parser: argparse.ArgumentParser) -> None:
 
 def scorer_from_args(args):
     """(scorer, identity) for :func:`add_scorer_args`' flags."""
-    import os
-
-    import torch
-
+    from common.distributed import resolve_device
     from icl.scoring import TunaScorer, model_identity
 
-    device = args.device
-    if device == "auto":
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(args.device)
     if args.hf_model:
         from icl.hf_scorer import HFScorer
 

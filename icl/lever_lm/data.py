@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from common.distributed import dist_env
 from datastore import layout
 from icl.lever_lm.beam import beam_search
 from icl.pool import Pool
@@ -79,10 +79,6 @@ def anchor_ids(pool: Pool, n: int, seed: int) -> list[str]:
     return [pool.examples[i].id for i in rng.permutation(len(pool))[:n]]
 
 
-def _rank_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def _check_settings(out: Path, record: dict[str, Any]) -> None:
     path = out / SETTINGS
     if path.is_file():
@@ -107,7 +103,7 @@ def build_data(config: BuildDataConfig, scorer: Scorer, scorer_identity: dict[st
     pool = Pool.open(config.pool)
     record = {"pool": str(Path(config.pool).resolve()), "pool_fingerprint": pool.fingerprint,
               "settings": asdict(config) | {"pool": None, "out": None}, "scorer": scorer_identity}
-    rank, world = _rank_world()
+    rank, world, _ = dist_env()
     _check_settings(out, record)  # every rank: the same record, written atomically by whichever is first
     anchors = anchor_ids(pool, config.anchors, config.seed)
     blocks = [anchors[i:i + config.block] for i in range(0, len(anchors), config.block)]

@@ -64,21 +64,15 @@ class EvalConfig:
 
 def load_model(config: EvalConfig):
     """Model, tokenizer and processor (with its tag source) for the run's flags."""
-    from transformers import AutoTokenizer
+    from tuna.processing_tuna import load_pretrained
 
-    from tuna.modeling_tuna import TunaForCausalLM
-    from tuna.processing_tuna import TunaProcessor
-    from tuna.tag_source import TagSource
-
-    model = TunaForCausalLM.from_pretrained(config.model).to(config.device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
-    source = TagSource.for_model(model, ablation="no_tags" if config.no_tags else config.ablation,
-                                 retrieval_cache=config.retrieval_cache, datastore=config.datastore,
-                                 k_images=config.k_images, min_support=config.min_tag_support,
-                                 random_vocabulary=config.random_tags_vocab)
-    if source is None:
+    model, tokenizer, processor = load_pretrained(
+        config.model, config.device, ablation="no_tags" if config.no_tags else config.ablation,
+        retrieval_cache=config.retrieval_cache, datastore=config.datastore, k_images=config.k_images,
+        min_support=config.min_tag_support, random_vocabulary=config.random_tags_vocab)
+    if processor.tag_source is None:
         raise ValueError("tags need --datastore or --retrieval-cache (or --no-tags for the baseline)")
-    return model, tokenizer, TunaProcessor.from_model(model, tokenizer, tag_source=source)
+    return model, tokenizer, processor
 
 
 def answer_batch(model, tokenizer, processor, bench: Benchmark, samples: list[dict], folder: Path,

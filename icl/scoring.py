@@ -69,20 +69,13 @@ class TunaScorer:
                         k_images: int = 5, min_tag_support: float = 0.0, device: str = "cpu", batch_size: int = 8,
                         demo_tags: bool = True) -> TunaScorer:
         """A saved TUNA model with the tag source its flags describe (a tag-free model needs neither path)."""
-        from transformers import AutoTokenizer
+        from tuna.processing_tuna import load_pretrained
 
-        from tuna.modeling_tuna import TunaForCausalLM
-        from tuna.processing_tuna import TunaProcessor
-        from tuna.tag_source import TagSource
-
-        model = TunaForCausalLM.from_pretrained(path).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        source = TagSource.for_model(model, retrieval_cache=retrieval_cache, datastore=datastore, k_images=k_images,
-                                     min_support=min_tag_support)
-        if source is None:
+        model, _, processor = load_pretrained(path, device, retrieval_cache=retrieval_cache, datastore=datastore,
+                                          k_images=k_images, min_support=min_tag_support)
+        if processor.tag_source is None:
             raise ValueError(f"{path} reads retrieved tags: give --datastore or --retrieval-cache")
-        return cls(model, TunaProcessor.from_model(model, tokenizer, tag_source=source), batch_size=batch_size,
-                   demo_tags=demo_tags)
+        return cls(model, processor, batch_size=batch_size, demo_tags=demo_tags)
 
     def loglik(self, query: Example, candidate_sets: Sequence[Sequence[Example]], answer: str | None = None
                ) -> SetScores:

@@ -73,12 +73,8 @@ def build_parser(commands: Sequence[Command] = ()) -> argparse.ArgumentParser:
 
 def ask(args) -> dict:
     """Run ``tuna ask``; returns the printed record."""
-    from transformers import AutoTokenizer
-
     from tuna.configuration_tuna import ablation_policy
-    from tuna.modeling_tuna import TunaForCausalLM
-    from tuna.processing_tuna import TunaProcessor
-    from tuna.tag_source import TagSource
+    from tuna.processing_tuna import load_pretrained
 
     if not os.path.isfile(args.image):
         raise ValueError(f"image {args.image!r} is not a file")
@@ -88,11 +84,9 @@ def ask(args) -> dict:
     timings = {}
     start = time.perf_counter()
     device = resolve_device(args.device)
-    model = TunaForCausalLM.from_pretrained(args.model).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    source = TagSource.for_model(model, ablation=args.ablation, retrieval_cache=args.retrieval_cache,
-                                 datastore=args.datastore, k_images=args.k_images, min_support=args.min_tag_support)
-    processor = TunaProcessor.from_model(model, tokenizer, tag_source=source)
+    model, tokenizer, processor = load_pretrained(
+        args.model, device, ablation=args.ablation, retrieval_cache=args.retrieval_cache, datastore=args.datastore,
+        k_images=args.k_images, min_support=args.min_tag_support)
     timings["load_s"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -236,3 +236,17 @@ def _score_tensor(scores: list[list[float] | None], tags: list[list[str]], width
             raise ValueError(f"image {n}: {len(row)} tag scores for {len(t)} tags")
         out[n, :len(row)] = torch.tensor(row, dtype=torch.float32)
     return out
+
+
+def load_pretrained(path: str | Path, device: str = "cpu", **tag_flags: Any) -> tuple[Any, Any, TunaProcessor]:
+    """A saved TUNA model (eval mode, on ``device``), its tokenizer, and a processor whose tag source follows
+    ``tag_flags`` (:meth:`tuna.tag_source.TagSource.for_model`'s keywords); the processor's ``tag_source``
+    is None when the model reads tags but no flag says where from: each caller decides what that means."""
+    from transformers import AutoTokenizer
+
+    from tuna.modeling_tuna import TunaForCausalLM
+
+    model = TunaForCausalLM.from_pretrained(path).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    source = TagSource.for_model(model, **tag_flags)
+    return model, tokenizer, TunaProcessor.from_model(model, tokenizer, tag_source=source)

@@ -29,6 +29,9 @@ EPILOG = """examples:
   tuna-icl lever-lm train --data dm/vqav2 --out lever-lm/vqav2
   tuna-eval --model runs/tuna --bench vqav2_val --shots 1,2,4,8 --demo-pool pools/vqav2-train \\
       --retriever lever-lm:lever-lm/vqav2 ...
+  tuna-icl drum train --pool pools/vqav2-train --model runs/tuna --datastore ds --out drum/vqav2 --rounds 3
+  accelerate launch -m icl.cli drum train ...                          (queries split over processes)
+  tuna-eval ... --retriever drum:drum/vqav2                            (the latest round's embedder)
 """
 
 
@@ -78,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="image cosine from which a demo counts as a copy of the query (default: exact copies)")
     r.add_argument("--out", required=True, help="JSONL: query id, demo ids and scores, most similar first")
     _lever_lm_parsers(sub, defaults)
+    _drum_parsers(sub, defaults)
     return parser
 
 
@@ -109,6 +113,21 @@ def _lever_lm_parsers(sub, defaults: dict) -> None:
     add_train_args(t)
     g = lever.add_parser("diagnose", **defaults, help="does InfoScore prefer demos of the anchor's label?")
     g.add_argument("data", help="D_M directory")
+
+
+def _drum_parsers(sub, defaults: dict) -> None:
+    from icl.drum.train import add_train_args
+
+    drum = sub.add_parser("drum", help="DRUM: a demonstration retriever trained with the scoring model's feedback"
+                          ).add_subparsers(dest="drum_command", required=True)
+    t = drum.add_parser(
+        "train", **defaults, help="rounds of mine -> score -> train (resumes by round)",
+        description="Train a DRUM embedder: each round mines the top-n candidates of the training queries with "
+                    "the current embedder, scores them with the scoring model (log P(answer | demo, query), "
+                    "cached), logs the round's metrics and trains the embedder with the ranking loss. Launch "
+                    "with python, accelerate launch or torchrun -m icl.cli for data parallelism over queries.")
+    add_train_args(t)
+    add_scorer_args(t)
 
 
 def add_scorer_args(parser: argparse.ArgumentParser) -> None:
@@ -222,6 +241,20 @@ def cmd_lever_build_data(args) -> None:
               f"{manifest['seconds_per_anchor']} s per anchor ({manifest['sets_per_second']} sets/s)")
 
 
+def cmd_drum_train(args) -> None:
+    from icl.drum.train import config_from_args, train_drum
+    from icl.pool import pool_info
+
+    config = config_from_args(args)
+    pool_info(args.pool)  # a missing pool fails before the scoring model loads
+    scorer, identity = scorer_from_args(args)
+    history = train_drum(config, scorer, identity)
+    if history:
+        last = history[-1]
+        print(f"drum {args.out}: {len(history)} rounds evaluated; round {last['round']}: "
+              + ", ".join(f"{k} {v}" for k, v in last.items() if k.startswith(("dev_", "train_top1"))))
+
+
 def cmd_lever_train(args) -> None:
     from icl.lever_lm.train import config_from_args, train_lever_lm
 
@@ -238,14 +271,14 @@ def cmd_lever_diagnose(args) -> None:
 
 COMMANDS = {("pool", "build"): cmd_pool_build, ("pool", "info"): cmd_pool_info, ("retrieve", None): cmd_retrieve,
             ("lever-lm", "build-data"): cmd_lever_build_data, ("lever-lm", "train"): cmd_lever_train,
-            ("lever-lm", "diagnose"): cmd_lever_diagnose}
+            ("lever-lm", "diagnose"): cmd_lever_diagnose, ("drum", "train"): cmd_drum_train}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     start = time.perf_counter()
-    sub = getattr(args, "pool_command", None) or getattr(args, "lever_command", None)
+    sub = next((getattr(args, a) for a in ("pool_command", "lever_command", "drum_command") if hasattr(args, a)), None)
     name = " ".join(filter(None, (args.command, sub)))
     try:
         COMMANDS[(args.command, sub)](args)

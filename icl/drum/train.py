@@ -334,7 +334,7 @@ def train_drum(config: DrumConfig, scorer: Any, identity: dict[str, Any], progre
         cache = FeedbackCache(cache_dir, key)  # every rank's new scores
         lists = collect_lists(retriever, train_rows, config.candidates, cache)
         clock = time.perf_counter()
-        metrics = {"round": r, **counts, "cache_size": len(cache)}
+        metrics = {"round": r, **counts, "cache_size": len(cache), "processes": world}
         if accelerator.is_main_process:
             metrics.update(evaluate_round(retriever, lists, dev_rows, scorer, cache, config.dev_shots))
         timings["evaluate"] = time.perf_counter() - clock

@@ -8,10 +8,12 @@ with the ICL literature's names:
 - ``sttr``: query question -> demo questions;
 - ``sitr``: query image -> demo answer texts (captions, class names: CLIP's zero-shot direction);
 - ``sit``: [image; question] / sqrt(2) -> the same for the demos (mean of the two cosines; DRUM's start);
-- ``oracle``: demos with the query's label first (ranked by image similarity), then SIIR; experiments only.
+- ``oracle``: demos with the query's label first (ranked by image similarity), then SIIR; experiments only;
+- ``bm25``: BM25 of the query's question over the demos' questions (``icl.baselines``, imported on first use).
 
 Learned retrievers (``drum:PATH``, ``lever-lm:PATH``) register a factory under their prefix; ``fixed:FILE``
-gives every query the same demos (a file of pool ids).
+gives every query the same demos (a file of pool ids); ``image:SPEC`` ranks demo images under any timm or
+open_clip image model (``icl.baselines``: e.g. ``image:timm:vit_small_patch14_dinov2.lvd142m``).
 
 Exclusions, counted in :attr:`Retriever.excluded`: the query itself (same id, or same image: another
 question on the query's image would leak its answer) and near-duplicate images (cosine >= threshold).
@@ -188,10 +190,11 @@ RETRIEVERS: dict[str, Callable[..., Retriever]] = {
     "sitr": lambda pool, **kw: IndexRetriever(pool, query_kind="image", demo_kind="answer", **kw),
     "sit": lambda pool, **kw: IndexRetriever(pool, query_kind="sit", demo_kind="sit", **kw),
     "oracle": OracleRetriever,
+    "bm25": lambda pool, **kw: importlib.import_module("icl.baselines").BM25Retriever(pool, **kw),
 }
 # learned retrievers: prefix -> factory(pool, path, **kw), registered by their modules, imported on first use
 LEARNED: dict[str, Callable[..., Retriever]] = {"fixed": lambda pool, path, **kw: FixedRetriever(pool, path=path, **kw)}
-LEARNED_MODULES = {"lever-lm": "icl.lever_lm.retriever"}
+LEARNED_MODULES = {"lever-lm": "icl.lever_lm.retriever", "drum": "icl.drum.retriever", "image": "icl.baselines"}
 
 
 def make_retriever(name: str, pool: Pool, **kwargs) -> Retriever:

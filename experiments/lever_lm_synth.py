@@ -104,12 +104,14 @@ def train(dm: Path, out: Path, layers: int, seed: int, epochs: int) -> Path:
     return out
 
 
-def evaluate(run: Path, pool: Path, out: Path, retriever: str, shots: tuple[int, ...], order: str, threads: int) -> None:
+def evaluate(run: Path, pool: Path, out: Path, retriever: str, shots: tuple[int, ...], order: str, threads: int,
+             model: Path | None = None) -> None:
+    """``tuna-eval --bench synth_icl`` of ``model`` (default: the quickstart's TUNA before in-context tuning)."""
     if all((out / "synth_icl" / f"{k}-shot" / "predictions.jsonl").is_file() for k in shots):
         return
     start = time.perf_counter()
     recipe = json.loads((run / "stages.json").read_text())["recipe"]  # the quickstart's evaluation tag settings
-    cmd = [str(Path(sys.executable).with_name("tuna-eval")), "--model", str(run / "models" / "tuna-stage2"),
+    cmd = [str(Path(sys.executable).with_name("tuna-eval")), "--model", str(model or run / "models" / "tuna-stage2"),
            "--bench", "synth_icl", "--data-root", str(run / "world"), "--out", str(out), "--batch-size", "16",
            "--device", "cpu", "--datastore", str(run / "datastore"), "--retrieval-cache", str(run / "tags.parquet"),
            "--min-tag-support", str(recipe["eval_min_tag_support"]), "--k-images", str(recipe["k_images"]), "--shots", ",".join(map(str, shots)),

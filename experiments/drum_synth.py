@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lever_lm_synth import accuracy, evaluate, label_precision, table  # noqa: E402
+from lever_lm_synth import accuracy, evaluate, label_precision, table
 
 SHOTS = (1, 2, 4, 8)
 TRANSFER_SHOTS = (1, 2, 4)  # the ICL suite's shot counts: its sit / siir evaluations of the tuned model are reused
@@ -114,7 +114,8 @@ def main() -> None:
     jobs.update({f"drum-{n}": (untuned, f"drum:{args.out / 'runs' / n}", SHOTS) for n in names})
     if "kl" in names:
         for h in histories["kl"][1:-1]:  # round 0 is sit, the last round is drum-kl
-            jobs[f"kl-round{h['round']}"] = (untuned, f"drum:{args.out / 'runs' / 'kl' / ('round-%d' % h['round'])}", (4,))
+            folder = args.out / "runs" / "kl" / f"round-{h['round']}"
+            jobs[f"kl-round{h['round']}"] = (untuned, f"drum:{folder}", (4,))
         jobs["transfer-drum-kl"] = (tuned, f"drum:{args.out / 'runs' / 'kl'}", TRANSFER_SHOTS)
 
     def run_job(item) -> None:

@@ -200,7 +200,7 @@ class DrumEmbedder(nn.Module):
             model = cls(config, state["image_head.weight"].shape[0])
         else:
             model = cls(config, 0, clip=_fresh_clip(config))
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        _, unexpected = model.load_state_dict(state, strict=False)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad or n == "log_temperature"}
         if unexpected or trainable - set(state):
             raise ValueError(f"{folder}: weights do not fit a {config.scope!r} embedder (unexpected "

@@ -72,9 +72,9 @@ class DrumRetriever(Retriever):
     def _pool_embeddings(self, folder: Path | None) -> np.ndarray:
         """The pool under the embedder, from the folder's cache when it was computed for this pool."""
         info = {"pool_fingerprint": self.pool.fingerprint}
-        if folder is not None and (folder / POOL_EMBEDDINGS_INFO).is_file():
-            if json.loads((folder / POOL_EMBEDDINGS_INFO).read_text()) == info:
-                return np.load(folder / POOL_EMBEDDINGS).astype(np.float32)
+        if (folder is not None and (folder / POOL_EMBEDDINGS_INFO).is_file()
+                and json.loads((folder / POOL_EMBEDDINGS_INFO).read_text()) == info):
+            return np.load(folder / POOL_EMBEDDINGS).astype(np.float32)
         vectors = self.embedder.embed_rows(self.pool.examples, self.pool.vectors)
         if folder is not None and self.cache_embeddings:
             try:

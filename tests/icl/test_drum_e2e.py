@@ -90,7 +90,7 @@ def test_two_processes_split_the_queries(vqa, world, model_dir, tmp_path):  # no
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "icl.cli", "drum", "train", "--pool", str(vqa["pool"]), "--out", str(run), "--model",
            str(model_dir), "--datastore", str(world["datastore"]), *SMALL]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     rounds = json.loads((run / "rounds.json").read_text())
     assert [r["round"] for r in rounds] == [0, 1] and rounds[0]["processes"] == 2

@@ -4,15 +4,92 @@ A neighbour is *pure* when its category set intersects the query's; purity@k is 
 queries, of the fraction of pure neighbours among the top k. Reported for all queries and for
 single-object queries (one category: the neighbour must contain exactly that one), split by the
 query's novelty ("seen" / "novel") when given. The functions take arrays and lists, so the same
-code scores a fresh CLIP (exact search) and a built datastore (its FAISS neighbours);
-``datastore.synth.layout.World.categories`` reads the ground truth of synthetic-world keys.
+code scores a fresh CLIP (exact search) and a built datastore (its FAISS neighbours).
+Labels come from any :data:`LabelSource`: ``datastore.synth.layout.World.categories`` reads the ground
+truth of synthetic-world keys, :class:`Labels` a jsonl/csv file for any other images.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+import csv
+import json
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+
+# image keys -> (label set per key, group per key or None); World.categories is one
+LabelSource = Callable[[Sequence[str]], tuple[list[frozenset[str]], list[str] | None]]
+UNGROUPED = "ungrouped"
+
+
+@dataclass(frozen=True)
+class Labels:
+    """Labels (and optional groups such as seen / novel) of image keys, from any source; a LabelSource.
+
+    Keys are matched exactly as the retrieval cache names images: the questions' ``image`` fields for
+    queries, the datastore's sample keys for neighbours.
+    """
+
+    labels: dict[str, frozenset[str]]
+    groups: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, path: str | Path) -> Labels:
+        """A label file: ``.csv`` with a header ``image,label[,group]`` (one row per label; a key's rows add
+        up), or jsonl lines ``{"image": KEY, "labels": [...] (or "label": "..."), "group": optional}``.
+
+        Raises:
+            ValueError: "PATH:LINE: ..." for invalid JSON or a row without a key or a label.
+        """
+        path = Path(path)
+        if path.suffix.lower() == ".csv":
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                if not {"image", "label"} <= set(reader.fieldnames or ()):
+                    raise ValueError(f"{path}: expected a header with image,label[,group], got {reader.fieldnames}")
+                rows = [(n, r["image"], [r["label"]], r.get("group")) for n, r in enumerate(reader, 2)]
+        else:
+            rows = []
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
+                r = r if isinstance(r, dict) else {}
+                names = r.get("labels", r.get("label"))
+                rows.append((n, r.get("image"), names if isinstance(names, list) else [names], r.get("group")))
+        labels: dict[str, frozenset[str]] = {}
+        groups: dict[str, str] = {}
+        for n, key, names, group in rows:
+            if not isinstance(key, str) or not key or not names \
+                    or not all(isinstance(x, str) and x.strip() for x in names):
+                raise ValueError(f"{path}:{n}: needs an image key and at least one non-empty label")
+            labels[key] = labels.get(key, frozenset()) | {x.strip() for x in names}
+            if group:
+                groups[key] = str(group)
+        return cls(labels, groups)
+
+    def __call__(self, keys: Sequence[str]) -> tuple[list[frozenset[str]], list[str] | None]:
+        missing = [k for k in keys if k not in self.labels]
+        if missing:
+            raise ValueError(f"{len(missing)} of {len(keys)} image keys have no label, e.g. {missing[:5]}")
+        groups = [self.groups.get(k, UNGROUPED) for k in keys] if self.groups else None
+        return [self.labels[k] for k in keys], groups
+
+
+def key_purity(images: Sequence[str], neighbours: Sequence[Sequence[str]], labels: LabelSource,
+               ks: Sequence[int] = (1, 5)) -> dict[str, dict]:
+    """Purity@k of neighbours named by key (e.g. a retrieval cache's ``neighbours``), both sides labelled
+    by ``labels``: ``World.categories`` for synthetic-world keys, :class:`Labels` for any others. Rows
+    per group come from the queries' groups (see :func:`purity_from_neighbours`)."""
+    categories, groups = labels(list(images))
+    keys = list(dict.fromkeys(k for row in neighbours for k in row))
+    of_key = dict(zip(keys, labels(keys)[0]))
+    return purity_from_neighbours(categories, [[of_key[k] for k in row] for row in neighbours], groups, ks)
 
 
 def exact_neighbours(queries: np.ndarray, database: np.ndarray, k: int, exclude: Sequence[int] | None = None,

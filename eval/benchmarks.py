@@ -161,6 +161,7 @@ def get_benchmark(name: str) -> Benchmark:
 
 # LLaVA-1.5 evaluation layouts (data root = LLaVA's playground/data/eval); they register on import.
 import eval.bench_caption  # noqa: E402,F401
+import eval.bench_custom  # noqa: E402,F401
 import eval.bench_icl  # noqa: E402,F401
 import eval.bench_judged  # noqa: E402,F401
 import eval.bench_llava_choice  # noqa: E402,F401

@@ -61,7 +61,7 @@ def test_every_format_runs_end_to_end(world, tmp_path):
     from datastore.clip import ClipSpec
     from tuna.modeling_tuna import TunaForCausalLM
 
-    assert set(LLAVA_FORMATS) | {"synth_open", "synth_pope", "synth_mc", "synth_icl", "okvqa_val", "classification_val", "nocaps_val", "vqav2_testdev",
+    assert set(LLAVA_FORMATS) | {"synth_open", "synth_pope", "synth_mc", "synth_icl", "okvqa_val", "classification_val", "nocaps_val", "vqav2_testdev", "custom_open", "custom_yesno",
                                  "vizwiz_test"} == set(BENCHMARKS)
     tokenizer = AutoTokenizer.from_pretrained(world["llm"])
     model = TunaForCausalLM.from_components(str(world["llm"]), ClipSpec(model="tuna-tiny-clip"), tokenizer,

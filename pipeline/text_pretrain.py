@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
@@ -204,11 +205,18 @@ def _pack(samples: Iterator[tuple[list[int], list[float]]], n_rows: int, length:
     return torch.tensor(ids, dtype=torch.long), torch.tensor(weights), torch.tensor(positions), dropped
 
 
-def name_pools(captions: list[str], config: TextPretrainConfig, known: set[str] | None = None) -> dict[str, Any]:
-    """The :class:`CopyTextGenerator` name arguments of ``config``: its lexicon and the caption nouns."""
-    known = caption_words(captions) if known is None else known
+def known_words(captions: list[str], names: Iterable[str] | None = None) -> set[str]:
+    """Words no made-up name may equal: those of the captions and of the given names."""
+    return caption_words([*captions, *(names or ())])
+
+
+def name_pools(captions: list[str], config: TextPretrainConfig, known: set[str] | None = None,
+               names: list[str] | None = None) -> dict[str, Any]:
+    """The :class:`CopyTextGenerator` name arguments of ``config``: its lexicon and the "known words" --
+    ``names`` when given (e.g. a names file), else the caption nouns."""
+    known = known_words(captions, names) if known is None else known
     return {"pool": make_lexicon(config.seed * 2 + 3, config.lexicon_size, known),
-            "pool_fraction": config.lexicon_fraction, "words": caption_nouns(captions),
+            "pool_fraction": config.lexicon_fraction, "words": list(names) if names else caption_nouns(captions),
             "words_fraction": config.caption_noun_fraction}
 
 
@@ -228,7 +236,8 @@ def weighted_lm_loss(model: Any, ids: Tensor, positions: Tensor, weights: Tensor
 
 
 def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPretrainConfig | None = None,
-                      progress: bool = True) -> Path:
+                      progress: bool = True, names: list[str] | None = None,
+                      record: dict[str, Any] | None = None) -> Path:
     """Train tokenizer + tiny Qwen2 LM on captions and generated copy texts; save both to ``out_dir``.
 
     Args:
@@ -237,6 +246,8 @@ def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPret
             ``text_pretrain.json`` with the config, losses and timings).
         config: sizes and schedule (default :class:`TextPretrainConfig`).
         progress: print a line every ``config.log_every`` steps and the timings at the end.
+        names: names the copy texts draw instead of the caption nouns (:func:`name_pools`).
+        record: extra entries for ``text_pretrain.json`` (e.g. the corpus's read and skip counts).
 
     Returns:
         ``out_dir`` as a Path; ``AutoTokenizer`` / ``AutoModelForCausalLM.from_pretrained`` load it.
@@ -256,11 +267,11 @@ def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPret
     t0 = time.perf_counter()
 
     # Tokenizer: captions + generated texts (own seed stream, not the training stream).
-    known = caption_words(captions)
-    names = name_pools(captions, config, known)
-    lexicon = names["pool"]
+    known = known_words(captions, names)
+    pools = name_pools(captions, config, known, names)
+    lexicon = pools["pool"]
     gen = CopyTextGenerator(config.seed * 2 + 1, known, config.forbidden, config.chat_fraction,
-                            task_weights=config.task_weights, **names)
+                            task_weights=config.task_weights, **pools)
     tok = train_tokenizer(_tokenizer_lines(captions, lexicon, gen, config.tokenizer_samples),
                           config.pre_tokenizer, config.vocab_size)
     save_hf_tokenizer(tok, out)
@@ -273,7 +284,7 @@ def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPret
     t1 = time.perf_counter()
     rng = random.Random(config.seed)
     gen = CopyTextGenerator(config.seed * 2 + 2, known, config.forbidden, config.chat_fraction,
-                            task_weights=config.task_weights, **names)
+                            task_weights=config.task_weights, **pools)
     eos, pad = hf_tok.eos_token_id, hf_tok.pad_token_id
     counts = {"captions": 0, **{t: 0 for t in TASKS}}
 
@@ -357,8 +368,8 @@ def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPret
     model.generation_config.pad_token_id = pad
     model.save_pretrained(str(out))
     timings["total_s"] = time.perf_counter() - t0
-    record = {"config": asdict(config), "vocab": vocab, "single_token_share": whole, "params": n_params,
-              "samples": counts,
+    record = {**(record or {}), "config": asdict(config), "vocab": vocab, "single_token_share": whole,
+              "params": n_params, "samples": counts,
               "rows": n_rows, "fill": fill, "dropped": dropped, "losses": losses, "timings": timings}
     (out / "text_pretrain.json").write_text(json.dumps(record, indent=1))
     say(f"text pretrain: {n_params / 1e6:.2f}M params, train {timings['train_s']:.1f}s "
@@ -366,35 +377,263 @@ def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPret
     return out
 
 
+# ------------------------------------------------------------------------------------------ corpus
+TEXT_SUFFIXES = (".txt", ".jsonl")  # any other input is read as a webdataset shard
+NAMED_SKIPS = 5  # skipped samples named per reason
+NAME_RE = re.compile(r"\w+(?:[ '-]\w+)*")  # copy texts find names with \b...\b regexes: no other symbols
+
+
+@dataclass
+class CaptionCorpus:
+    """Captions read from shards and text files, and the samples skipped (counted by reason, the first
+    :data:`NAMED_SKIPS` of each reason named "shard key" or "file:line")."""
+
+    inputs: list[str]
+    files: list[str] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+    read: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, reason: str, where: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        if len(self.examples.setdefault(reason, [])) < NAMED_SKIPS:
+            self.examples[reason].append(where)
+
+    def summary(self) -> str:
+        """One line: files, samples read, captions kept, skips by reason with their first names."""
+        skips = "; ".join(f"{r} {n} (first: {', '.join(self.examples[r])})" for r, n in self.skipped.items())
+        return (f"{len(self.files)} file(s), {self.read} samples read, {len(self.captions)} captions kept, "
+                f"{sum(self.skipped.values())} skipped{': ' + skips if skips else ''}")
+
+    def record(self) -> dict[str, Any]:
+        return {"inputs": self.inputs, "files": len(self.files), "read": self.read, "captions": len(self.captions),
+                "skipped": self.skipped, "skipped_examples": self.examples}
+
+
+def _jsonl_caption(line: bytes, key: str) -> tuple[str | None, str | None]:
+    """(caption, None) or (None, skip reason) of one JSONL line whose caption is field ``key``."""
+    from datastore.reader import decode_caption
+
+    if not line.strip():
+        return None, "empty_caption"
+    try:
+        row = json.loads(line)
+    except ValueError:  # bad UTF-8 or bad JSON
+        return None, "undecodable_text"
+    if not isinstance(row, dict) or key not in row:
+        return None, "missing_caption"
+    if not isinstance(row[key], str):
+        return None, "undecodable_text"
+    # the datastore's decoding (whitespace, empty, lone surrogates) for the field's text too
+    return decode_caption({"txt": row[key].encode("utf-8", "surrogatepass")}, "txt")
+
+
+def _text_file_samples(url: str, jsonl_field: str) -> Iterator[tuple[str, tuple[str | None, str | None]]]:
+    import fsspec
+
+    from datastore.reader import ShardError, decode_caption
+
+    try:
+        with fsspec.open(url, "rb") as lines:
+            for i, line in enumerate(lines, 1):
+                yield f"{url}:{i}", (_jsonl_caption(line, jsonl_field) if url.endswith(".jsonl")
+                                     else decode_caption({"txt": line}, "txt"))
+    except OSError as exc:
+        raise ShardError(f"cannot read {url}: {type(exc).__name__}: {exc}") from exc
+
+
+def read_captions(inputs: list[str], caption_key: str = "txt", jsonl_field: str = "caption",
+                  limit: int | None = None, progress: bool = True) -> CaptionCorpus:
+    """Captions of webdataset shards (image + caption, as ``tuna-datastore build`` reads them: the same
+    patterns and ``caption_key``; images are not decoded) and text files (``*.txt``: a caption a line;
+    ``*.jsonl``: a JSON object a line, caption in ``jsonl_field``), in input order, at most ``limit``.
+
+    Bad samples (undecodable bytes or JSON, empty caption, no caption member or field) are skipped and
+    counted by reason, as the datastore build does.
+
+    Raises:
+        ShardError: an input that does not exist or cannot be read.
+    """
+    from tqdm import tqdm
+
+    from datastore.reader import decode_caption, expand_shards, iter_raw_samples
+
+    corpus = CaptionCorpus(list(inputs), expand_shards(inputs))
+    bar = tqdm(corpus.files, desc="read captions", unit="file", disable=not progress)
+    for url in bar:
+        samples = (_text_file_samples(url, jsonl_field) if url.endswith(TEXT_SUFFIXES) else
+                   ((f"{url} {s.get('__key__')}", decode_caption(s, caption_key)) for s in iter_raw_samples(url)))
+        for where, (caption, reason) in samples:
+            corpus.read += 1
+            if reason:
+                corpus.skip(reason, where)
+                continue
+            corpus.captions.append(caption)
+            if limit is not None and len(corpus.captions) >= limit:
+                bar.close()
+                return corpus
+        bar.set_postfix(captions=len(corpus.captions), skipped=sum(corpus.skipped.values()))
+    return corpus
+
+
+def read_names(path: str | Path) -> tuple[list[str], list[str]]:
+    """(names, rejected lines) of a names file: one name a line, blank lines ignored, duplicates dropped.
+
+    Raises:
+        ValueError: no usable name in the file.
+    """
+    names, rejected = [], []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        name = " ".join(line.split())
+        if name:
+            (names if NAME_RE.fullmatch(name) else rejected).append(name)
+    if not names:
+        raise ValueError(f"names file {path}: no usable name (one a line; letters, digits, spaces, - and ' only)"
+                         + (f"; rejected {rejected[:3]}" if rejected else ""))
+    return list(dict.fromkeys(names)), rejected
+
+
+# ------------------------------------------------------------------------------------------ CLI
+LLAVA_TEXT_REPLAY = 40_000  # LLaVA-1.5's text-only (ShareGPT) conversations in its 665K mix
+MIN_EVAL_NAMES = 4  # a copy prompt names up to 4 objects; fewer names would never fill one
+
+EPILOG = """\
+inputs (one of --input / --world; neither: generated copy texts only):
+  --input 'shards/{00000..00099}.tar'   webdataset shards of image + caption, read like
+                                        tuna-datastore build (--caption-key txt or json:FIELD)
+  --input captions.txt                  one caption a line
+  --input captions.jsonl                one JSON object a line, caption in --jsonl-field
+  --names names.txt                     optional, one object/category name a line: the names the
+                                        generated copy texts use (default: the captions' nouns)
+  Bad samples (undecodable bytes, empty caption, no caption member or field) are skipped and
+  counted by reason; when none is usable the run stops before training (exit 1).
+
+outputs (OUT):
+  config.json, model.safetensors, tokenizer.json, ...  the LM and its tokenizer (from_pretrained)
+  text_replay.json    text-only copy conversations, LLaVA format ({id, conversations: human/gpt
+                      turns}, no image): add it to stage 2's --data_path next to the instruction JSON
+  text_pretrain.json  config, corpus counts (skipped samples by reason, the first few named),
+                      names, losses, copy accuracy, per-stage timings
+
+example:
+  python -m pipeline.text_pretrain --input 'cc3m/{00000..00331}.tar' --names names.txt \\
+      --max-captions 200000 --out llm
+"""
+
+
+def _world_inputs(path: str) -> tuple[list[str], list[str], int | None]:
+    """A tuna-synth world's corpus shards, novel category names (for the copy eval; none when its
+    world.json does not label them) and instruction count -- read before training, tolerantly."""
+    world = World.open(path)
+    categories = world.info.get("categories") or []
+    novel = [c["name"] for c in categories if isinstance(c, dict) and c.get("novelty") == "novel" and c.get("name")]
+    instruct = (world.info.get("counts") or {}).get("instruct")
+    return world.corpus_shards(), novel, instruct if isinstance(instruct, int) else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.text_pretrain --world W --out DIR [--steps N ...]``: pretrain on the world's
-    corpus captions (none: generated copy texts only), then measure the copy accuracy."""
+    """``python -m pipeline.text_pretrain (--input PATTERN ... | --world W) [--names FILE] --out DIR``:
+    pretrain a tiny LLM's tokenizer and weights on a caption corpus and generated copy texts, write the
+    text-only conversations stage 2 mixes in, then measure the copy accuracy."""
+    from pipeline.quickstart import QuickstartConfig
+
     parser = argparse.ArgumentParser(prog="python -m pipeline.text_pretrain", description=main.__doc__,
-                                     formatter_class=HelpFormatter)
-    parser.add_argument("--world", help="tuna-synth output folder whose corpus captions to train on")
-    parser.add_argument("--out", required=True, help="output folder (tokenizer + model, save_pretrained)")
+                                     formatter_class=HelpFormatter, epilog=EPILOG)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--input", nargs="+", metavar="PATTERN",
+                        help="webdataset shards (brace patterns, globs, fsspec URLs) and/or *.txt / *.jsonl "
+                        "caption files")
+    source.add_argument("--world", help="tuna-synth output folder: its corpus shards' captions")
+    parser.add_argument("--caption-key", default="txt", help="shards' caption member: extension(s) ';'-separated, "
+                        "or json:FIELD (as tuna-datastore build)")
+    parser.add_argument("--jsonl-field", default="caption", help="*.jsonl inputs: the caption's field")
+    parser.add_argument("--max-captions", type=int, help="stop reading after this many captions (the training "
+                        "samples about steps x batch_size x caption_fraction of them; the tokenizer reads all)")
+    parser.add_argument("--names", help="names file, one object/category name a line: the generated copy texts' "
+                        "known names (default: the captions' nouns) and a second copy-accuracy measure")
+    parser.add_argument("--out", required=True, help="output folder (see outputs below)")
+    parser.add_argument("--text-replay", type=int, metavar="N",
+                        help=f"text-only conversations written to OUT/text_replay.json (default: with --world, "
+                        f"{QuickstartConfig.text_replay} per instruction record, the quickstart's ratio; else "
+                        f"{LLAVA_TEXT_REPLAY}, LLaVA-1.5's; for a tiny LLM use about half your instruction records)")
     parser.add_argument("--n-eval", type=int, default=200, help="held-out copy prompts measured after training")
     add_config_flags(parser.add_argument_group("text pretraining (TextPretrainConfig)"), TextPretrainConfig)
     args = parser.parse_args(argv)
+    from datastore.reader import ShardError
+    from pipeline.text_replay import text_replay_records
+
+    out = Path(args.out)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    # Everything the end of the run needs is read and checked here, before training starts.
     try:
         config = config_from_args(TextPretrainConfig, args)
-        world = World.open(args.world) if args.world else None
-        captions = world.captions() if world else []
-        out = pretrain_text_llm(captions, args.out, config)
+        for flag, least in (("max_captions", 1), ("text_replay", 0), ("n_eval", 0)):
+            if getattr(args, flag) is not None and getattr(args, flag) < least:
+                raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= {least}")
+        names, rejected = read_names(args.names) if args.names else (None, [])
+        eval_names, n_instruct, inputs, caption_key = names or [], None, args.input, args.caption_key
+        if args.world:
+            inputs, world_novel, n_instruct = _world_inputs(args.world)
+            caption_key, eval_names = "txt", eval_names or world_novel
+        n_replay = args.text_replay if args.text_replay is not None else (
+            round(QuickstartConfig.text_replay * n_instruct) if n_instruct else LLAVA_TEXT_REPLAY)
+
         t = time.perf_counter()
-        acc = copy_accuracy(out, n=args.n_eval, known_words=caption_words(captions))
-    except ValueError as exc:
+        corpus = read_captions(inputs, caption_key, args.jsonl_field, args.max_captions) if inputs else None
+        timings["read_s"] = time.perf_counter() - t
+        if corpus is not None:
+            print(f"corpus: {corpus.summary()}", flush=True)
+            if not corpus.captions:
+                raise ValueError(f"no usable caption in {' '.join(args.input or [args.world])}: {corpus.summary()} "
+                                 f"(caption key {caption_key!r}, JSONL field {args.jsonl_field!r})")
+        captions = corpus.captions if corpus else []
+
+        # The replay file does not depend on the model: written first, so nothing can fail after training.
+        t = time.perf_counter()
+        # the caption nouns (name_pools' default) parsed once here, not once per use: slow on a big corpus
+        pool_names = names or caption_nouns(captions)
+        records = text_replay_records(captions, n_replay, config, seed=config.seed + 1, names=pool_names)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "text_replay.json").write_text(json.dumps(records, indent=1))
+        timings["replay_s"] = time.perf_counter() - t
+
+        record = {"corpus": corpus.record() if corpus else None,
+                  "names": {"file": args.names, "n": len(pool_names), "rejected": rejected},
+                  "text_replay": {"path": "text_replay.json", "n": len(records)}}
+        pretrain_text_llm(captions, out, config, names=pool_names, record=record)
+        t = time.perf_counter()
+        known = known_words(captions, pool_names)
+        accuracy = {"fresh": copy_accuracy(out, n=args.n_eval, known_words=known)} if args.n_eval else {}
+        if args.n_eval and len(eval_names) >= MIN_EVAL_NAMES:
+            accuracy["names"] = copy_accuracy(out, n=args.n_eval, known_words=known, names=eval_names)
+        timings["eval_s"] = time.perf_counter() - t
+    except (ValueError, ShardError, OSError) as exc:
         print(f"text_pretrain: error: {exc}", file=sys.stderr)
         return 1
-    by_task = ", ".join(f"{k} {v:.0%}" for k, v in acc.by_task.items())
-    print(f"copy accuracy {acc.accuracy:.1%} on {acc.n} fresh-name prompts ({by_task}) "
-          f"in {time.perf_counter() - t:.1f}s")
-    for e in acc.examples[:4]:
-        print(f"  {e['task']}: {e['prompt']!r} -> {e['output']!r} (want {e['answer']!r})")
-    if world:
-        acc = copy_accuracy(out, n=args.n_eval, names=world.names("novel"))
+
+    which = {"fresh": "fresh-name prompts",
+             "names": "prompts with the " + ("names file's names" if names else "world's novel names")}
+    for kind, acc in accuracy.items():
         by_task = ", ".join(f"{k} {v:.0%}" for k, v in acc.by_task.items())
-        print(f"copy accuracy {acc.accuracy:.1%} on {acc.n} prompts with the world's novel names ({by_task})")
+        print(f"copy accuracy {acc.accuracy:.1%} on {acc.n} {which[kind]} ({by_task})")
+        if kind == "fresh":
+            for e in acc.examples[:4]:
+                print(f"  {e['task']}: {e['prompt']!r} -> {e['output']!r} (want {e['answer']!r})")
+    if args.n_eval and eval_names and "names" not in accuracy:
+        print(f"(no copy accuracy with named prompts: {len(eval_names)} names, {MIN_EVAL_NAMES} needed)")
+    saved = json.loads((out / "text_pretrain.json").read_text())
+    saved["copy_accuracy"] = {k: asdict(v) for k, v in accuracy.items()}
+    trained = {k: v for k, v in saved["timings"].items() if k != "total_s"}
+    saved["timings"] = {"read_s": timings["read_s"], "replay_s": timings["replay_s"], **trained,
+                        "eval_s": timings["eval_s"], "total_s": time.perf_counter() - start}
+    (out / "text_pretrain.json").write_text(json.dumps(saved, indent=1))
+    if corpus is not None:
+        print(f"corpus: {corpus.summary()}")
+    print("timings: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in saved["timings"].items()))
+    print(f"model + tokenizer -> {out}\n{len(records)} text-only conversations for stage 2 -> "
+          f"{out / 'text_replay.json'}\nrecord -> {out / 'text_pretrain.json'}")
     return 0
 
 

@@ -282,3 +282,114 @@ def test_weighted_loss_equals_the_full_logits_loss_and_its_gradients(run):
     assert 0 < int((weights[:, 1:] > 0).sum()) < weights[:, 1:].numel()
     assert torch.allclose(loss, full)
     assert all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(grads, model.parameters()))
+
+
+# ------------------------------------------------------------------------------------------ the CLI on any corpus
+def _cli_flags(**config) -> list[str]:
+    return [a for k, v in config.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def _write_corpus(root, captions, bad=None):
+    """A webdataset shard unlike the world's: image + JSON member, caption in its "caption" field.
+    ``bad`` maps an index to a defect: "bytes" (0xff in the caption), "empty", "missing" (no JSON member)."""
+    import webdataset as wds
+
+    root.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(root / "part-000000.tar")) as sink:
+        for i, caption in enumerate(captions):
+            sample = {"__key__": f"img{i:03d}", "png": b"never decoded", "json": json.dumps({"caption": caption})}
+            defect = (bad or {}).get(i)
+            if defect == "bytes":
+                sample["json"] = b'{"caption": "a red \xff\xfe drerik"}'
+            elif defect == "empty":
+                sample["json"] = json.dumps({"caption": "  ", "width": 64})
+            elif defect == "missing":
+                del sample["json"]
+            sink.write(sample)
+    return str(root / "part-{000000..000000}.tar")
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    import contextlib
+    import io
+
+    from pipeline.text_pretrain import main
+
+    root = tmp_path_factory.mktemp("cli")
+    shards = _write_corpus(root / "c", CAPTIONS[:20], {2: "bytes", 5: "empty", 7: "missing"})
+    (root / "more.jsonl").write_bytes(b'{"caption": "a blue jadub on the left"}\n{"text": "no caption field"}\n'
+                                      b'{"caption": "\xff"}\n')
+    (root / "names.txt").write_text("drerik\ntulbel\n\njadub\nzutag\nc++\n")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        rc = main(["--input", shards, str(root / "more.jsonl"), "--caption-key", "json:caption",
+                   "--names", str(root / "names.txt"), "--out", str(root / "llm"), "--text-replay", "24",
+                   "--n-eval", "5", *_cli_flags(**{**TINY, "threads": 1})])
+    return rc, root / "llm", stdout.getvalue()
+
+
+def test_cli_skips_and_counts_bad_samples_of_any_corpus(cli_run):
+    rc, out, stdout = cli_run
+    assert rc == 0
+    corpus = json.loads((out / "text_pretrain.json").read_text())["corpus"]
+    assert corpus["skipped"] == {"undecodable_text": 2, "empty_caption": 1, "missing_caption": 2}
+    assert (corpus["read"], corpus["captions"], corpus["files"]) == (23, 18, 2)
+    examples = corpus["skipped_examples"]
+    assert examples["undecodable_text"][0].endswith("part-000000.tar img002")
+    assert examples["undecodable_text"][1].endswith("more.jsonl:3")
+    assert examples["missing_caption"][0].endswith("img007") and examples["missing_caption"][1].endswith(":2")
+    assert "undecodable_text 2" in stdout and "img002" in stdout  # reported, not only recorded
+
+
+def test_cli_saves_a_loadable_model_and_its_record(cli_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, out, _ = cli_run
+    tok = AutoTokenizer.from_pretrained(str(out))
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    record = json.loads((out / "text_pretrain.json").read_text())
+    assert model.config.vocab_size == len(tok) == record["vocab"] and model.config.hidden_size == 32
+    assert record["names"] == {"file": str(out.parent / "names.txt"), "n": 4, "rejected": ["c++"]}
+    assert set(record["copy_accuracy"]) == {"fresh", "names"} and record["copy_accuracy"]["names"]["n"] == 5
+    assert {"read_s", "replay_s", "tokenizer_s", "train_s", "eval_s", "total_s"} <= set(record["timings"])
+    assert len(record["losses"]) == TINY["steps"]
+
+
+def test_cli_writes_the_stage2_text_replay(cli_run):
+    _, out, stdout = cli_run
+    path = out / "text_replay.json"
+    records = json.loads(path.read_text())
+    assert str(path) in stdout and len(records) == 24
+    for r in records:
+        assert set(r) == {"id", "conversations"}  # LLaVA format, text only
+        assert [t["from"] for t in r["conversations"]] == ["human", "gpt"] * (len(r["conversations"]) // 2)
+        assert all(isinstance(t["value"], str) and t["value"] for t in r["conversations"])
+    text = json.dumps(records)
+    assert any(name in text for name in ("drerik", "tulbel", "jadub", "zutag"))  # the names file's names
+
+
+def test_cli_all_bad_corpus_or_names_fails_before_training(tmp_path, capsys):
+    from pipeline.text_pretrain import main
+
+    shards = _write_corpus(tmp_path / "bad", ["x", "y", "z"], {0: "bytes", 1: "empty", 2: "missing"})
+    assert main(["--input", shards, "--caption-key", "json:caption", "--out", str(tmp_path / "o")]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not the progress bar
+    assert len(err) == 1 and err[0].startswith("text_pretrain: error: no usable caption in " + shards)
+    assert "undecodable_text 1" in err[0] and "empty_caption 1" in err[0] and "missing_caption 1" in err[0]
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+    (tmp_path / "names.txt").write_text("c++\n\n")
+    good = _write_corpus(tmp_path / "good", CAPTIONS[:3])
+    assert main(["--input", good, "--names", str(tmp_path / "names.txt"), "--out", str(tmp_path / "o")]) == 1
+    assert "no usable name" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_read_captions_of_a_text_file_stops_at_the_limit(tmp_path):
+    from pipeline.text_pretrain import read_captions
+
+    (tmp_path / "c.txt").write_bytes(b"a red drerik\n\n  a  blue\ttulbel \nbad \xff\nmore\n")
+    corpus = read_captions([str(tmp_path / "c.txt")], progress=False)
+    assert corpus.captions == ["a red drerik", "a blue tulbel", "more"]
+    assert corpus.skipped == {"empty_caption": 1, "undecodable_text": 1}
+    assert read_captions([str(tmp_path / "c.txt")], limit=2, progress=False).captions == corpus.captions[:2]

@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from lever_lm_synth import accuracy, evaluate, label_precision, table
 
 SHOTS = (1, 2, 4, 8)
-TRANSFER_SHOTS = (1, 2, 4)  # the ICL suite's shot counts: its sit / siir evaluations of the tuned model are reused
+ABLATION_SHOTS = (4,)  # the reference point; keeps the CPU budget (EPR, n ablation, rounds)
+TRANSFER_SHOTS = (1, 2, 4)  # the ICL suite's shot counts
+FULL_RUNS = ("kl", "kl-seed1")  # DRUM runs evaluated at every shot count
 
 
 def runs(queries: int, rounds: int) -> dict[str, dict]:
@@ -87,7 +89,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, type=Path, help="finished quickstart with its quickstart-icl")
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--only", choices=["train", "eval"], help="one part only (default both)")
+    parser.add_argument("--only", choices=["train", "eval", "baselines"],
+                        help="one part only (default both); baselines: evaluate the retrievers DRUM is compared with")
     parser.add_argument("--runs", default="kl,kl-seed1,epr,n16,n32,n64", help="DRUM runs to train and evaluate")
     parser.add_argument("--retrievers", default="random,siir,sit,bm25", help="baselines of the main table")
     parser.add_argument("--queries", type=int, default=240, help="training queries of the main runs")
@@ -100,9 +103,9 @@ def main() -> None:
     names = args.runs.split(",")
     start = time.perf_counter()
     histories = {}
-    if args.only != "eval":
+    if args.only not in ("eval", "baselines"):
         histories = train_runs(args.run, args.out, names, args.queries, args.rounds)
-    else:
+    elif args.only == "eval":
         histories = {n: json.loads((args.out / "runs" / n / "rounds.json").read_text()) for n in names}
     if args.only == "train":
         return
@@ -111,7 +114,11 @@ def main() -> None:
     evals = args.out / "eval"
     untuned, tuned = args.run / "models" / "tuna-stage2", args.run / "icl" / "tuna-icl"
     jobs = {r: (untuned, r, SHOTS) for r in args.retrievers.split(",")}
-    jobs.update({f"drum-{n}": (untuned, f"drum:{args.out / 'runs' / n}", SHOTS) for n in names})
+    jobs.update({f"transfer-{r}": (tuned, r, TRANSFER_SHOTS) for r in ("sit", "siir")})
+    if args.only == "baselines":
+        names = []
+    jobs.update({f"drum-{n}": (untuned, f"drum:{args.out / 'runs' / n}", SHOTS if n in FULL_RUNS else ABLATION_SHOTS)
+                 for n in names})
     if "kl" in names:
         for h in histories["kl"][1:-1]:  # round 0 is sit, the last round is drum-kl
             folder = args.out / "runs" / "kl" / f"round-{h['round']}"
@@ -124,6 +131,8 @@ def main() -> None:
 
     with ThreadPoolExecutor(args.parallel) as executor:
         list(executor.map(run_job, jobs.items()))
+    if args.only == "baselines":
+        return
     sections = []
     main_runs = {r: evals / r for r in args.retrievers.split(",")} | {f"drum-{n}": evals / f"drum-{n}" for n in names}
     sections.append(table("DRUM against the retrievers (untuned quickstart TUNA, the scoring model)", main_runs,
@@ -135,14 +144,14 @@ def main() -> None:
             source = {0: evals / "sit", len(histories["kl"]) - 1: evals / "drum-kl"}.get(r)
             if source is not None and not link.exists() and source.exists():
                 link.symlink_to(source)
-        transfer = {"sit": args.run / "icl" / "eval" / "sit", "siir": args.run / "icl" / "eval" / "siir",
-                    "drum-kl": evals / "transfer-drum-kl"}
+        transfer = {r: evals / f"transfer-{r}" for r in ("sit", "siir", "drum-kl")}
         sections.append(table("Transfer: the in-context-tuned TUNA with the retriever trained on the untuned one's "
                               "feedback", transfer, TRANSFER_SHOTS, labels)[0])
     sections.append(convergence_table(histories, evals, labels))
     precision = ["### Top-1 demo with the query's category (test queries, 1-shot runs)", "",
-                 "| retriever | top-1 right category % |", "|---|---|"]
-    precision += [f"| {n} | {label_precision(p, 1, labels)} |" for n, p in main_runs.items()]
+                 "| retriever | top-1 right category % (1-shot) | right category % of the 4-shot demos |", "|---|---|---|"]
+    precision += [f"| {n} | {label_precision(p, 1, labels)} | {label_precision(p, 4, labels)} |"
+                  for n, p in main_runs.items()]
     sections.append("\n".join(precision) + "\n")
     report = "\n".join(sections)
     (args.out / "report.md").write_text(report)

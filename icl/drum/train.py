@@ -208,8 +208,12 @@ def evaluate_round(retriever: Any, lists: Lists, dev_rows: np.ndarray, scorer: A
                 f"dev_{shots}shot_token_loglik": round(float(np.mean(means)), 4),
                 "dev_top1_same_label": _share([pool.examples[pool.position[r[0][0]]].label == q.label
                                                for q, r in zip(queries, ranked) if r and q.label is not None]),
-                f"dev_top{shots}_same_label": label_precision(pool, queries, ranked)})
+                f"dev_top{shots}_same_label": _round(label_precision(pool, queries, ranked))})
     return out
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
 
 
 def _share(hits: list[bool]) -> float | None:

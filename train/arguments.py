@@ -30,7 +30,22 @@ class ModelArguments:
     clip_model_config: str | None = field(default=None, metadata={"help": "open_clip model-config JSON"})
     clip_precision: str = field(default="fp32", metadata={"help": "fp32, bf16 or fp16"})
     vision_feature_layer: int = field(default=-2, metadata={"help": "CLIP block giving the patch tokens"})
-    connector_type: str = field(default="mlp2x_gelu", metadata={"help": "linear or mlp{N}x_gelu"})
+    connector_type: str = field(default="mlp2x_gelu", metadata={
+        "aliases": ["--connector"],
+        "help": "linear, mlp{N}x_gelu, or mhub: MMICT's M-Hub, a Q-Former fusing each image with its text "
+                "(needs --ablation no_tags; docs/mmict.md)"})
+    mhub_queries: int = field(default=32, metadata={"help": "mhub: learned query tokens (the query image's tokens)"})
+    mhub_hidden: int = field(default=768, metadata={"help": "mhub: Q-Former width (BLIP-2: 768)"})
+    mhub_layers: int = field(default=12, metadata={"help": "mhub: Q-Former layers (BLIP-2: 12)"})
+    mhub_heads: int = field(default=12, metadata={"help": "mhub: Q-Former attention heads"})
+    mhub_cross_attention_every: int = field(default=2, metadata={
+        "help": "mhub: a cross-attention to the image every N layers (BLIP-2: 2)"})
+    mhub_max_text: int = field(default=64, metadata={"help": "mhub: guide-text tokens read per image"})
+    mhub_demo_features: str = field(default="text", metadata={
+        "help": "mhub: text (MMICT: a demo image becomes its visual-guided textual features) or visual (ablation: "
+                "textual-guided visual features, as the query)"})
+    mhub_qformer: str | None = field(default=None, metadata={
+        "help": "mhub: a BLIP-2 checkpoint (folder or .safetensors) to load the Q-Former and query tokens from"})
     template: str = field(default="vicuna_v1", metadata={"help": "plain, vicuna_v1 or chat_template"})
     tag_hidden_dim: int = field(default=256, metadata={"help": "image-aware tag encoder width"})
     tag_num_heads: int = field(default=4, metadata={"help": "tag encoder attention heads"})
@@ -42,6 +57,9 @@ class ModelArguments:
     tag_patch_positions: bool = field(default=True, metadata={
         "help": "learned patch position embedding in the tag encoder's keys/values (a tag's visual token says "
                 "where it matched)"})
+    freeze_llm: bool = field(default=False, metadata={
+        "help": "stage finetune: keep the whole LLM frozen (only the connector / M-Hub and tag encoder train) and "
+                "still export a full model, as MMICT's in-context tuning does"})
     freeze_llm_embeddings: bool = field(default=False, metadata={
         "help": "stage finetune: keep the LLM's input embeddings and LM head frozen (the words the LLM knows "
                 "keep their vectors, e.g. names the instruction data never uses as answers)"})
@@ -54,9 +72,19 @@ class ModelArguments:
     lora_target_modules: str = field(default="all-linear", metadata={
         "help": "'all-linear' or comma-separated module names (q_proj,v_proj)"})
 
+    def mhub_config(self) -> dict | None:
+        """The M-Hub's shape (tuna.mhub.MHubConfig fields) with --connector_type mhub, else None."""
+        if self.connector_type != "mhub":
+            return None
+        return {"num_queries": self.mhub_queries, "hidden_size": self.mhub_hidden, "num_layers": self.mhub_layers,
+                "num_heads": self.mhub_heads, "cross_attention_frequency": self.mhub_cross_attention_every,
+                "max_text": self.mhub_max_text, "demo_features": self.mhub_demo_features}
+
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"--stage {self.stage!r}: expected one of {list(STAGES)}")
+        if self.mhub_qformer and self.connector_type != "mhub":
+            raise ValueError("--mhub_qformer needs --connector_type mhub")
         if self.clip_pretrained in ("", "none", "None"):
             self.clip_pretrained = None
 

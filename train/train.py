@@ -55,6 +55,8 @@ def build_model(margs: ModelArguments, targs: TagArguments, tokenizer, dtype: to
     """A saved TUNA model (continued) or a new one around the LLM; stage settings applied."""
     tag_settings = {"max_tags": targs.max_tags, "tag_temperature": targs.tag_temperature,
                     "tag_score_prior": targs.tag_score_prior, "ablation": targs.ablation}
+    if margs.connector_type == "mhub" and targs.ablation != "no_tags" and not _is_tuna_dir(margs.model_name_or_path):
+        raise ValueError("--connector_type mhub reads no tags: add --ablation no_tags")
     if _is_tuna_dir(margs.model_name_or_path):
         model = TunaForCausalLM.from_pretrained(margs.model_name_or_path, dtype=dtype)
         for key, value in tag_settings.items():
@@ -68,10 +70,15 @@ def build_model(margs: ModelArguments, targs: TagArguments, tokenizer, dtype: to
             template=margs.template, tag_hidden_dim=margs.tag_hidden_dim, tag_num_heads=margs.tag_num_heads,
             tag_num_layers=margs.tag_num_layers, tag_queries=margs.tag_queries,
             tag_patch_positions=margs.tag_patch_positions, image_patch_positions=margs.image_patch_positions,
-            weight_mode=margs.weight_mode, weight_scaling=margs.weight_scaling, **tag_settings)
+            weight_mode=margs.weight_mode, weight_scaling=margs.weight_scaling, mhub=margs.mhub_config(),
+            **tag_settings)
+        if margs.mhub_qformer:
+            from tuna.mhub import load_blip2_qformer
+
+            load_blip2_qformer(model.connector, margs.mhub_qformer)
     if margs.stage1_checkpoint:
         model.load_trainable(margs.stage1_checkpoint)
-    model.set_llm_trainable(margs.stage == "finetune")
+    model.set_llm_trainable(margs.stage == "finetune" and not margs.freeze_llm)
     if margs.freeze_llm_embeddings:
         model.get_input_embeddings().requires_grad_(False)
         model.get_output_embeddings().requires_grad_(False)

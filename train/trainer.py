@@ -105,10 +105,15 @@ class TunaTrainer(Trainer):
             return super()._save(output_dir, state_dict)
         output_dir = output_dir or self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
-        if state_dict is None or not state_dict:
-            state_dict = model.trainable_state_dict()  # gathers ZeRO-3 partitions (all ranks are here)
         if not self.args.should_save:
             return
+        # Under ZeRO-3 every rank calls this with save_model's consolidated state dict, which only rank 0
+        # holds; gathering partitions here would be a collective on rank 0 alone (a hang).
+        if not state_dict:
+            if any(hasattr(p, "ds_id") for p in model.parameters()):
+                raise RuntimeError("stage pretrain under ZeRO-3 saves consolidated weights: set "
+                                   "stage3_gather_16bit_weights_on_model_save to true in the DeepSpeed config")
+            state_dict = model.trainable_state_dict()
         from safetensors.torch import save_file
 
         os.makedirs(output_dir, exist_ok=True)

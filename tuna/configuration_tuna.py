@@ -8,6 +8,8 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
+from tuna.mhub import MHUB, MHubConfig
+
 
 @dataclass(frozen=True)
 class AblationPolicy:
@@ -44,7 +46,9 @@ class TunaConfig(PretrainedConfig):
         clip: how to load the CLIP tower: {"model", "pretrained", "model_config"} (datastore.clip.ClipSpec).
         clip_identity: the tower's identity (weights sha256 ...), checked against datastores.
         vision_feature_layer: CLIP block whose patch tokens feed the connector (LLaVA-1.5: -2).
-        connector_type: "linear", "identity" or "mlp{N}x_gelu".
+        connector_type: "linear", "identity", "mlp{N}x_gelu", or "mhub" (MMICT's M-Hub, tuna/mhub.py; reads
+            no tags).
+        mhub: the M-Hub's shape (tuna.mhub.MHubConfig fields) when connector_type is "mhub", else None.
         image_patch_positions: add a learned position embedding to the patch features before the
             connector (what a ViT's features carry already; for convolutional towers, whose features do
             not say where a patch is). Off by default, as in LLaVA.
@@ -91,7 +95,7 @@ class TunaConfig(PretrainedConfig):
                  tag_separator: str = ",", tag_suffix: str = ".", tag_prefix_ids: list[int] | None = None,
                  tag_separator_ids: list[int] | None = None, tag_suffix_ids: list[int] | None = None,
                  max_tag_tokens: int = 8, stop_token_ids: list[int] | None = None,
-                 lora: dict | None = None, **kwargs: Any) -> None:
+                 lora: dict | None = None, mhub: dict | None = None, **kwargs: Any) -> None:
         if isinstance(text_config, dict):
             text_config = dict(text_config)
             if "model_type" not in text_config:
@@ -118,6 +122,7 @@ class TunaConfig(PretrainedConfig):
         self.tag_suffix_ids = list(tag_suffix_ids or [])
         self.stop_token_ids = list(stop_token_ids or [])
         self.lora = lora
+        self.mhub = MHubConfig(**(mhub or {})).to_dict() if connector_type == MHUB else None
         _check_choice("weight_scaling", weight_scaling, WEIGHT_SCALINGS)
         _check_choice("weight_mode", weight_mode, WEIGHT_MODES)
         _check_choice("ablation", ablation, ABLATIONS)

@@ -35,6 +35,7 @@ from datastore.clip import ClipSpec, LoadedClip, describe_mismatch, load_clip, s
 from tuna.configuration_tuna import TunaConfig, ablation_policy
 from tuna.connector import build_connector
 from tuna.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX, stop_token_ids
+from tuna.mhub import MHUB, MHub, MHubConfig, guide_spans
 from tuna.tag_encoder import AdaptiveWeightTuner, ImageAwareTagEncoder, TagEncoderConfig, log_weight_bias
 from tuna.vision import VisionTower
 
@@ -116,7 +117,10 @@ class TunaForCausalLM(PreTrainedModel):
                              "TunaForCausalLM.from_components to fill them from the CLIP tower)")
         self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
         hidden = config.text_config.hidden_size
-        self.connector = build_connector(config.connector_type, config.vision_hidden_size, hidden)
+        if config.connector_type == MHUB:  # MMICT: images become the hub's text- or image-side features
+            self.connector = MHub(MHubConfig(**config.mhub), config.vision_hidden_size, hidden)
+        else:
+            self.connector = build_connector(config.connector_type, config.vision_hidden_size, hidden)
         # (P, Dv) learned positions added to the patch features before the connector (see TunaConfig)
         self.image_patch_pos = nn.Parameter(torch.zeros(config.num_image_tokens, config.vision_hidden_size)
                                             ) if config.image_patch_positions else None
@@ -140,6 +144,8 @@ class TunaForCausalLM(PreTrainedModel):
             nn.init.zeros_(module.bias)
         elif isinstance(module, TunaForCausalLM) and module.image_patch_pos is not None:
             nn.init.normal_(module.image_patch_pos, std=0.02)
+        elif isinstance(module, MHub):
+            module.reset_parameters()
         elif isinstance(module, ImageAwareTagEncoder):
             nn.init.normal_(module.query_offsets, std=0.02)
             if module.patch_pos is not None:
@@ -381,10 +387,7 @@ class TunaForCausalLM(PreTrainedModel):
         if tags is not None and tags.image_aware:
             encoded = self.tag_encoder(tags.text.to(dtype), patches, tags.tag_mask)  # (N, T, nq, Dv)
         else:
-            n_patches = self.tag_encoder.config.num_patches or 1
-            probes.append(self.tag_encoder(torch.zeros(1, 1, self.config.clip_embed_dim, dtype=dtype, device=device),
-                                           torch.zeros(1, n_patches, width, dtype=dtype, device=device),
-                                           torch.ones(1, 1, dtype=torch.bool, device=device)))
+            probes.append(self._tag_encoder_probe())
         if patches is not None and self.image_patch_pos is not None:
             patches = patches + self.image_patch_pos.to(patches.dtype)  # (N, P, Dv); after the tag encoder
         rows = [x.reshape(-1, width) for x in (patches, encoded) if x is not None]
@@ -397,6 +400,51 @@ class TunaForCausalLM(PreTrainedModel):
         visual = None if encoded is None else projected[n_patch_rows:].view(*encoded.shape[:3], -1)
         anchor = sum(p.float().sum() for p in probes) * 0.0 if probes else torch.zeros((), device=device)
         return images, visual, anchor.to(hidden_dtype)
+
+    def _tag_encoder_probe(self) -> Tensor:
+        """The tag encoder on a zero input: a batch that does not use it still runs it (see _visual_tokens)."""
+        dtype, device, width = self.connector_dtype, self.connector_device, self.config.vision_hidden_size
+        n_patches = self.tag_encoder.config.num_patches or 1
+        return self.tag_encoder(torch.zeros(1, 1, self.config.clip_embed_dim, dtype=dtype, device=device),
+                                torch.zeros(1, n_patches, width, dtype=dtype, device=device),
+                                torch.ones(1, 1, dtype=torch.bool, device=device))
+
+    def _hub_tokens(self, patches: Tensor | None, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None,
+                    text: Tensor) -> tuple[list[Tensor], Tensor]:
+        """M-Hub tokens per image (sentinel order) and the zero anchor of the modules the batch leaves unused.
+
+        Each image's guide is the text after it in its row (tuna.mhub.guide_spans: up to the next image or the
+        first labelled token), as the LLM's embeddings ``text`` (B, L, H). A batch without images runs the hub
+        on a zero probe, and the tag encoder always runs on one (the hub reads no tags): every rank uses
+        every module at every step (see _visual_tokens).
+        """
+        hub: MHub = self.connector
+        guides, demo = [], []
+        for b in range(input_ids.shape[0]):
+            keep = attention_mask[b].bool()
+            ids, emb = input_ids[b][keep], text[b][keep]
+            labelled = labels[b][keep] != IGNORE_INDEX if labels is not None else torch.zeros_like(ids, dtype=torch.bool)
+            for start, end, is_demo in guide_spans(ids == IMAGE_TOKEN_INDEX, labelled, hub.config.max_text):
+                guides.append(emb[start:end])
+                demo.append(is_demo)
+        probes = [self._tag_encoder_probe()]
+        dtype, device = self.connector_dtype, self.connector_device
+        if patches is None:
+            n_patches = max(1, self.config.num_image_tokens)
+            probe = hub(torch.zeros(1, n_patches, self.config.vision_hidden_size, dtype=dtype, device=device),
+                        text.new_zeros(1, 1, text.shape[-1]), torch.ones(1, 1, dtype=torch.long, device=device),
+                        torch.zeros(1, dtype=torch.bool))
+            probes += probe
+            tokens = []
+        else:
+            width = max(1, max(len(g) for g in guides))  # >= 1: the text path runs in every batch
+            guide = text.new_zeros(len(guides), width, text.shape[-1])
+            mask = torch.zeros(len(guides), width, dtype=torch.long, device=text.device)
+            for i, g in enumerate(guides):
+                guide[i, :len(g)], mask[i, :len(g)] = g, 1
+            tokens = [t.to(text.dtype) for t in hub(patches, guide, mask, torch.tensor(demo))]
+        anchor = sum(p.float().sum() for p in probes) * 0.0
+        return tokens, anchor.to(text.dtype)
 
     def _tag_blocks(self, tags: _Tags | None, visual: Tensor | None, n_images: int
                     ) -> list[tuple[Tensor, Tensor, Tensor] | None]:
@@ -469,8 +517,16 @@ class TunaForCausalLM(PreTrainedModel):
             out = self._vision_on(device)(pixel_values)
             patches, image_embeds = out.patches.to(self.connector_dtype), out.image_embeds.to(device)
         tag_inputs = self._tag_inputs(image_embeds, tags, tag_input_ids, tag_attention_mask, tag_scores)
-        images, visual, anchor = self._visual_tokens(patches, tag_inputs, text.dtype)
-        blocks = self._tag_blocks(tag_inputs, visual, n_images)
+        if self.config.connector_type == MHUB:
+            if tag_inputs is not None:
+                raise ValueError("connector 'mhub' reads no tags: use ablation 'no_tags' (--ablation no_tags)")
+            if patches is not None and self.image_patch_pos is not None:
+                patches = patches + self.image_patch_pos.to(patches.dtype)
+            images, anchor = self._hub_tokens(patches, input_ids, attention_mask, labels, text)
+            blocks = [None] * n_images
+        else:
+            images, visual, anchor = self._visual_tokens(patches, tag_inputs, text.dtype)
+            blocks = self._tag_blocks(tag_inputs, visual, n_images)
         weights = None if tag_inputs is None else tag_inputs.weights
         text = text + anchor  # exactly 0; keeps unused modules in the graph
         rows, image_i = [], 0

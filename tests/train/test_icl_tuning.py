@@ -191,3 +191,37 @@ def test_training_run_with_in_context_tuning(world, llava_pool, tmp_path):
     assert counts["encoded"]["kshot_samples_encoded"] >= 4  # counted in the DataLoader worker
     assert counts["encoded"]["demos_encoded"] == counts["encoded"]["kshot_samples_encoded"]
     assert sorted(step_losses(out)) == [1, 2] and all(torch.isfinite(torch.tensor(v)) for v in step_losses(out).values())
+
+
+MHUB_ARGS = {"connector": "mhub", "ablation": "no_tags", "mhub_queries": 4, "mhub_hidden": 32, "mhub_layers": 2,
+             "mhub_heads": 2, "mhub_max_text": 16, "stage": "pretrain", "retrieval_cache": None}
+
+
+@pytest.mark.parametrize("zero", ["zero2.json", "zero3.json"])
+def test_mmict_two_rank_run_trains_the_hub_only(world, llava_pool, tmp_path, zero):
+    """MMICT's recipe (M-Hub connector, LLM frozen, k-shot samples) under ZeRO-2 and ZeRO-3 with 2 ranks: the
+    hub's weights move, the saved stage-1 file holds them, and it loads into a fresh model."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, set_seed
+
+    from datastore.clip import ClipSpec
+    from tuna.modeling_tuna import TRAINABLE_FILE, TunaForCausalLM
+
+    out = tmp_path / "mmict"
+    argv = common_args(world, out, icl_pool=llava_pool.root, icl_p=1, icl_shots="1,2", max_steps=3, save_steps=100,
+                       **MHUB_ARGS)
+    run = launch(argv, deepspeed_config=zero)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(step_losses(out)) == [1, 2, 3]
+    trained = load_file(str(out / TRAINABLE_FILE))
+    set_seed(0)  # train.py's initialisation
+    initial = TunaForCausalLM.from_components(
+        str(world["llm"]), ClipSpec(model="tuna-tiny-clip"), AutoTokenizer.from_pretrained(world["llm"]),
+        tag_hidden_dim=32, tag_num_heads=2, max_tags=5, connector_type="mhub", ablation="no_tags",
+        mhub={"num_queries": 4, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_text": 16})
+    before = initial.trainable_state_dict()
+    assert set(before) == set(trained)
+    for key in ("connector.query_tokens", "connector.proj.weight", "connector.qformer.encoder.layer.0.crossattention"
+                ".attention.query.weight"):
+        assert not torch.equal(before[key], trained[key]), key
+    initial.load_trainable(out / TRAINABLE_FILE)

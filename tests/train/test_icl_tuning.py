@@ -197,10 +197,31 @@ MHUB_ARGS = {"connector": "mhub", "ablation": "no_tags", "mhub_queries": 4, "mhu
              "mhub_heads": 2, "mhub_max_text": 16, "stage": "pretrain", "retrieval_cache": None}
 
 
-@pytest.mark.parametrize("zero", ["zero2.json", "zero3.json"])
-def test_mmict_two_rank_run_trains_the_hub_only(world, llava_pool, tmp_path, zero):
-    """MMICT's recipe (M-Hub connector, LLM frozen, k-shot samples) under ZeRO-2 and ZeRO-3 with 2 ranks: the
-    hub's weights move, the saved stage-1 file holds them, and it loads into a fresh model."""
+def test_mmict_script_zero2_two_ranks_exports_a_model_with_the_llm_unchanged(world, llava_pool, tmp_path):
+    """scripts/train_mmict.sh (ZeRO-2, 2 ranks): the M-Hub trains, CLIP and the LLM stay frozen, and the exported
+    model is a full one (tuna-eval reads it) whose LLM weights equal the source LLM's."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.train.test_scripts import run_script
+    from tuna.modeling_tuna import TunaForCausalLM
+
+    hub = ["--mhub_queries", "4", "--mhub_hidden", "32", "--mhub_layers", "2", "--mhub_heads", "2"]
+    run_script("train_mmict.sh", world, tmp_path / "mmict", extra=hub, DATA=world["instruct"],
+               POOL=str(llava_pool.root), SHOTS="1,2")
+    model = TunaForCausalLM.from_pretrained(tmp_path / "mmict")
+    assert model.config.connector_type == "mhub" and model.config.ablation == "no_tags"
+    source = AutoModelForCausalLM.from_pretrained(world["llm"]).state_dict()
+    assert all(torch.equal(v, source[k]) for k, v in model.language_model.state_dict().items())
+    counts = json.loads((tmp_path / "mmict" / "icl_counts.json").read_text())
+    assert counts["settings"]["p"] == 1.0 and counts["encoded"]["kshot_samples_encoded"] >= 4
+    assert sorted(step_losses(tmp_path / "mmict")) == [1, 2]
+
+
+def test_mmict_zero3_two_ranks_trains_the_hub_only(world, llava_pool, tmp_path):
+    """MMICT's M-Hub with k-shot samples under ZeRO-3 with 2 ranks, stage pretrain: the hub's weights move, the
+    saved stage-1 file holds them (a mid-run checkpoint too: it used to hang there), and it loads into a fresh
+    model."""
+    zero = "zero3.json"
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, set_seed
 
@@ -208,11 +229,11 @@ def test_mmict_two_rank_run_trains_the_hub_only(world, llava_pool, tmp_path, zer
     from tuna.modeling_tuna import TRAINABLE_FILE, TunaForCausalLM
 
     out = tmp_path / "mmict"
-    argv = common_args(world, out, icl_pool=llava_pool.root, icl_p=1, icl_shots="1,2", max_steps=3, save_steps=100,
+    argv = common_args(world, out, icl_pool=llava_pool.root, icl_p=1, icl_shots="1,2", max_steps=3, save_steps=2,
                        **MHUB_ARGS)
     run = launch(argv, deepspeed_config=zero)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert sorted(step_losses(out)) == [1, 2, 3]
+    assert sorted(step_losses(out)) == [1, 2, 3] and (out / "checkpoint-2" / TRAINABLE_FILE).is_file()
     trained = load_file(str(out / TRAINABLE_FILE))
     set_seed(0)  # train.py's initialisation
     initial = TunaForCausalLM.from_components(

@@ -16,12 +16,12 @@ CPU_ARGS = ["--use_cpu", "true", "--bf16", "false", "--max_steps", "2", "--per_d
             "--disable_tqdm", "true"]
 
 
-def run_script(name: str, world: dict, out, **env) -> None:
+def run_script(name: str, world: dict, out, extra: list[str] = (), **env) -> None:
     env = {**os.environ, "NGPUS": "2", "MASTER_PORT": str(free_port()), "LLM": str(world["llm"]),
            "CLIP": "tuna-tiny-clip", "CLIP_PRETRAINED": "none", "IMAGES": str(world["images"]),
            "CACHE": str(world["cache"]), "OUT": str(out), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **env}
-    run = subprocess.run(["bash", str(REPO / "scripts" / name), *CPU_ARGS], capture_output=True, text=True,
+    run = subprocess.run(["bash", str(REPO / "scripts" / name), *CPU_ARGS, *extra], capture_output=True, text=True,
                          env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
 

@@ -125,6 +125,8 @@ def evaluate(run: Path, pool: Path, out: Path, retriever: str, shots: tuple[int,
 
 def predictions(out: Path, k: int) -> list[dict]:
     path = out / "synth_icl" / f"{k}-shot" / "predictions.jsonl"
+    if k == 0 and not path.is_file():  # tuna-eval writes a 0-shot pass without a shots folder
+        path = out / "synth_icl" / "predictions.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 

@@ -19,7 +19,7 @@ from common.distributed import barrier, dist_env, init_distributed
 from datastore import layout
 from datastore.clip import ClipSpec, LoadedClip, describe_mismatch, load_clip, same_clip
 from datastore.index import IndexConfig
-from datastore.reader import ReaderConfig, ShardBatches, expand_shards
+from datastore.reader import ReaderConfig, ShardBatches, expand_shards, shard_stat
 from datastore.tags import TagParserConfig, build_tag_parser
 from datastore.writer import PartWriter
 
@@ -88,8 +88,7 @@ def build(config: BuildConfig, show_progress: bool = True) -> dict[str, Any] | N
         clip = load_clip(config.clip)
         parser = build_tag_parser(config.tags)
         _check_or_write_build_record(config, clip, parser.describe(), shards)
-        todo = [(i, s) for i, s in enumerate(shards) if i % world == rank
-                and not layout.marker_path(config.out, i).exists()]
+        todo = [(i, s) for i, s in enumerate(shards) if i % world == rank and not _part_done(config.out, i, s)]
         logger.info("%d shards in total; this rank builds %d (%d already done)", len(shards), len(todo),
                     len([i for i in range(len(shards)) if i % world == rank]) - len(todo))
         encode_parts(config, clip, parser, todo, show_progress and rank == 0)
@@ -108,6 +107,39 @@ def build(config: BuildConfig, show_progress: bool = True) -> dict[str, Any] | N
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _part_done(out: str, part: int, shard: str) -> bool:
+    """Whether ``part`` has a valid marker for the shard as it is now. A part whose shard changed since
+    (size or modification time), whose marker is unreadable or whose files are damaged is redone: its
+    marker is removed and the reason logged."""
+    marker = layout.marker_path(out, part)
+    if not marker.exists():
+        return False
+    try:
+        record = layout.read_json_object(marker, ("shard", "embeddings", "metadata"))
+    except ValueError as err:
+        return _redo(marker, f"its marker is unreadable ({err})")
+    old, now = record.get("shard_stat"), shard_stat(shard)
+    if old is not None and old != now:
+        return _redo(marker, f"shard {shard} changed since the part was built ({_stat_change(old, now)})")
+    files = record.get("files") or {}
+    for name in ("embeddings", "metadata"):
+        problem = layout.check_file(out, record[name], files.get(name))
+        if problem:
+            return _redo(marker, problem)
+    return True
+
+
+def _redo(marker: Path, why: str) -> bool:
+    logger.warning("redoing %s: %s", marker.stem.replace("_", " "), why)
+    marker.unlink()
+    return False
+
+
+def _stat_change(old: dict, now: dict) -> str:
+    return ", ".join(f"{key} {old.get(key)} -> {now.get(key)}" for key in sorted(set(old) | set(now))
+                     if old.get(key) != now.get(key))
 
 
 def _remove_datastore(out: str) -> None:
@@ -153,7 +185,7 @@ def _check_or_write_build_record(config: BuildConfig, clip: LoadedClip, parser: 
     if not path.exists():
         layout.write_json_atomic(path, record)
         return
-    old = layout.read_json(path)
+    old = layout.read_json_object(path, ("clip",))
     hint = "use a new --out, or --overwrite to discard it"
     if not same_clip(old["clip"], record["clip"]):
         raise BuildError(f"{config.out} was built with a different CLIP model: "

@@ -120,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
                      helps={"text_mode": f"one of {', '.join(TEXT_MODES)}: " + field_docs(ClipTrainConfig)["text_mode"]})
     i = sub.add_parser("info", **defaults, help="print a datastore's manifest summary")
     i.add_argument("--datastore", required=True, help="datastore directory")
+    i.add_argument("--verify", action="store_true",
+                   help="also check every part and index file against the sha256 the manifest records "
+                        "(reads them all; without it only the sizes are checked)")
     return parser
 
 
@@ -151,10 +154,12 @@ def summarize(manifest: dict, root: str) -> str:
     """Human-readable summary of a manifest: counts, index, recall and per-stage timings."""
     counts, index = manifest["counts"], manifest["index"]
     skipped = ", ".join(f"{k} {v}" for k, v in counts["skipped"].items()) or "none"
-    timings = ", ".join(f"{k} {v:.2f}s" for k, v in manifest["timings_s"].items())
+    timings = ", ".join(f"{k} {v:.2f}s" for k, v in manifest.get("timings_s", {}).items())
+    truncated = [p["shard"] for p in manifest["parts"] if p.get("truncated")]
     return (f"datastore {root}: {counts['written']} images written of {counts['read']} read "
             f"(skipped: {skipped}); {len(manifest['parts'])} parts; dim {manifest['dim']}\n"
-            f"index {index['factory']} {index.get('search_params', {})}: "
+            + (f"truncated shards (samples after the cut are missing): {', '.join(truncated)}\n" if truncated else "")
+            + f"index {index['factory']} {index.get('search_params', {})}: "
             f"recall@{index['k']} vs exact {index['recall_at_k']:.4f}\n"
             f"stage seconds (summed over workers): {timings}")
 
@@ -206,8 +211,18 @@ def cmd_train_clip(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from datastore.store import Datastore
+    from datastore.store import Datastore, DatastoreError, read_manifest, verify_files
 
+    if args.verify:
+        manifest = read_manifest(args.datastore)
+        problems = verify_files(args.datastore, manifest, checksums=True)
+        if problems:
+            raise DatastoreError(f"verify: {len(problems)} damaged file(s): {'; '.join(problems)}")
+        n_files = 2 * len(manifest["parts"]) + len(manifest["index"].get("files") or {"index.faiss": 0})
+        recorded = all(p.get("files") for p in manifest["parts"])
+        print(f"verify: {n_files} files match the manifest's "
+              + ("sizes and sha256" if recorded else "list (it records no sizes or checksums: built by an "
+                 "older version; re-run `tuna-datastore merge` to record them)"))
     store = Datastore.open(args.datastore)
     print(summarize(store.manifest, args.datastore))
 

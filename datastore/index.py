@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -218,6 +219,8 @@ def _curve(curve: dict[int, float]) -> list[list[float]]:
 def _check_vectors(vectors: np.ndarray, k: int) -> None:
     if vectors.ndim != 2 or vectors.dtype not in (np.float16, np.float32):
         raise ValueError(f"vectors: expected a 2-D float16/float32 array, got {vectors.dtype} {vectors.shape}")
+    if len(vectors) < 2:
+        raise ValueError(f"vectors: need at least 2 rows (one image has no neighbour), got {len(vectors)}")
     if len(vectors) <= k:
         raise ValueError(f"vectors: need more than k={k} rows for leave-one-out recall, got {len(vectors)}")
     sample = np.asarray(vectors[:: max(1, len(vectors) // 1000)][:1000], dtype=np.float32)
@@ -317,6 +320,10 @@ def build_index(vectors: np.ndarray, config: IndexConfig,
     """
     import faiss
 
+    if 2 <= len(vectors) <= config.k and queries is None:  # a tiny datastore: measure recall at a smaller k
+        logger.warning("only %d vectors: measuring leave-one-out recall@%d instead of recall@%d",
+                       len(vectors), len(vectors) - 1, config.k)
+        config = dataclasses.replace(config, k=len(vectors) - 1)
     _check_vectors(vectors, config.k)
     threads = config.threads or len(os.sched_getaffinity(0))
     faiss.omp_set_num_threads(threads)

@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from datastore import __version__, layout
-from datastore.index import IndexConfig, build_index, save_index
+from datastore.index import INDEX_FILE, INFO_FILE, IndexConfig, build_index, save_index
+from datastore.reader import SHARD_SKIP_REASONS
 from datastore.writer import load_embeddings
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("read", "tag", "encode", "write")
+MARKER_KEYS = ("part", "shard", "n_read", "n_written", "skipped", "embeddings", "metadata", "seconds")
 
 
 class MergeError(RuntimeError):
@@ -27,12 +29,20 @@ def collect_parts(root: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]
     root = Path(root)
     if not layout.build_path(root).exists():
         raise MergeError(f"{root} is not a datastore build directory (no build.json)")
-    record = layout.read_json(layout.build_path(root))
+    try:
+        record = layout.read_json_object(layout.build_path(root), ("clip", "parser", "reader", "shards"))
+    except ValueError as err:
+        raise MergeError(str(err)) from None
+    if not isinstance(record["shards"], list):
+        raise MergeError(f"{layout.build_path(root)}: 'shards' is not a list")
     parts, missing = [], []
     for i, shard in enumerate(record["shards"]):
         marker = layout.marker_path(root, i)
         if marker.exists():
-            parts.append(layout.read_json(marker))
+            try:
+                parts.append(layout.read_json_object(marker, MARKER_KEYS))
+            except ValueError as err:
+                raise MergeError(f"{err}; delete it and run the build again to redo the part") from None
         else:
             missing.append(f"{i} ({shard})")
     if missing:
@@ -50,7 +60,11 @@ def merge(root: str | Path, index_config: IndexConfig | None = None) -> dict[str
     index_config = index_config or IndexConfig()
     record, parts = collect_parts(root)
     start = time.perf_counter()
-    vectors = load_embeddings(root, parts)
+    try:
+        vectors = load_embeddings(root, parts)
+        files = [_part_files(root, part) for part in parts]
+    except layout.DamagedFileError as err:
+        raise MergeError(str(err)) from None
     if len(vectors) == 0:
         raise MergeError(f"{root}: no sample was written (every sample was skipped; see parts/*.json)")
     index, info = build_index(vectors, index_config)
@@ -58,10 +72,32 @@ def merge(root: str | Path, index_config: IndexConfig | None = None) -> dict[str
     seconds = _stage_seconds(parts)
     seconds["index"] = round(time.perf_counter() - start, 4)
     manifest = _manifest(record, parts, info, seconds, len(vectors))
+    for entry, part_files in zip(manifest["parts"], files):
+        entry["files"] = part_files
+    manifest["index"]["files"] = {name: layout.file_record(layout.index_dir(root) / name)
+                                  for name in (INDEX_FILE, INFO_FILE)}
+    truncated = [p["shard"] for p in parts if p.get("truncated")]
+    if truncated:
+        logger.warning("%d truncated shard(s), samples after the cut are missing: %s", len(truncated),
+                       ", ".join(truncated))
     layout.write_json_atomic(layout.manifest_path(root), manifest)
     logger.info("datastore %s: %d images, index %s, recall@%d=%.4f", root, len(vectors),
                 info["factory"], info["k"], info["recall_at_k"])
     return manifest
+
+
+def _part_files(root: str | Path, part: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The part's file records (size, sha256) for the manifest, checked against its marker's; a marker
+    written by an older version has none: they are computed from the files as they are now."""
+    recorded = part.get("files") or {}
+    out = {}
+    for name in ("embeddings", "metadata"):
+        problem = layout.check_file(root, part[name], recorded.get(name))
+        if problem:
+            raise layout.DamagedFileError(f"{problem}; rebuild the part: delete "
+                                          f"{layout.marker_path('', part['part'])} in {root} and run the build again")
+        out[name] = recorded.get(name) or layout.file_record(Path(root) / part[name])
+    return out
 
 
 def _stage_seconds(parts: list[dict[str, Any]]) -> dict[str, float]:
@@ -77,9 +113,10 @@ def _manifest(record: dict, parts: list[dict], index_info: dict, seconds: dict, 
         skipped.update(part["skipped"])
     read = sum(p["n_read"] for p in parts)
     written = sum(p["n_written"] for p in parts)
-    if read != written + sum(skipped.values()) or written != n:
+    sample_skips = sum(v for k, v in skipped.items() if k not in SHARD_SKIP_REASONS)
+    if read != written + sample_skips or written != n:
         raise MergeError(f"inconsistent counts: read {read}, written {written}, skipped "
-                         f"{sum(skipped.values())}, embeddings {n}")
+                         f"{sample_skips}, embeddings {n}")
     return {
         "format_version": layout.FORMAT_VERSION,
         "tuna_version": __version__,
@@ -92,7 +129,8 @@ def _manifest(record: dict, parts: list[dict], index_info: dict, seconds: dict, 
         "parser": record["parser"],
         "reader": record["reader"],
         "counts": {"read": read, "written": written, "skipped": dict(sorted(skipped.items()))},
-        "parts": [{k: p[k] for k in ("part", "shard", "n_written", "embeddings", "metadata")} for p in parts],
+        "parts": [{k: p[k] for k in ("part", "shard", "n_written", "embeddings", "metadata", "truncated")
+                   if k in p} for p in parts],
         "index": {"path": "index/index.faiss", **index_info},
         "timings_s": seconds,
     }

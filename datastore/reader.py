@@ -1,7 +1,8 @@
 """Reader: webdataset shards → decoded, preprocessed and tagged batches (one input shard = one part).
 
 Runs inside DataLoader workers so decoding and tagging overlap with encoding in the main process.
-Bad samples are skipped and counted by reason; an unreadable shard raises ShardError.
+Bad samples are skipped and counted by reason; an unreadable shard raises ShardError. A shard that ends
+early (no end-of-archive blocks: a partial copy) is read up to the cut and reported as truncated.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import io
 import json
 import logging
 import os
+import re
+import tarfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,6 +24,11 @@ import torch
 logger = logging.getLogger(__name__)
 
 SKIP_REASONS = ("missing_image", "missing_caption", "corrupt_image", "empty_caption", "undecodable_text")
+# Skip reasons counted once per shard, not per sample (read = written + the per-sample skips).
+SHARD_SKIP_REASONS = ("truncated_shard",)
+_TAR_END = 2 * tarfile.BLOCKSIZE  # a tar ends with two 512-byte zero blocks
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members (skipped, as webdataset does)
+_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "lzma"))
 
 
 class ShardError(RuntimeError):
@@ -77,19 +85,172 @@ def expand_shards(patterns: list[str] | str) -> list[str]:
     return shards
 
 
-def iter_raw_samples(url: str) -> Iterator[dict[str, Any]]:
-    """Yield webdataset samples (``__key__`` plus raw bytes per extension) of one shard via fsspec."""
+@dataclass
+class ShardStatus:
+    """What reading one shard found: ``truncated`` says why it ended early (None: complete)."""
+
+    url: str
+    truncated: str | None = None
+
+
+def shard_stat(url: str) -> dict[str, Any]:
+    """A cheap identity of a shard (size and modification time or version) recorded in its part marker,
+    so that a resumed build redoes a part whose shard changed."""
+    if "://" not in url:
+        st = os.stat(url)
+        return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
     import fsspec
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
 
     try:
-        with fsspec.open(url, "rb") as stream:
-            files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-            yield from group_by_keys(files)
+        fs, path = fsspec.core.url_to_fs(url)
+        info = fs.info(path)
+    except Exception as exc:  # fsspec raises many types (FileNotFoundError, ClientError ...)
+        raise ShardError(f"cannot stat shard {url}: {type(exc).__name__}: {exc}") from exc
+    stat: dict[str, Any] = {"size": info.get("size")}
+    for key in ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "last_modified", "updated"):
+        if info.get(key) is not None:
+            stat["version"] = f"{key}={info[key]}"
+            break
+    return stat
+
+
+def iter_raw_samples(url: str, status: ShardStatus | None = None) -> Iterator[dict[str, Any]]:
+    """Yield webdataset samples (``__key__`` plus raw bytes per extension) of one shard via fsspec.
+
+    A shard that ends early (cut inside a member, or without the two zero blocks that end a tar — a
+    cut at a header boundary, which tarfile reads as a normal end) yields the samples before the cut;
+    a member cut short is dropped. With ``status`` the truncation is recorded there for the caller to
+    count; without it, ShardError is raised after the last complete sample.
+
+    Raises:
+        ShardError: the shard cannot be opened or is not a readable tar (or is truncated, see above).
+    """
+    import fsspec
+    from webdataset.tariterators import group_by_keys
+
+    state = status if status is not None else ShardStatus(url)
+    try:
+        with fsspec.open(url, "rb") as raw:
+            yield from group_by_keys(_tar_members(_TarBytes(raw), url, state))
     except ShardError:
         raise
     except Exception as exc:  # tarfile.ReadError, OSError, fsspec errors
         raise ShardError(f"cannot read shard {url}: {type(exc).__name__}: {exc}") from exc
+    if state.truncated and status is None:
+        raise ShardError(f"shard {url} is truncated: {state.truncated}")
+
+
+def _tar_members(stream: "_TarBytes", url: str, state: ShardStatus) -> Iterator[dict[str, Any]]:
+    """Regular members of a tar stream as webdataset file dicts; records a truncation in ``state``."""
+    seen_header = False
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|")
+        for info in tar:
+            seen_header = True
+            if not info.isreg() or _META.match(info.name) or (
+                    "/" not in info.name and info.name.startswith("__") and info.name.endswith("__")):
+                continue
+            data = tar.extractfile(info).read()
+            if len(data) != info.size:
+                state.truncated = (f"member {info.name} is cut after {len(data)} of {info.size} bytes "
+                                   f"(the file ends at byte {stream.pos})")
+                return
+            yield {"fname": info.name, "data": data, "__url__": url}
+            tar.members = []
+        end = tar.offset
+    except (tarfile.ReadError, EOFError) as exc:  # EOFError: a compressed stream cut short
+        if not seen_header or (not isinstance(exc, EOFError) and not stream.at_eof()):
+            raise
+        state.truncated = f"the file ends inside a member at byte {stream.pos} ({exc})"
+        return
+    state.truncated = stream.check_end(end, url)
+
+
+class _TarBytes:
+    """The (decompressed) byte stream tarfile reads, counting bytes and keeping the last ones read so
+    that the end of the archive can be checked: tarfile stops silently where a shard is cut at a header."""
+
+    _KEEP = 8 * tarfile.RECORDSIZE  # tarfile reads at most one record ahead of the header it parses
+
+    def __init__(self, raw) -> None:
+        head = raw.read(6)
+        codec = next((name for magic, name in _COMPRESSED if head.startswith(magic)), None)
+        prefixed = _Prefixed(head, raw)
+        if codec is None:
+            self.raw = prefixed
+        else:  # decompress here so that a cut compressed stream raises EOFError (tarfile stops silently)
+            import importlib
+
+            module = importlib.import_module(codec)
+            self.raw = (module.GzipFile(fileobj=prefixed) if codec == "gzip"
+                        else getattr(module, "BZ2File" if codec == "bz2" else "LZMAFile")(prefixed))
+        self.pos = 0
+        self.chunks: list[tuple[int, bytes]] = []  # (absolute start, bytes) of the last bytes read
+        self.kept = 0
+        self.eof = False
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        if not data and size != 0:
+            self.eof = True
+        self._keep(data)
+        return data
+
+    def _keep(self, data: bytes) -> None:
+        if data:
+            self.chunks.append((self.pos, data))
+            self.pos += len(data)
+            self.kept += len(data)
+            while len(self.chunks) > 1 and self.kept - len(self.chunks[0][1]) >= self._KEEP:
+                self.kept -= len(self.chunks.pop(0)[1])
+
+    def at_eof(self) -> bool:
+        """Whether the stream has no byte left (reads one byte if needed)."""
+        return self.eof or not self.read(1)
+
+    def check_end(self, end: int, url: str) -> str | None:
+        """After tarfile stopped at byte ``end``: None when two zero blocks follow, else why the shard is
+        truncated. Raises ShardError when a non-header block follows (corrupt, not truncated)."""
+        window = bytearray()
+        start = self.chunks[0][0] if self.chunks else self.pos
+        if end < start:  # never happens with tarfile's one-record read-ahead; be safe
+            raise ShardError(f"cannot check the end of shard {url}: stopped at byte {end}, kept from {start}")
+        for chunk_start, data in self.chunks:
+            window += data[max(0, end - chunk_start):] if chunk_start + len(data) > end else b""
+        self.chunks, self.kept = [], 0
+        while not self.eof and len(window) < _TAR_END:
+            data = self.raw.read(1 << 16)
+            self.eof = not data
+            self.pos += len(data)
+            window += data
+        while not self.eof:  # count the rest (normally the zero padding of the last record)
+            data = self.raw.read(1 << 20)
+            self.eof = not data
+            self.pos += len(data)
+        block = bytes(window[:_TAR_END])
+        if len(block) == _TAR_END and not any(block):
+            return None
+        if any(block[: tarfile.BLOCKSIZE]) and len(block) >= tarfile.BLOCKSIZE:
+            raise ShardError(f"cannot read shard {url}: no valid tar header at byte {end} (of {self.pos})")
+        return f"the file ends at byte {self.pos} without the tar end-of-archive blocks"
+
+
+class _Prefixed:
+    """``head`` followed by the rest of ``raw`` (a peek that works on streams that cannot seek)."""
+
+    def __init__(self, head: bytes, raw) -> None:
+        self.head, self.raw = head, raw
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head:
+            return self.raw.read(size)
+        if size is None or size < 0:
+            data, self.head = self.head + self.raw.read(), b""
+            return data
+        data, self.head = self.head[:size], self.head[size:]
+        if len(data) < size:
+            data += self.raw.read(size - len(data))
+        return data
 
 
 def _pick(sample: dict[str, Any], key_spec: str) -> tuple[str | None, Any]:
@@ -146,6 +307,8 @@ class Batch:
     skipped: Counter = field(default_factory=Counter)
     seconds: dict[str, float] = field(default_factory=dict)
     last: bool = False
+    shard_stat: dict[str, Any] | None = None  # on the last batch: the shard's size/mtime when it was read
+    truncated: str | None = None  # on the last batch: why the shard ended early (None: complete)
 
 
 class ShardBatches(torch.utils.data.IterableDataset):
@@ -165,7 +328,8 @@ class ShardBatches(torch.utils.data.IterableDataset):
     def _part_batches(self, part: int, shard: str) -> Iterator[Batch]:
         batch, pixels = Batch(part, shard), []
         read_start = time.perf_counter()
-        for sample in iter_raw_samples(shard):
+        stat, status = shard_stat(shard), ShardStatus(shard)
+        for sample in iter_raw_samples(shard, status):
             batch.n_read += 1
             caption, reason = decode_caption(sample, self.config.caption_key)
             image, image_reason = decode_image(sample, self.config.image_key) if reason is None else (None, None)
@@ -180,7 +344,9 @@ class ShardBatches(torch.utils.data.IterableDataset):
                 yield self._finish(batch, pixels, read_start)
                 batch, pixels = Batch(part, shard), []
                 read_start = time.perf_counter()
-        batch.last = True
+        batch.last, batch.shard_stat, batch.truncated = True, stat, status.truncated
+        if status.truncated:
+            batch.skipped["truncated_shard"] += 1
         yield self._finish(batch, pixels, read_start)
 
     def _finish(self, batch: Batch, pixels: list, read_start: float) -> Batch:

@@ -24,7 +24,52 @@ EXCLUDE_MARGIN = 4  # extra neighbours searched per query so that k_images usual
 
 
 class DatastoreError(RuntimeError):
-    """The datastore is missing, incomplete, or queried with the wrong encoder."""
+    """The datastore is missing, incomplete, damaged, or queried with the wrong encoder."""
+
+
+MANIFEST_KEYS = ("format_version", "created", "clip", "dim", "counts", "parts", "index")
+PART_KEYS = ("part", "shard", "n_written", "embeddings", "metadata")
+
+
+def read_manifest(root: str | Path) -> dict[str, Any]:
+    """Read and check ``root/manifest.json``; DatastoreError names the file and what is wrong."""
+    path = layout.manifest_path(root)
+    if not path.exists():
+        raise DatastoreError(f"{root} has no manifest.json: not a datastore, or its build has not finished")
+    try:
+        manifest = layout.read_json_object(path)
+        if "format_version" in manifest and manifest["format_version"] != layout.FORMAT_VERSION:
+            raise DatastoreError(f"{root}: format_version {manifest.get('format_version')} "
+                                 f"is not supported (expected {layout.FORMAT_VERSION})")
+        manifest = layout.read_json_object(path, MANIFEST_KEYS)
+    except ValueError as err:
+        raise DatastoreError(str(err)) from None
+    if not isinstance(manifest["parts"], list) or not manifest["parts"]:
+        raise DatastoreError(f"{path}: 'parts' must be a non-empty list of parts")
+    for i, part in enumerate(manifest["parts"]):
+        missing = [k for k in PART_KEYS if k not in part] if isinstance(part, dict) else list(PART_KEYS)
+        if missing:
+            raise DatastoreError(f"{path}: parts[{i}] lacks {', '.join(repr(k) for k in missing)}")
+    for key in ("clip", "counts", "index"):
+        if not isinstance(manifest[key], dict):
+            raise DatastoreError(f"{path}: {key!r} must be a JSON object")
+    return manifest
+
+
+def verify_files(root: str | Path, manifest: dict[str, Any], checksums: bool = True) -> list[str]:
+    """Check every file the manifest records (part embeddings and metadata, the index) against its
+    recorded size, and sha256 with ``checksums``; returns one line per damaged file (empty: all good).
+    A manifest written before sizes were recorded gets an existence check only."""
+    root = Path(root)
+    problems = []
+    for part in manifest["parts"]:
+        files = part.get("files") or {}
+        for name in ("embeddings", "metadata"):
+            problems.append(layout.check_file(root, part[name], files.get(name), checksums))
+    index_files = manifest["index"].get("files") or {}
+    for name in sorted(set(index_files) | {"index.faiss"}):
+        problems.append(layout.check_file(root, f"index/{name}", index_files.get(name), checksums))
+    return [p for p in problems if p]
 
 
 @dataclass
@@ -82,12 +127,12 @@ class Datastore:
         from datastore.index import load_index
 
         root = Path(root)
-        if not layout.manifest_path(root).exists():
-            raise DatastoreError(f"{root} has no manifest.json: not a datastore, or its build has not finished")
-        manifest = layout.read_json(layout.manifest_path(root))
-        if manifest.get("format_version") != layout.FORMAT_VERSION:
-            raise DatastoreError(f"{root}: format_version {manifest.get('format_version')} "
-                                 f"is not supported (expected {layout.FORMAT_VERSION})")
+        manifest = read_manifest(root)
+        problems = verify_files(root, manifest, checksums=False)
+        if problems:
+            raise DatastoreError(f"{root} is damaged: {problems[0]}"
+                                 + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                                 + "; `tuna-datastore info --verify` lists them all")
         if isinstance(clip, ClipSpec):
             clip = load_clip(clip)
         if clip is not None:

@@ -28,6 +28,8 @@ class _PartBuffer:
     n_read: int = 0
     skipped: Counter = field(default_factory=Counter)
     seconds: Counter = field(default_factory=Counter)
+    shard_stat: dict[str, Any] | None = None
+    truncated: str | None = None
 
 
 class PartWriter:
@@ -54,6 +56,8 @@ class PartWriter:
         buf.n_read += batch.n_read
         buf.skipped.update(batch.skipped)
         buf.seconds.update({**batch.seconds, "encode": encode_seconds})
+        if batch.last:
+            buf.shard_stat, buf.truncated = batch.shard_stat, batch.truncated
         return self._write(batch.part, self.buffers.pop(batch.part)) if batch.last else None
 
     def _write(self, part: int, buf: _PartBuffer) -> dict[str, Any]:
@@ -87,14 +91,41 @@ class PartWriter:
             "skipped": dict(sorted(buf.skipped.items())),
             "embeddings": str(emb_file.relative_to(self.root)),
             "metadata": str(meta_file.relative_to(self.root)),
+            "files": {"embeddings": layout.file_record(emb_file), "metadata": layout.file_record(meta_file)},
+            "shard_stat": buf.shard_stat,
             "seconds": {k: round(v, 4) for k, v in buf.seconds.items()},
         }
+        if buf.truncated:
+            record["truncated"] = buf.truncated
+            logger.warning("part %d: shard %s is truncated (%s): its %d samples before the cut are kept, "
+                           "the rest are missing; counted as truncated_shard", part, buf.shard, buf.truncated,
+                           buf.n_read)
         layout.write_json_atomic(layout.marker_path(self.root, part), record)
         logger.debug("part %d done: %d written, %d skipped", part, len(buf.keys), sum(buf.skipped.values()))
         return record
 
 
 def load_embeddings(root: str | Path, parts: list[dict[str, Any]], dtype=np.float16) -> np.ndarray:
-    """Concatenate the parts' embeddings in part order (row i of the result = index id i)."""
-    arrays = [np.load(Path(root) / p["embeddings"], allow_pickle=False) for p in parts]
+    """Concatenate the parts' embeddings in part order (row i of the result = index id i).
+
+    Raises:
+        layout.DamagedFileError: naming a file that is missing, of another size than its part marker
+            recorded, unreadable, or of another shape than the part's count.
+    """
+    arrays = []
+    for p in parts:
+        path = Path(root) / p["embeddings"]
+        problem = layout.check_file(root, p["embeddings"], (p.get("files") or {}).get("embeddings"))
+        if problem is None:
+            try:
+                array = np.load(path, allow_pickle=False)
+            except Exception as exc:  # ValueError, EOFError, OSError ... for a damaged .npy
+                problem = f"{path}: cannot read embeddings ({type(exc).__name__}: {exc})"
+            else:
+                if array.ndim != 2 or len(array) != p["n_written"]:
+                    problem = f"{path}: shape {array.shape}, expected {p['n_written']} rows"
+        if problem:
+            raise layout.DamagedFileError(f"{problem}; rebuild the part: delete {layout.marker_path('', p['part'])} "
+                                          f"in {root} and run the build again")
+        arrays.append(array)
     return np.concatenate(arrays).astype(dtype, copy=False)

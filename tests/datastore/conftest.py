@@ -106,3 +106,18 @@ def built(corpus, tmp_path_factory):
     manifest = build(build_config([str(Path(corpus[0]).parent / "shard-{000000..000003}.tar")], out),
                      show_progress=False)
     return out, manifest
+
+
+def member_offsets(shard: str) -> list[int]:
+    """Byte offsets of the member headers of a tar shard (three members per test sample)."""
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        return [member.offset for member in tar.getmembers()]
+
+
+def cut_shard(src: str, dst: Path, n_bytes: int) -> Path:
+    """Copy the first ``n_bytes`` of shard ``src`` to ``dst`` (a partial copy)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(Path(src).read_bytes()[:n_bytes])
+    return dst

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from datastore import layout
-from tests.datastore.conftest import build_config, sample_image, write_shards
+from tests.datastore.conftest import build_config, cut_shard, member_offsets, sample_image, write_shards
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -254,3 +255,102 @@ def test_saved_checkpoint_loads_with_same_identity(tmp_path, tiny_clip):
         assert loaded.identity["checkpoint_sha256"] == sha256_file(path)
     with pytest.raises(ValueError, match="does not exist"):
         load_clip(ClipSpec(model="tuna-tiny-clip", pretrained=str(tmp_path / "missing.pt")))
+
+
+def _cuts(shard: str) -> dict[str, int]:
+    """Where a partial copy of a 10-sample test shard can end (3 members per sample)."""
+    offsets, size = member_offsets(shard), Path(shard).stat().st_size
+    last = offsets[-1] + 512 + len(b"x")  # inside the data of the last member
+    return {"at_a_header": offsets[9], "inside_a_header": offsets[9] + 100, "inside_data": offsets[9] + 512 + 100,
+            "inside_the_last_member": last, "before_the_end_blocks": _end_of_members(shard),
+            "after_one_end_block": _end_of_members(shard) + 512, "intact": size}
+
+
+def _end_of_members(shard: str) -> int:
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        last = tar.getmembers()[-1]
+    return last.offset_data + -(-last.size // 512) * 512
+
+
+@pytest.mark.parametrize("where", ["at_a_header", "inside_a_header", "inside_data", "inside_the_last_member",
+                                   "before_the_end_blocks", "after_one_end_block", "intact"])
+def test_a_cut_shard_is_reported_as_truncated(tmp_path, where):
+    from datastore import reader
+    from datastore.reader import ShardError, iter_raw_samples
+
+    shard = write_shards(tmp_path / "in", n_shards=1, per_shard=10)[0]
+    n_bytes = _cuts(shard)[where]
+    cut = str(cut_shard(shard, tmp_path / "cut" / "shard.tar", n_bytes))
+    if where == "intact":
+        assert len(list(iter_raw_samples(cut))) == 10
+    else:  # a caller that does not count truncations gets an error after the complete samples
+        with pytest.raises(ShardError, match=r"shard .*shard\.tar is truncated: the file ends"):
+            list(iter_raw_samples(cut))
+    status = reader.ShardStatus(cut)  # the build counts it instead
+    keys = [s["__key__"] for s in iter_raw_samples(cut, status)]
+    complete = {"at_a_header": 3, "inside_a_header": 3, "inside_data": 3}.get(where, 10)
+    assert keys[:complete] == [f"s{i:06d}" for i in range(complete)] and len(keys) <= complete + 1
+    assert (status.truncated is None) == (where == "intact")
+
+
+def test_truncated_shard_is_counted_and_redone_once_repaired(tmp_path, caplog):
+    """A shard cut at a tar header boundary used to read as a normal end of file: no skip reported, and a
+    resumed build kept the short part after the shard was repaired."""
+    from datastore.build import build
+    from datastore.cli import summarize
+
+    shards = write_shards(tmp_path / "in", n_shards=2, per_shard=10)
+    intact = Path(shards[1]).read_bytes()
+    cut_shard(shards[1], Path(shards[1]), member_offsets(shards[1])[9])  # 3 samples left, as `head -c`
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="datastore"):
+        manifest = build(build_config(shards, out), show_progress=False)
+    assert manifest["counts"] == {"read": 13, "written": 13, "skipped": {"truncated_shard": 1}}
+    assert "shard-000001.tar is truncated" in caplog.text
+    assert manifest["parts"][1]["truncated"] and "truncated" not in manifest["parts"][0]
+    text = summarize(manifest, str(out))
+    assert "skipped: truncated_shard 1" in text and "truncated shards" in text and "shard-000001.tar" in text
+
+    Path(shards[1]).write_bytes(intact)  # repaired: the resumed build redoes part 1, keeps part 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="datastore"):
+        manifest = build(build_config(shards, out), show_progress=False)
+    assert "redoing part 000001: shard" in caplog.text and "changed since the part was built" in caplog.text
+    assert "redoing part 000000" not in caplog.text and "(1 already done)" in caplog.text
+    assert manifest["counts"] == {"read": 20, "written": 20, "skipped": {}}
+    keys, _, _ = read_store(out)
+    assert keys == [f"s{i:06d}" for i in range(20)]
+
+
+def test_damaged_part_files_are_named_and_redone_on_resume(tmp_path, caplog):
+    from datastore.build import build
+    from datastore.merge import MergeError, merge
+
+    shards = write_shards(tmp_path / "in", n_shards=2, per_shard=8)
+    out = tmp_path / "out"
+    build(build_config(shards, out, merge=False), show_progress=False)
+    emb = layout.emb_path(out, 1)
+    emb.write_bytes(emb.read_bytes()[:-256])  # a partial copy of the part's embeddings
+    with pytest.raises(MergeError, match=r"img_emb_000001\.npy: \d+ bytes, \d+ recorded"):
+        merge(out)
+    with caplog.at_level(logging.WARNING, logger="datastore"):
+        manifest = build(build_config(shards, out), show_progress=False)
+    assert "redoing part 000001" in caplog.text and "img_emb_000001.npy" in caplog.text
+    assert manifest["counts"]["written"] == 16
+    for part in manifest["parts"]:
+        for name in ("embeddings", "metadata"):
+            assert part["files"][name]["bytes"] == (out / part[name]).stat().st_size
+            assert len(part["files"][name]["sha256"]) == 64
+
+
+def test_tiny_datastore_merges_with_a_smaller_recall_k(tmp_path, caplog):
+    from datastore.build import build
+
+    shards = write_shards(tmp_path / "in", n_shards=1, per_shard=6)
+    with caplog.at_level(logging.WARNING, logger="datastore"):
+        manifest = build(build_config(shards, tmp_path / "out"), show_progress=False)
+    assert manifest["counts"]["written"] == 6
+    assert manifest["index"]["k"] == 5 and manifest["index"]["recall_at_k"] == 1.0
+    assert "only 6 vectors: measuring leave-one-out recall@5 instead of recall@10" in caplog.text

@@ -183,3 +183,16 @@ def test_config_and_input_validation(data: np.ndarray, tmp_path) -> None:
         build_index(data[:100], IndexConfig(factory="IVF12,Bogus"))
     with pytest.raises(FileNotFoundError, match="index.faiss"):
         load_index(tmp_path)
+
+
+@pytest.mark.parametrize("n", [2, 5, 10])
+def test_tiny_sets_lower_k_instead_of_failing(n, caplog) -> None:
+    import logging
+
+    vectors = clustered(n)
+    with caplog.at_level(logging.WARNING, logger="datastore.index"):
+        index, info = build_index(vectors, IndexConfig(k=10))
+    assert info["k"] == n - 1 and info["recall_at_k"] == 1.0 and index.ntotal == n
+    assert f"only {n} vectors: measuring leave-one-out recall@{n - 1} instead of recall@10" in caplog.text
+    with pytest.raises(ValueError, match="need at least 2 rows"):
+        build_index(vectors[:1], IndexConfig(k=10))

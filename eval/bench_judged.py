@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from eval.benchmarks import BENCHMARKS, Benchmark, join_by_question_id, read_jsonl, register
+from eval.benchmarks import (
+    BENCHMARKS, QUESTION_FIELDS, Benchmark, join_by_question_id, read_jsonl, register,
+)
 from eval.judge import score_llava_wild, score_mmvet
 
 
 def load_llava_wild(files: dict[str, Path]) -> list[dict]:
     """questions.jsonl + answers_gpt4.jsonl (the reference answers) + context.jsonl (captions by image)."""
-    references = [{"question_id": a["question_id"], "reference": a["text"]} for a in read_jsonl(files["answers"])]
-    samples = join_by_question_id(read_jsonl(files["questions"]), references, files["answers"])
-    captions = {c["image"]: c["caption"] for c in read_jsonl(files["context"])}
+    references = [{"question_id": a["question_id"], "reference": a["text"]}
+                  for a in read_jsonl(files["answers"], ("question_id", "text"))]
+    samples = join_by_question_id(read_jsonl(files["questions"], QUESTION_FIELDS), references, files["answers"])
+    captions = {c["image"]: c["caption"] for c in read_jsonl(files["context"], ("image", "caption"))}
     for s in samples:
         if s["image"] not in captions:
             raise ValueError(f"question {s['question_id']!r}: image {s['image']!r} has no caption in {files['context']}")
@@ -26,7 +29,7 @@ def load_mmvet(files: dict[str, Path]) -> list[dict]:
     gold = json.loads(Path(files["annotations"]).read_text())
     rows = [{"question_id": qid, "answer": g["answer"], "capability": list(g.get("capability", []))}
             for qid, g in gold.items()]
-    return join_by_question_id(read_jsonl(files["questions"]), rows, files["annotations"])
+    return join_by_question_id(read_jsonl(files["questions"], QUESTION_FIELDS), rows, files["annotations"])
 
 
 for _bench in (

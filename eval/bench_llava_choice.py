@@ -15,7 +15,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from eval.benchmarks import (
-    BENCHMARKS, OPTION_LETTER, SHORT_ANSWER, Benchmark, MissingBenchmarkFile, read_jsonl, register, strip_suffix,
+    BENCHMARKS, OPTION_LETTER, QUESTION_FIELDS, SHORT_ANSWER, Benchmark, MissingBenchmarkFile, read_jsonl, register,
+    strip_suffix,
 )
 from eval.scorers.choice import rotate_options, score_circular, score_multiple_choice
 from eval.scorers.yesno import MME_COGNITION, MME_PERCEPTION, score_mme
@@ -124,7 +125,7 @@ def load_mme(files: dict[str, Path]) -> list[dict]:
     known = MME_PERCEPTION + MME_COGNITION
     cache: dict[tuple[str, str], tuple[Path, dict[str, str]]] = {}
     samples = []
-    for row in read_jsonl(files["questions"]):
+    for row in read_jsonl(files["questions"], QUESTION_FIELDS):
         qid = str(row["question_id"])
         category = row.get("category") or qid.split("/")[0]
         if category not in known:
@@ -247,7 +248,7 @@ def load_seed(files: dict[str, Path]) -> list[dict]:
     type_names = {str(v): k for k, v in ann.get("question_type", {}).items()}
     all_ids = {str(q["question_id"]): q for q in ann["questions"]}
     samples, skipped = [], 0
-    for row in read_jsonl(files["questions"]):
+    for row in read_jsonl(files["questions"], QUESTION_FIELDS):
         qid = str(row["question_id"])
         gold = all_ids.get(qid)
         if gold is None:

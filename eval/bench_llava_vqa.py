@@ -15,7 +15,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from eval.benchmarks import BENCHMARKS, SHORT_ANSWER, Benchmark, read_jsonl, register, strip_suffix
+from eval.benchmarks import (
+    BENCHMARKS, QUESTION_FIELDS, SHORT_ANSWER, Benchmark, read_jsonl, register, strip_suffix,
+)
 from eval.scorers.vqa import evalai_answer, score_gqa, score_textvqa, score_vizwiz, score_vqa
 from eval.scorers.yesno import score_pope
 
@@ -52,7 +54,7 @@ def load_pope(files: dict[str, Path]) -> list[dict]:
     Raises:
         ValueError: on an unknown category, differing counts or a mismatched image/question.
     """
-    questions = read_jsonl(files["questions"])
+    questions = read_jsonl(files["questions"], QUESTION_FIELDS)
     by_split: dict[str, list[dict]] = {s: [] for s in POPE_SPLITS}
     for q in questions:
         split = _field(q, "category", files["questions"], f"question {q.get('question_id')!r}")
@@ -86,7 +88,7 @@ def load_gqa(files: dict[str, Path]) -> list[dict]:
     if not isinstance(gold, dict):
         raise ValueError(f"{files['annotations']}: expected a dict question id -> question, got {type(gold).__name__}")
     samples = []
-    for q in read_jsonl(files["questions"]):
+    for q in read_jsonl(files["questions"], QUESTION_FIELDS):
         entry = gold.get(str(q["question_id"]))
         if entry is None:
             raise ValueError(f"question {q['question_id']!r} has no answer in {files['annotations']}")
@@ -119,7 +121,7 @@ def load_textvqa(files: dict[str, Path]) -> list[dict]:
     data = _field(read_json(files["annotations"]), "data", files["annotations"], "the file")
     by_key = {(a["image_id"], a["question"].strip().lower()): a for a in data}
     samples = []
-    for q in read_jsonl(files["questions"]):
+    for q in read_jsonl(files["questions"], QUESTION_FIELDS):
         text = strip_suffix(q["text"], SHORT_ANSWER)
         question, has_ocr = _textvqa_question(text)
         key = (Path(q["image"]).stem, question.strip().lower())
@@ -177,7 +179,8 @@ def _score_vizwiz(records: list[dict]) -> tuple[list[float], dict]:
 def load_test_questions(files: dict[str, Path]) -> list[dict]:
     """LLaVA's test question jsonl (no answers here: the evaluation server scores the submission file)."""
     return [{**q, "text": strip_suffix(q["text"], VIZWIZ_SUFFIX) if "Unanswerable" in q["text"]
-             else strip_suffix(q["text"], SHORT_ANSWER)} for q in read_jsonl(files["questions"])]
+             else strip_suffix(q["text"], SHORT_ANSWER)}
+            for q in read_jsonl(files["questions"], QUESTION_FIELDS)]
 
 
 def vqav2_submission(records: list[dict]) -> list[dict]:

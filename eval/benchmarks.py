@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from eval.scorers.choice import score_multiple_choice
 from eval.scorers.open import score_open
@@ -79,15 +79,32 @@ def strip_suffix(text: str, suffix: str) -> str:
     return body
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+QUESTION_FIELDS = ("question_id", "image", "text")  # what the runner reads of every question
+
+
+def read_jsonl(path: Path, required: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file (blank lines skipped).
+
+    Raises:
+        ValueError: "PATH:LINE: ..." for a line that is not valid JSON, not a JSON object, or lacks one of the
+            ``required`` fields (naming the question by its ``question_id`` when it has one).
+    """
     rows = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            missing = [key for key in required if key not in row]
+            if missing:
+                who = f"question {row['question_id']!r} " if "question_id" in row else ""
+                raise ValueError(f"{path}:{n}: {who}lacks field {', '.join(map(repr, missing))}")
+            rows.append(row)
     return rows
 
 
@@ -105,7 +122,8 @@ def join_by_question_id(questions: list[dict], golds: list[dict], source: Path) 
 
 # ---------------------------------------------------------------- synthetic world (tuna-synth --out ROOT)
 def _load_synth(files: dict[str, Path], gold_role: str) -> list[dict]:
-    return join_by_question_id(read_jsonl(files["questions"]), read_jsonl(files[gold_role]), files[gold_role])
+    return join_by_question_id(read_jsonl(files["questions"], QUESTION_FIELDS),
+                               read_jsonl(files[gold_role], ("question_id",)), files[gold_role])
 
 
 def _load_synth_pope(files: dict[str, Path]) -> list[dict]:

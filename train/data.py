@@ -1,8 +1,9 @@
 """Training data: LLaVA JSON and webdataset shards -> TunaProcessor samples, bad-input policy, modality grouping.
 
 Preprocessing is lazy (in DataLoader workers): images are opened, tags looked up (retrieval cache, then
-live datastore retrieval) and conversations tokenized in ``__getitem__``. A bad sample (missing or
-unreadable image, no tags for its image, tokenization mismatch, over-long) raises an error naming the
+live datastore retrieval) and conversations tokenized in ``__getitem__``. A bad sample (a record of the wrong
+shape -- see :func:`check_record` --, a missing or unreadable image, no tags for its image, tokenization
+mismatch, over-long) raises a one-line error naming the
 sample under ``on_bad_sample="error"`` (default), or is skipped and counted under ``"skip"``: the next
 sample takes its place and the batch carries the skipped ids, so the trainer can count and report them.
 """
@@ -44,19 +45,52 @@ def load_llava_json(paths: Sequence[str]) -> list[dict[str, Any]]:
             raise ValueError(f"cannot read LLaVA JSON {path}: {exc}") from exc
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of samples, got {type(data).__name__}")
-        for i, record in enumerate(data):
-            if not isinstance(record, dict) or "conversations" not in record:
-                raise ValueError(f"{path}: sample {i} has no 'conversations'")
-            records.append(record)
+        records.extend(data)  # malformed records are bad samples, checked when encoded (check_record)
     return records
 
 
-def images_of(record: dict[str, Any]) -> list[str]:
-    """The image names (relative paths) of a LLaVA record: none, one, or a list."""
-    image = record.get("image")
+def images_of(record: Any) -> list[str]:
+    """The image names (relative paths) of a LLaVA record: none, one, or a list (none for a non-object)."""
+    image = record.get("image") if isinstance(record, dict) else None
     if image is None:
         return []
     return list(image) if isinstance(image, list) else [image]
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """``value`` for an error line: its repr (one line), shortened."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_conversation(conversation: Any, where: str) -> None:
+    """Raise :class:`BadSampleError` (``where`` names the sample) unless ``conversation`` is a non-empty list of
+    ``{"from": str, "value": str}`` turns; roles and their order are checked when it is tokenized."""
+    if not isinstance(conversation, list) or not conversation:
+        raise BadSampleError(f"{where}: 'conversations' must be a non-empty list of turns, got {_shown(conversation)}")
+    for k, turn in enumerate(conversation):
+        if not isinstance(turn, dict):
+            raise BadSampleError(f"{where}: turn {k} must be an object with 'from' and 'value', got {_shown(turn)}")
+        for key in ("from", "value"):
+            if key not in turn:
+                raise BadSampleError(f"{where}: turn {k} has no {key!r}")
+            if not isinstance(turn[key], str):
+                raise BadSampleError(f"{where}: turn {k}'s {key!r} must be a string, got {_shown(turn[key])}")
+
+
+def check_record(record: Any, where: str) -> None:
+    """Raise :class:`BadSampleError` (``where`` names the sample) unless ``record`` has the LLaVA shape:
+    an object with ``conversations`` (see :func:`check_conversation`) and an optional ``image``, a file name
+    or a list of file names."""
+    if not isinstance(record, dict):
+        raise BadSampleError(f"{where}: expected a JSON object with 'conversations', got {_shown(record)}")
+    if "conversations" not in record:
+        raise BadSampleError(f"{where}: has no 'conversations'")
+    image = record.get("image")
+    names = image if isinstance(image, list) else [] if image is None else [image]
+    if not all(isinstance(n, str) and n.strip() for n in names):
+        raise BadSampleError(f"{where}: 'image' must be a file name or a list of file names, got {_shown(image)}")
+    check_conversation(record["conversations"], where)
 
 
 class LlavaJsonDataset(Dataset):
@@ -89,7 +123,9 @@ class LlavaJsonDataset(Dataset):
         """Approximate sequence length per sample, negative for text-only (for modality grouping)."""
         out = []
         for record in self.records:
-            words = sum(len(str(turn.get("value", "")).split()) for turn in record["conversations"])
+            turns = record.get("conversations") if isinstance(record, dict) else None
+            words = sum(len(turn["value"].split()) for turn in turns
+                        if isinstance(turn, dict) and isinstance(turn.get("value"), str)) if isinstance(turns, list) else 0
             n_images = len(images_of(record))
             length = words + n_images * self.processor.tokens_per_image
             out.append(length if n_images else -length)
@@ -97,7 +133,8 @@ class LlavaJsonDataset(Dataset):
 
     def sample_id(self, i: int) -> str:
         """The id of sample ``i`` as errors and skip records name it (its ``id``, else its index)."""
-        return str(self.records[i].get("id", i))
+        record = self.records[i]
+        return str(record.get("id", i) if isinstance(record, dict) else i)
 
     def word_map(self, i: int) -> dict[str, str] | None:
         """Sample ``i``'s renaming (train/rename.py), or None."""
@@ -106,6 +143,7 @@ class LlavaJsonDataset(Dataset):
     def _encode(self, i: int) -> dict[str, Any]:
         record = self.records[i]
         sample_id = self.sample_id(i)
+        check_record(record, f"sample {sample_id!r}")
         names = images_of(record)
         conversation = record["conversations"]
         if names and not any(IMAGE_MARKER in str(t.get("value", "")) for t in conversation):
@@ -169,6 +207,7 @@ class WebDatasetSamples(IterableDataset):
                 try:
                     if image is None or conversation is None:
                         raise BadSampleError(f"sample {key!r} in {shard}: {why or 'no caption or conversations'}")
+                    check_conversation(conversation, f"sample {key!r}")
                     item = self.processor.encode(conversation, images=[image], image_ids=[key], sample_id=key)
                 except SAMPLE_ERRORS as exc:
                     if self.on_bad_sample == "error":
@@ -179,7 +218,7 @@ class WebDatasetSamples(IterableDataset):
                 yield item
 
 
-def _wds_conversation(raw: dict[str, Any], caption_key: str) -> list[dict] | None:
+def _wds_conversation(raw: dict[str, Any], caption_key: str) -> Any:
     from datastore.reader import decode_caption
 
     if "json" in raw:
@@ -187,8 +226,8 @@ def _wds_conversation(raw: dict[str, Any], caption_key: str) -> list[dict] | Non
             meta = json.loads(raw["json"])
         except (ValueError, UnicodeDecodeError):
             meta = {}
-        if isinstance(meta, dict) and isinstance(meta.get("conversations"), list):
-            return meta["conversations"]
+        if isinstance(meta, dict) and meta.get("conversations") is not None:
+            return meta["conversations"]  # checked by the caller: a malformed one is a bad sample
     caption, _ = decode_caption(raw, caption_key)
     return None if caption is None else [{"from": "human", "value": IMAGE_MARKER},
                                          {"from": "gpt", "value": caption}]

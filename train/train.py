@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,6 @@ if __name__ == "__main__":  # run as a script: the repo's `train` package, not t
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoTokenizer, HfArgumentParser  # noqa: E402
-from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 
 from datastore.clip import ClipSpec  # noqa: E402
 from common.log import setup_logging  # noqa: E402
@@ -34,7 +34,7 @@ from train.arguments import DataArguments, ModelArguments, TagArguments, TunaTra
 from train.data import LlavaJsonDataset, TrainCollator, WebDatasetSamples  # noqa: E402
 from train.icl_tuning import ICLCountsCallback, ICLTuningDataset  # noqa: E402
 from train.rename import NameRandomiser  # noqa: E402
-from train.trainer import StopAfterSteps, TunaTrainer  # noqa: E402
+from train.trainer import CHECKPOINT_COMPLETE, StopAfterSteps, TunaTrainer  # noqa: E402
 from tuna.modeling_tuna import TunaForCausalLM  # noqa: E402
 from tuna.processing_tuna import TunaProcessor  # noqa: E402
 from tuna.tag_source import TagSource  # noqa: E402
@@ -125,6 +125,31 @@ def build_tag_source(targs: TagArguments, model: TunaForCausalLM) -> TagSource:
     return source
 
 
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> tuple[str | None, list[str]]:
+    """The newest complete ``checkpoint-N`` in ``output_dir`` and the incomplete ones newer than it (newest first).
+
+    Complete: it holds :data:`train.trainer.CHECKPOINT_COMPLETE`, written after every rank finished the save.
+    In a folder where no checkpoint has the marker (saved before it existed), a checkpoint with
+    ``trainer_state.json`` (the Trainer writes it last) counts as complete. A kill during a save leaves a
+    newer, incomplete checkpoint: it is passed over (and named) instead of failing the resume.
+    """
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None, []
+    steps = sorted(((int(m.group(1)), p) for p in folder.iterdir()
+                    if (m := _CHECKPOINT_DIR.match(p.name)) and p.is_dir()), reverse=True)
+    marked = any((p / CHECKPOINT_COMPLETE).is_file() for _, p in steps)
+    incomplete = []
+    for _, path in steps:
+        if (path / (CHECKPOINT_COMPLETE if marked else "trainer_state.json")).is_file():
+            return str(path), incomplete
+        incomplete.append(str(path))
+    return None, incomplete
+
+
 def run(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser((ModelArguments, DataArguments, TagArguments, TunaTrainingArguments))
     margs, dargs, targs, args = parser.parse_args_into_dataclasses(args=argv)
@@ -155,8 +180,12 @@ def run(argv: list[str] | None = None) -> int:
                 len(dataset) if hasattr(dataset, "__len__") else "streamed")
     resume = None
     if args.resume:
-        resume = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
-        logger.info("resuming from %s", resume or f"nothing (no checkpoint in {args.output_dir}): starting fresh")
+        resume, incomplete = last_complete_checkpoint(args.output_dir)
+        if incomplete:
+            logger.warning("skipped incomplete checkpoint(s) %s (a save was interrupted; they are overwritten "
+                           "when training reaches their step)", ", ".join(incomplete))
+        logger.info("resuming from %s", resume or f"nothing (no complete checkpoint in {args.output_dir}): "
+                    "starting fresh")
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     timings["train_s"] = time.perf_counter() - start

@@ -17,6 +17,10 @@ from tuna.modeling_tuna import TRAINABLE_FILE, TRAINABLE_PREFIXES
 
 logger = logging.getLogger(__name__)
 
+# Written into ``checkpoint-N`` last, once every rank has finished its part of the save: a checkpoint without it
+# was interrupted while being written (train/train.py's --resume then takes the newest one that has it).
+CHECKPOINT_COMPLETE = "tuna_checkpoint_complete.json"
+
 
 class TunaTrainer(Trainer):
     """Trainer for TunaForCausalLM.
@@ -34,6 +38,7 @@ class TunaTrainer(Trainer):
         self._tokens = self._samples = self._skipped = 0
         self._last_log: float | None = None  # set at the first step: setup time is not throughput
         self._config = self.model.config
+        self.add_callback(CheckpointCompleteMarker())
 
     def create_optimizer(self):
         """The Trainer's optimizer; with ``mm_projector_lr`` the multimodal modules get their own rate."""
@@ -133,6 +138,25 @@ def _peak_memory_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class CheckpointCompleteMarker(TrainerCallback):
+    """Mark ``checkpoint-N`` complete (:data:`CHECKPOINT_COMPLETE`) after the Trainer has written all of it.
+
+    ``on_save`` runs after the Trainer's checkpoint save (model, optimizer / DeepSpeed states, RNG states,
+    trainer_state.json) on every rank; a barrier waits for the other ranks' files, then the main process
+    writes the marker (atomically: a temporary file renamed).
+    """
+
+    def on_save(self, args, state, control, **kwargs):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if args.should_save and folder.is_dir():
+            tmp = folder / (CHECKPOINT_COMPLETE + ".tmp")
+            tmp.write_text(json.dumps({"global_step": state.global_step, "time": time.time()}) + "\n")
+            os.replace(tmp, folder / CHECKPOINT_COMPLETE)
+        return control
 
 
 class StopAfterSteps(TrainerCallback):

@@ -168,6 +168,7 @@ class TunaForCausalLM(PreTrainedModel):
             **config_kwargs: further :class:`TunaConfig` fields (connector_type, tag_*, weight_mode, ...).
         """
         if not isinstance(llm, PreTrainedModel):
+            _require_config(llm, "an LLM or a saved TUNA model folder")
             llm = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype, attn_implementation=attn_implementation)
         loaded = clip if isinstance(clip, LoadedClip) else load_clip(clip)
         tower = VisionTower(loaded, feature_layer=config_kwargs.get("vision_feature_layer", -2))
@@ -194,7 +195,12 @@ class TunaForCausalLM(PreTrainedModel):
 
         ``clip_precision`` ("fp32", "bf16", "fp16") overrides the tower precision saved with the model
         (tag weights come from CLIP similarities, so they shift slightly with precision).
+
+        Raises:
+            FileNotFoundError: a local folder without ``config.json`` (named, one line).
         """
+        if kwargs.get("config") is None:  # else a default TunaConfig fails with "needs vision_hidden_size ..."
+            _require_config(pretrained_model_name_or_path, "a saved TUNA model folder")
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         spec = _resolve_clip_spec(model.config.clip, Path(pretrained_model_name_or_path))
         spec.precision = clip_precision or spec.precision
@@ -830,6 +836,14 @@ def _postprocess_logits(logits: Tensor, text_config: Any) -> Tensor:
 
 def _clip_recipe(spec: ClipSpec) -> dict[str, Any]:
     return {**spec.to_dict(), "precision": spec.precision}
+
+
+def _require_config(path: str | os.PathLike, what: str) -> None:
+    """A one-line FileNotFoundError naming ``path`` if it is a local folder without ``config.json``."""
+    folder = Path(path)
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: no config.json, so not {what} (save_pretrained writes config.json "
+                                "next to the weights)")
 
 
 def _resolve_clip_spec(clip: dict[str, Any], directory: Path) -> ClipSpec:

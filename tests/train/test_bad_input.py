@@ -118,3 +118,106 @@ def test_webdataset_samples_caption_pairs_live_tags_and_skips(world, processor, 
     assert all(i["tags"][0] and i["pixel_values"].shape[0] == 1 and i["labels"].ne(-100).any() for i in items)
     with pytest.raises(BadSampleError, match=r"bad training sample 's000002' in .*shard-000000.tar"):
         list(WebDatasetSamples(shards, processor))
+
+
+MALFORMED = {  # id -> record fields: every shape of a broken LLaVA sample (issue 27, item 5)
+    "conv-string": {"conversations": "hello"},
+    "conv-null": {"conversations": None},
+    "conv-empty": {"conversations": []},
+    "conv-dict": {"conversations": {"from": "human", "value": "<image>\nWhat is it?"}},
+    "turns-not-dicts": {"conversations": ["<image>\nWhat is it?", "a cat"]},
+    "turn-no-from": {"conversations": [{"value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a cat"}]},
+    "turn-no-value": {"conversations": [{"from": "human"}, {"from": "gpt", "value": "a cat"}]},
+    "value-not-str": {"conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": 7}]},
+    "from-not-str": {"conversations": [{"from": ["human"], "value": "<image>\nWhat is it?"},
+                                       {"from": "gpt", "value": "a cat"}]},
+    "no-conversations": {},
+    "image-not-str": {"image": 7},
+    "image-dict": {"image": {"path": "x.jpg"}},
+    "image-list-non-str": {"image": [None]},
+    "image-empty": {"image": "  "},
+}
+
+
+@pytest.fixture()
+def malformed_data(world, tmp_path):
+    """Two good samples, then every malformed shape (the good first sample's image and conversation unless
+    overridden), then a non-dict record and a good text-only sample."""
+    good = json.loads(open(world["instruct"]).read())[:2]
+    records = list(good)
+    for sample_id, fields in MALFORMED.items():
+        records.append({**good[0], "id": sample_id, **fields})
+    del records[2 + list(MALFORMED).index("no-conversations")]["conversations"]
+    records.append("just a string")
+    records.append({"id": "text-only", "conversations": [{"from": "human", "value": "Say hi."},
+                                                         {"from": "gpt", "value": "hi"}]})
+    path = tmp_path / "malformed.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_every_malformed_sample_shape_is_a_counted_skip(malformed_data, world, processor):
+    dataset = LlavaJsonDataset([str(malformed_data)], str(world["images"]), processor, on_bad_sample="skip")
+    n = len(dataset)
+    assert n == 2 + len(MALFORMED) + 2
+    assert len(dataset.lengths()) == n  # the modality sampler reads every record before any is encoded
+    list(ModalityLengthGroupedSampler(dataset.lengths(), batch_size=2))
+    item = dataset[2]  # the first malformed one: skipped up to the non-dict record, then the text-only sample
+    assert item["sample_id"] == "text-only"
+    assert [s["id"] for s in item["skipped"]] == [*MALFORMED, str(n - 2)]
+    assert all(s["reason"].startswith("BadSampleError: ") and "\n" not in s["reason"] for s in item["skipped"])
+    batch = TrainCollator(processor)([dataset[0], dataset[1], item])
+    assert len(batch["skipped"]) == len(MALFORMED) + 1 and batch["input_ids"].shape[0] == 3
+
+
+@pytest.mark.parametrize("sample_id", list(MALFORMED))
+def test_every_malformed_sample_shape_is_a_one_line_error_naming_it(malformed_data, world, processor, sample_id):
+    dataset = LlavaJsonDataset([str(malformed_data)], str(world["images"]), processor)
+    index = 2 + list(MALFORMED).index(sample_id)
+    with pytest.raises(BadSampleError, match=rf"^bad training sample \(index {index}\): .*sample '{sample_id}': ") as info:
+        dataset[index]
+    assert "\n" not in str(info.value)
+
+
+def test_a_record_that_is_not_an_object_is_a_one_line_error(malformed_data, world, processor):
+    dataset = LlavaJsonDataset([str(malformed_data)], str(world["images"]), processor)
+    index = len(dataset) - 2
+    with pytest.raises(BadSampleError, match=rf"^bad training sample \(index {index}\): .*expected a JSON object"):
+        dataset[index]
+
+
+def test_webdataset_conversations_of_the_wrong_shape_are_skipped(world, processor, tmp_path):
+    import dataclasses
+
+    import webdataset as wds
+
+    from datastore.store import Datastore
+    from tests.datastore.conftest import sample_jpeg
+    from train.data import WebDatasetSamples
+    from tuna.tag_source import TagSource
+
+    conversations = {"conv-string": "hello", "turns-not-dicts": ["<image>", "a cat"],
+                     "turn-no-value": [{"from": "human"}, {"from": "gpt", "value": "a cat"}],
+                     "good": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a cat"}]}
+    shard = tmp_path / "shard-000000.tar"
+    with wds.TarWriter(str(shard)) as sink:
+        for i, (key, conversation) in enumerate(conversations.items()):
+            sink.write({"__key__": key, "jpg": sample_jpeg(i), "txt": "a caption",
+                        "json": json.dumps({"conversations": conversation})})
+    processor = dataclasses.replace(processor, tag_source=TagSource(datastore=Datastore.open(world["datastore"]),
+                                                                    k_images=2, max_tags=5))
+    items = list(WebDatasetSamples([str(shard)], processor, on_bad_sample="skip"))
+    assert [i["sample_id"] for i in items] == ["good"]
+    assert [s["id"] for s in items[0]["skipped"]] == ["conv-string", "turns-not-dicts", "turn-no-value"]
+    with pytest.raises(BadSampleError, match=r"^bad training sample 'conv-string' in .*shard-000000.tar: ") as info:
+        list(WebDatasetSamples([str(shard)], processor))
+    assert "\n" not in str(info.value)
+
+
+def test_model_folder_without_config_json_is_a_one_line_error(world, tmp_path):
+    broken = tmp_path / "model"
+    shutil.copytree(world["llm"], broken)
+    (broken / "config.json").unlink()
+    run = launch(common_args(world, tmp_path / "out", model_name_or_path=broken), deepspeed_config=None)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1].startswith(f"train: error: {broken}: no config.json")

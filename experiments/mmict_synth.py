@@ -102,6 +102,30 @@ def train(run: Path, out: Path, variant: dict, seed: int, steps: int, lr: float,
     return seconds / steps
 
 
+def copy_diagnostics(evals: dict[str, Path], shots: tuple[int, ...], labels: dict[str, str]) -> str:
+    """Novel queries: how often the answer is one of the demos' names (copied), the right one, or a seen name
+    (the answer the connector learned for seen images): does a variant read its demonstrations at all?"""
+    from lever_lm_synth import predictions
+
+    seen_names = {r["answers"][0].lower() for r in predictions(next(iter(evals.values())), 0)
+                  if r.get("novelty") == "seen"}
+    lines = ["| variant | shots | novel queries | answer is a demo's name | ... the right one | a seen name |",
+             "|---|---|---|---|---|---|"]
+    for name, out in evals.items():
+        for k in shots[1:]:
+            novel = [r for r in predictions(out, k) if r.get("novelty") == "novel"]
+            if not novel:
+                continue
+            said = [str(r.get("prediction", "")).strip().lower() for r in novel]
+            demo_names = [{labels.get(d["id"], "").lower() for d in r.get("demos", [])} for r in novel]
+            copied = sum(p in names for p, names in zip(said, demo_names))
+            right = sum(p == r["answers"][0].lower() for p, r in zip(said, novel))
+            seen = sum(p in seen_names for p in said)
+            pct = lambda n: f"{100 * n / len(novel):.1f}"  # noqa: E731
+            lines.append(f"| {name} | {k} | {len(novel)} | {pct(copied)} | {pct(right)} | {pct(seen)} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, type=Path, help="finished quickstart with its quickstart-icl")
@@ -131,6 +155,7 @@ def main() -> None:
             evals[name] = args.out / f"seed{seed}" / "eval" / name
             evaluate(args.run, pool, evals[name], "siir", shots, "similar-last", threads=2, model=model)
         sections.append(table(f"seed {seed}: accuracy by shots (SIIR demos from pool_all)", evals, shots, labels)[0])
+        sections.append(f"seed {seed}: novel queries, what the answer is\n\n" + copy_diagnostics(evals, shots, labels))
     sections.append("seconds per training step: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()) + "\n")
     report = "\n".join(sections)
     (args.out / "report.md").write_text(report)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from datastore.clip import describe_mismatch, same_clip
 from datastore.store import AGGREGATIONS, DEDUP_THRESHOLD, Datastore, RetrievedTags
 
 logger = logging.getLogger(__name__)
@@ -24,7 +25,8 @@ ON_ERROR = ("error", "skip")
 
 
 class CacheError(RuntimeError):
-    """An input image is missing/unreadable (with on_error="error"), or a cache lookup failed."""
+    """An input image is missing/unreadable (with on_error="error"), a cache lookup failed, or a cache does not
+    match the CLIP or the datastore it is used with."""
 
 
 @dataclass
@@ -207,6 +209,7 @@ def _cache_meta(config: CacheConfig, store: Datastore, n: int, skipped: Counter,
     return {
         "datastore": str(Path(config.datastore).resolve()),
         "datastore_created": store.manifest["created"],
+        "datastore_rows": store.manifest["counts"].get("written"),
         "clip": store.manifest["clip"],
         "index": store.manifest["index"]["factory"],
         **settings,
@@ -232,6 +235,45 @@ class RetrievalCache:
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    @property
+    def clip(self) -> dict[str, Any] | None:
+        """Identity of the CLIP the cache's datastore was built with (None: not recorded)."""
+        clip = self.meta.get("clip")
+        return clip if isinstance(clip, dict) and "model" in clip and "weights_sha256" in clip else None
+
+    def identity(self) -> dict[str, Any]:
+        """What results should record about this cache: file, row count, CLIP, source datastore and settings."""
+        clip = self.clip or {}
+        return {"path": str(self.path.resolve()), "rows": len(self),
+                "clip": {k: clip.get(k) for k in ("model", "pretrained", "weights_sha256")} if clip else None,
+                "datastore": self.meta.get("datastore"), "datastore_created": self.meta.get("datastore_created"),
+                "datastore_rows": self.meta.get("datastore_rows"),
+                **{k: self.meta.get(k) for k in ("k_images", "max_tags", "aggregate", "exclude_self")}}
+
+    def check_clip(self, expected: dict[str, Any] | None, what: str = "the model") -> None:
+        """Raise CacheError unless the cache was built with the CLIP of identity ``expected`` (None/empty:
+        nothing to compare with). A cache that records no CLIP is refused when there is one to compare."""
+        if not expected:
+            return
+        if self.clip is None:
+            raise CacheError(f"retrieval cache {self.path} records no CLIP identity, so it cannot be checked "
+                             f"against {what}'s CLIP; rebuild it with `tuna-datastore cache`")
+        if not same_clip(expected, self.clip):
+            raise CacheError(f"retrieval cache {self.path} was built with a different CLIP than {what}: "
+                             f"{describe_mismatch(expected, self.clip)}; rebuild it with `tuna-datastore cache` "
+                             "from a datastore built with that CLIP")
+
+    def check_datastore(self, store: Datastore) -> None:
+        """Raise CacheError unless the cache fits ``store``: the same CLIP and, where the cache records it, the
+        same number of images. Not the build stamp: re-running a finished build rewrites it, contents unchanged
+        (the path may differ too, e.g. a copied datastore)."""
+        self.check_clip(store.manifest.get("clip"), what=f"datastore {store.root}")
+        rows, now = self.meta.get("datastore_rows"), store.manifest.get("counts", {}).get("written")
+        if rows is not None and now is not None and rows != now:
+            raise CacheError(f"retrieval cache {self.path} was built from another datastore than {store.root}: "
+                             f"from {self.meta.get('datastore')} with {rows} images, this one has {now}; give the "
+                             "datastore the cache was built from, or rebuild the cache from this one")
 
     def __contains__(self, image_id: str) -> bool:
         return image_id in self._rows

@@ -237,7 +237,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any] | None:
                                                                        "tag_temperature", "tag_score_prior", "max_tags",
                                                                        "template")},
                "clip_identity": model.config.clip_identity, "datastore": _datastore_identity(config),
-               "benchmarks": {}}
+               "retrieval_cache": _cache_identity(processor.tag_source), "benchmarks": {}}
     demos = DemoSource(config.kshot) if any(config.shots) else None
     if demos is not None:
         results["demo_pool"] = {"path": config.kshot.pool, "n": len(demos.pool), "retriever": config.kshot.retriever,
@@ -266,6 +266,12 @@ def _datastore_identity(config: EvalConfig) -> dict[str, Any] | None:
         return None
     manifest = json.loads((Path(config.datastore) / "manifest.json").read_text())
     return {"path": str(config.datastore), "clip": manifest.get("clip"), "counts": manifest.get("counts")}
+
+
+def _cache_identity(tag_source) -> dict[str, Any] | None:
+    """The retrieval cache the tags came from (file, rows, CLIP, source datastore); None when none was read."""
+    cache = getattr(tag_source, "cache", None)
+    return None if cache is None else cache.identity()
 
 
 def markdown_table(runs: list[dict[str, Any]], names: list[str]) -> str:

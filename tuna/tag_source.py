@@ -42,6 +42,15 @@ def read_vocabulary(path: str | Path) -> list[str]:
     return tags
 
 
+def model_clip_identity(model: Any) -> dict[str, Any] | None:
+    """The CLIP identity a model's tags must come from: its config's ``clip_identity`` (what it was trained
+    with), else its loaded tower's; None when neither is known."""
+    identity = getattr(getattr(model, "config", None), "clip_identity", None)
+    if not identity:
+        identity = getattr(getattr(getattr(model, "vision", None), "clip", None), "identity", None)
+    return identity or None
+
+
 class TagSource:
     """Tags for an image id: cache first, then live retrieval, truncated to ``max_tags``.
 
@@ -113,6 +122,9 @@ class TagSource:
             of its flags are missing.
         Raises:
             ValueError: unknown ablation, or as the constructor.
+            datastore.cache.CacheError: the retrieval cache was built with another CLIP than the model's, or
+                from another datastore than ``datastore`` (a one-line message naming the cache file).
+            datastore.store.DatastoreError: the datastore was built with another CLIP than the model's.
         """
         if ablation:
             ablation_policy(ablation)  # check before changing the model
@@ -122,8 +134,13 @@ class TagSource:
             return cls(ablation=ablation)
         if not (retrieval_cache or datastore):
             return None
-        return cls(cache=RetrievalCache(retrieval_cache) if retrieval_cache else None,
-                   datastore=Datastore.open(datastore, clip=model.vision.clip) if datastore else None,
+        store = Datastore.open(datastore, clip=model.vision.clip) if datastore else None
+        cache = RetrievalCache(retrieval_cache) if retrieval_cache else None
+        if cache is not None:
+            cache.check_clip(model_clip_identity(model))
+            if store is not None:
+                cache.check_datastore(store)
+        return cls(cache=cache, datastore=store,
                    k_images=k_images, max_tags=model.config.max_tags, ablation=ablation, seed=seed,
                    min_support=min_support, exclude_self=exclude_self, dedup_threshold=dedup_threshold,
                    vocabulary=read_vocabulary(random_vocabulary) if random_vocabulary else None)

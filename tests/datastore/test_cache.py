@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -89,3 +90,62 @@ def test_cache_rejects_a_bad_threshold(built, tmp_path):
 
     with pytest.raises(ValueError, match="dedup_threshold=0: must be > 0"):
         CacheConfig(datastore=str(built[0]), out=str(tmp_path / "c.parquet"), shards=["x.tar"], dedup_threshold=0)
+
+
+def _with_meta(src, dst, **changes):
+    """A copy of cache ``src`` at ``dst`` whose metadata has ``changes`` (a value None drops the key)."""
+    import pyarrow.parquet as pq
+
+    from datastore.cache import CACHE_META_KEY
+
+    table = pq.read_table(src)
+    meta = {**json.loads(table.schema.metadata[CACHE_META_KEY]), **changes}
+    meta = {k: v for k, v in meta.items() if v is not None}
+    pq.write_table(table.replace_schema_metadata({CACHE_META_KEY: json.dumps(meta)}), dst)
+    return dst
+
+
+def test_cache_identity_and_its_checks_against_a_clip_and_a_datastore(built, tmp_path):
+    """A cache names the CLIP and the datastore it was built from; a different CLIP (model or datastore) or a
+    different datastore build is a one-line CacheError naming the cache file and what differs."""
+    from types import SimpleNamespace
+
+    from datastore.cache import CacheConfig, CacheError, RetrievalCache, build_cache
+    from datastore.store import Datastore
+
+    root, manifest = built
+    path, folder = _llava_set(tmp_path, [3, 50])
+    out = tmp_path / "cache.parquet"
+    build_cache(CacheConfig(datastore=str(root), out=str(out), llava_json=[str(path)], image_folder=str(folder),
+                            k_images=3, num_workers=0), show_progress=False)
+    cache, store = RetrievalCache(out), Datastore.open(root)
+    identity = cache.identity()
+    assert identity["path"] == str(out.resolve()) and identity["rows"] == 2 == len(cache)
+    assert identity["clip"] == {k: manifest["clip"][k] for k in ("model", "pretrained", "weights_sha256")}
+    assert identity["datastore"] == str(root.resolve()) and identity["datastore_created"] == manifest["created"]
+    assert identity["datastore_rows"] == manifest["counts"]["written"] and identity["k_images"] == 3
+    cache.check_clip(manifest["clip"])  # same CLIP, same datastore: accepted
+    cache.check_clip({})  # nothing to compare with (a model without a recorded CLIP)
+    cache.check_datastore(store)
+
+    other = {**manifest["clip"], "weights_sha256": "f" * 64}
+    with pytest.raises(CacheError) as err:
+        cache.check_clip(other)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"retrieval cache {out} was built with a different CLIP than "
+                                                      "the model: expected tuna-tiny-clip")
+    assert "weights ffffffffffff" in message and manifest["clip"]["weights_sha256"][:12] in message
+    with pytest.raises(CacheError, match=f"retrieval cache {out} was built with a different CLIP than datastore"):
+        cache.check_datastore(SimpleNamespace(root=root, manifest={**manifest, "clip": other}))
+    rebuilt = SimpleNamespace(root=root, manifest={**manifest, "created": "2000-01-01T00:00:00+00:00"})
+    cache.check_datastore(rebuilt)  # the same contents built again: accepted
+    written = manifest["counts"]["written"]
+    other_rows = SimpleNamespace(root=root, manifest={**manifest, "counts": {**manifest["counts"], "written": 7}})
+    with pytest.raises(CacheError, match=re.escape(f"retrieval cache {out} was built from another datastore than "
+                                                   f"{root}: from {root.resolve()} with {written} images, this one "
+                                                   "has 7")):
+        cache.check_datastore(other_rows)
+    unknown = RetrievalCache(_with_meta(out, tmp_path / "old.parquet", clip=None))
+    assert unknown.identity()["clip"] is None
+    with pytest.raises(CacheError, match="old.parquet records no CLIP identity"):
+        unknown.check_clip(manifest["clip"])

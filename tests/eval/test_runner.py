@@ -192,3 +192,63 @@ def test_questions_that_already_end_with_the_prompt_suffix_read_it_once(world, m
     assert results["benchmarks"]["synth_open"]["prompt_suffix_stripped"] == 6
     assert "6 of 6 questions already end with the prompt suffix" in caplog.text
     assert all(r["prompt"].count(SHORT_ANSWER) == 1 for r in predictions(tmp_path / "out", "synth_open"))
+
+
+def _cache_with_meta(src, dst, **changes):
+    """A copy of retrieval cache ``src`` at ``dst`` whose metadata has ``changes``."""
+    import pyarrow.parquet as pq
+
+    from datastore.cache import CACHE_META_KEY
+
+    table = pq.read_table(src)
+    meta = {**json.loads(table.schema.metadata[CACHE_META_KEY]), **changes}
+    pq.write_table(table.replace_schema_metadata({CACHE_META_KEY: json.dumps(meta)}), dst)
+    return dst
+
+
+def test_results_record_the_retrieval_cache(world, model_dir, tmp_path):
+    from datastore.cache import RetrievalCache
+
+    results = evaluate(EvalConfig(model=str(model_dir), benches=["synth_open"], data_root=str(world["data_root"]),
+                                  out=str(tmp_path / "out"), retrieval_cache=str(world["cache"]),
+                                  datastore=str(world["datastore"]), limit=4))
+    recorded = json.loads((tmp_path / "out" / "results.json").read_text())["retrieval_cache"]
+    manifest = json.loads((world["datastore"] / "manifest.json").read_text())
+    assert recorded == results["retrieval_cache"] == RetrievalCache(world["cache"]).identity()
+    assert recorded["path"] == str(world["cache"].resolve()) and recorded["rows"] == len(RetrievalCache(world["cache"]))
+    assert recorded["clip"]["weights_sha256"] == results["clip_identity"]["weights_sha256"]
+    assert recorded["datastore"] == str(world["datastore"].resolve())
+    assert recorded["datastore_created"] == manifest["created"]
+    base = evaluate(EvalConfig(model=str(model_dir), benches=["synth_open"], data_root=str(world["data_root"]),
+                               out=str(tmp_path / "base"), no_tags=True, limit=2))
+    assert base["retrieval_cache"] is None
+
+
+def _error_line(stderr: str) -> str:
+    """The one error line of a failed run (stderr also holds model-loading progress bars); it is complete: the
+    line after it, if any, is not part of a traceback."""
+    lines = [line for line in stderr.splitlines() if "tuna-eval: error:" in line]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0][lines[0].index("tuna-eval: error:"):]
+
+
+def test_a_cache_of_another_clip_or_datastore_is_a_one_line_error(world, model_dir, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from datastore.cache import CACHE_META_KEY
+
+    meta = json.loads(pq.read_schema(world["cache"]).metadata[CACHE_META_KEY])
+    other_clip = _cache_with_meta(world["cache"], tmp_path / "other_clip.parquet",
+                                  clip={**meta["clip"], "weights_sha256": "0" * 64})
+    other_build = _cache_with_meta(world["cache"], tmp_path / "other_build.parquet", datastore_rows=7)
+    args = ["--model", str(model_dir), "--bench", "synth_open", "--data-root", str(world["data_root"]), "--limit", "2"]
+    code = main(args + ["--retrieval-cache", str(other_clip), "--out", str(tmp_path / "a")])
+    err = _error_line(capsys.readouterr().err)
+    assert code == 1 and err.startswith(f"tuna-eval: error: retrieval cache {other_clip} was built with a different CLIP than the "
+                          "model: expected tuna-tiny-clip")
+    assert "weights 000000000000" in err and not (tmp_path / "a" / "results.json").exists()
+    code = main(args + ["--retrieval-cache", str(other_build), "--datastore", str(world["datastore"]),
+                        "--out", str(tmp_path / "b")])
+    err = _error_line(capsys.readouterr().err)
+    assert code == 1 and err.startswith(f"tuna-eval: error: retrieval cache {other_build} was built from another datastore than "
+                          f"{world['datastore']}: from {world['datastore'].resolve()} with 7 images")

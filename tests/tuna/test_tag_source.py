@@ -135,3 +135,72 @@ def test_min_support_filters_cache_and_live_results_alike(store_and_cache):
         TagSource(cache=max_cache, min_support=0.5)
     with pytest.raises(ValueError, match="min_support needs aggregate='sum'"):
         store.retrieve_tags(images=[sample_image(7)], aggregate="max", min_support=0.5)
+
+
+@pytest.fixture(scope="module")
+def other_clip_cache(store_and_cache, tmp_path_factory):
+    """(datastore dir, cache) of the same images and corpus as ``store_and_cache``, built with a tiny CLIP of
+    other random weights (a checkpoint file): same architecture, different encoder."""
+    import torch
+
+    from datastore.build import BuildConfig, build
+    from datastore.clip import ClipSpec, load_clip, save_checkpoint
+    from datastore.index import IndexConfig
+    from datastore.reader import ReaderConfig
+
+    store, _ = store_and_cache
+    root = tmp_path_factory.mktemp("other_clip")
+    clip = load_clip(ClipSpec(model="tuna-tiny-clip"))
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(1)
+        for p in clip.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    checkpoint = save_checkpoint(clip, str(root / "other.safetensors"))
+    shards = sorted(str(p) for p in (store.root.parent / "in").glob("*.tar"))
+    build(BuildConfig(inputs=shards, out=str(root / "ds"), clip=ClipSpec(model="tuna-tiny-clip", pretrained=checkpoint),
+                      reader=ReaderConfig(batch_size=16, num_workers=0), index=IndexConfig(n_eval_queries=10)),
+          show_progress=False)
+    build_cache(CacheConfig(datastore=str(root / "ds"), out=str(root / "other.parquet"),
+                            llava_json=[str(store.root.parent / "set.json")], image_folder=str(store.root.parent / "images"),
+                            k_images=3, num_workers=0), show_progress=False)
+    return root / "ds", RetrievalCache(root / "other.parquet")
+
+
+def test_for_model_refuses_a_cache_of_another_clip_or_datastore(store_and_cache, other_clip_cache, make_model,
+                                                                tmp_path):
+    """Training and tuna-eval build their tags with for_model: a cache built with another CLIP than the model's
+    (or than the datastore's, or from another build of the datastore) is a one-line error naming the file."""
+    import shutil
+    from types import SimpleNamespace
+
+    from datastore.cache import CacheError
+
+    store, cache = store_and_cache
+    other_ds, other = other_clip_cache
+    assert other.meta["clip"]["weights_sha256"] != cache.meta["clip"]["weights_sha256"]
+    model = make_model(max_tags=4)  # the plain tiny CLIP, as ``store_and_cache`` was built with
+    assert TagSource.for_model(model, retrieval_cache=str(cache.path), datastore=str(store.root))("a.jpg").tags
+    with pytest.raises(CacheError) as err:
+        TagSource.for_model(model, retrieval_cache=str(other.path))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"retrieval cache {other.path} was built with a different "
+                                                      "CLIP than the model: expected tuna-tiny-clip (pretrained=None")
+    assert f"got tuna-tiny-clip (pretrained={other.meta['clip']['pretrained']}" in message
+    with pytest.raises(CacheError, match="was built with a different CLIP than the model"):
+        TagSource.for_model(model, retrieval_cache=str(other.path), ablation="random_tags",
+                            datastore=str(store.root))
+
+    # a model that records no CLIP: the cache is still checked against the datastore it is used with
+    bare = SimpleNamespace(config=SimpleNamespace(ablation="none", max_tags=4), vision=SimpleNamespace(clip=None))
+    with pytest.raises(CacheError, match=f"retrieval cache {cache.path} was built with a different CLIP than "
+                                         f"datastore {other_ds}: expected tuna-tiny-clip"):
+        TagSource.for_model(bare, retrieval_cache=str(cache.path), datastore=str(other_ds))
+    rebuilt = tmp_path / "rebuilt"  # another datastore with the same CLIP (other contents)
+    shutil.copytree(store.root, rebuilt)
+    manifest = json.loads((rebuilt / "manifest.json").read_text())
+    (rebuilt / "manifest.json").write_text(json.dumps({**manifest, "counts": {**manifest["counts"], "written": 7}}))
+    with pytest.raises(CacheError, match=f"retrieval cache {cache.path} was built from another datastore than "
+                                         f"{rebuilt}: from {store.root.resolve()} with"):
+        TagSource.for_model(bare, retrieval_cache=str(cache.path), datastore=str(rebuilt))
+    assert TagSource.for_model(bare, retrieval_cache=str(cache.path), datastore=str(store.root))("a.jpg").tags
+    assert TagSource.for_model(model, retrieval_cache=str(other.path), ablation="no_tags")("a.jpg").tags == []

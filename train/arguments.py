@@ -209,6 +209,10 @@ class TunaTrainingArguments(TrainingArguments):
     """HF TrainingArguments plus resume and a test hook."""
 
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in --output_dir"})
+    verify_checkpoint: bool = field(default=True, metadata={
+        "help": "record the sha256 of every checkpoint file when saving, and on --resume refuse a checkpoint whose "
+                "files changed since (its .pt files are pickles that run code when loaded); false skips both "
+                "(hashing reads the whole checkpoint: ~100 GB for a 7B finetune)"})
     mm_projector_lr: float | None = field(default=None, metadata={
         "help": "learning rate of the multimodal modules (connector, tag encoder, patch positions) when it should "
                 "differ from --learning_rate, which then applies to the LLM (LLaVA's --mm_projector_lr)"})

@@ -34,7 +34,8 @@ from train.arguments import DataArguments, ModelArguments, TagArguments, TunaTra
 from train.data import LlavaJsonDataset, TrainCollator, WebDatasetSamples  # noqa: E402
 from train.icl_tuning import ICLCountsCallback, ICLTuningDataset  # noqa: E402
 from train.rename import NameRandomiser  # noqa: E402
-from train.trainer import CHECKPOINT_COMPLETE, StopAfterSteps, TunaTrainer  # noqa: E402
+from train.trainer import (  # noqa: E402
+    CHECKPOINT_COMPLETE, CheckpointChanged, StopAfterSteps, TunaTrainer, verify_checkpoint)
 from tuna.modeling_tuna import TunaForCausalLM  # noqa: E402
 from tuna.processing_tuna import TunaProcessor  # noqa: E402
 from tuna.tag_source import TagSource  # noqa: E402
@@ -150,6 +151,43 @@ def last_complete_checkpoint(output_dir: str | Path) -> tuple[str | None, list[s
     return None, incomplete
 
 
+def resume_checkpoint(args: TunaTrainingArguments) -> str | None:
+    """The checkpoint ``--resume`` continues from (None: start fresh), its files verified unless told not to.
+
+    The newest complete checkpoint (:func:`last_complete_checkpoint`); with ``--verify_checkpoint`` (default) the
+    main process checks its files against the sha256 recorded at save time
+    (:func:`train.trainer.verify_checkpoint`) before anything is loaded, and every rank stops with the same
+    one-line error when one changed or is missing. Checkpoint ``.pt`` files are pickles: DeepSpeed loads them
+    with ``weights_only=False``, so a replaced file would run code. The check covers files replaced after the
+    save, not a folder crafted together with a matching marker.
+    """
+    resume, incomplete = last_complete_checkpoint(args.output_dir)
+    if incomplete:
+        logger.warning("skipped incomplete checkpoint(s) %s (a save was interrupted; they are overwritten "
+                       "when training reaches their step)", ", ".join(incomplete))
+    if resume is not None and args.verify_checkpoint:
+        error, verified = None, False
+        if args.process_index == 0:
+            try:
+                verified = verify_checkpoint(resume)
+            except (CheckpointChanged, OSError) as exc:
+                error = str(exc)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            shared = [error, verified]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            error, verified = shared
+        if error is not None:
+            raise CheckpointChanged(error)
+        if verified:
+            logger.info("checkpoint %s: every file matches the sha256 recorded when it was saved", resume)
+        else:
+            logger.warning("checkpoint %s records no file hashes (saved before tuna recorded them, or with "
+                           "--verify_checkpoint false): resuming unverified", resume)
+    logger.info("resuming from %s", resume or f"nothing (no complete checkpoint in {args.output_dir}): "
+                "starting fresh")
+    return resume
+
+
 def run(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser((ModelArguments, DataArguments, TagArguments, TunaTrainingArguments))
     margs, dargs, targs, args = parser.parse_args_into_dataclasses(args=argv)
@@ -161,6 +199,8 @@ def run(argv: list[str] | None = None) -> int:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=args.ddp_backend or ("gloo" if args.use_cpu else "nccl"))
+        unlink_shm_allreduce_buffer_after_init()
+    resume = resume_checkpoint(args) if args.resume else None  # checked before anything is loaded
     transformers.set_seed(args.seed)  # the new connector / tag encoder weights are seeded too
     tokenizer = AutoTokenizer.from_pretrained(margs.tokenizer_name_or_path or margs.model_name_or_path)
     model = build_model(margs, targs, tokenizer, _dtype(args))
@@ -178,14 +218,6 @@ def run(argv: list[str] | None = None) -> int:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("stage %s: %d trainable parameters; %s samples", margs.stage, trainable,
                 len(dataset) if hasattr(dataset, "__len__") else "streamed")
-    resume = None
-    if args.resume:
-        resume, incomplete = last_complete_checkpoint(args.output_dir)
-        if incomplete:
-            logger.warning("skipped incomplete checkpoint(s) %s (a save was interrupted; they are overwritten "
-                           "when training reaches their step)", ", ".join(incomplete))
-        logger.info("resuming from %s", resume or f"nothing (no complete checkpoint in {args.output_dir}): "
-                    "starting fresh")
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     timings["train_s"] = time.perf_counter() - start
@@ -202,16 +234,36 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
-def remove_shm_allreduce_buffer() -> None:
-    """Unlink this rank's DeepSpeed CPU shared-memory allreduce buffer (``/dev/shm``, ~65 MB).
-
-    DeepSpeed's CPU backend creates ``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` when all ranks
-    share a machine and never removes it, so every CPU run would leave its buffers in RAM. The peers map
-    it only at init, so once training is over the name can go; the mappings stay valid until exit.
-    """
+def _shm_allreduce_buffer() -> Path:
+    """This rank's DeepSpeed CPU shared-memory allreduce buffer (``/dev/shm``, ~65 MB; it may not exist)."""
     name = "_".join(["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
                      os.environ.get("MASTER_PORT", ""), os.environ.get("RANK", "0")])
-    (Path("/dev/shm") / name).unlink(missing_ok=True)
+    return Path("/dev/shm") / name
+
+
+def remove_shm_allreduce_buffer() -> None:
+    """Unlink this rank's DeepSpeed CPU shared-memory allreduce buffer (``/dev/shm``, ~65 MB), if still there.
+
+    DeepSpeed's CPU backend creates ``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` when all ranks
+    share a machine (the launcher's ``LOCAL_SIZE`` equals the world size) and never removes it, so every CPU run
+    would leave its buffers in RAM. The mappings stay valid until exit once the name is gone.
+    """
+    _shm_allreduce_buffer().unlink(missing_ok=True)
+
+
+def unlink_shm_allreduce_buffer_after_init() -> None:
+    """Unlink this rank's shm allreduce buffer right after ``deepspeed.init_distributed``: no exit path leaves it.
+
+    DeepSpeed's ``shm_initialize`` (ops/csrc/cpu/comm/shm.cpp) creates this rank's buffer and then maps every
+    peer's by name, once, inside ``init_distributed``; a barrier after it means every rank has mapped every
+    buffer, so the names can go while the memory stays shared until the processes exit. Exceptions, Ctrl-C,
+    the launcher's SIGTERM of the surviving ranks after one failed and ``kill -9`` then free it with the
+    process. Only a kill between init and this barrier leaves the files
+    (``rm /dev/shm/deepspeed_allreduce_buffer_*``).
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    remove_shm_allreduce_buffer()
 
 
 def main(argv: list[str] | None = None) -> int:

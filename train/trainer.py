@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -145,7 +146,17 @@ class CheckpointCompleteMarker(TrainerCallback):
 
     ``on_save`` runs after the Trainer's checkpoint save (model, optimizer / DeepSpeed states, RNG states,
     trainer_state.json) on every rank; a barrier waits for the other ranks' files, then the main process
-    writes the marker (atomically: a temporary file renamed).
+    writes the marker (atomically: a temporary file renamed). The marker records the sha256 of every file in
+    the checkpoint (:func:`checkpoint_hashes`); ``--resume`` checks them before anything is loaded
+    (:func:`verify_checkpoint`), because the checkpoint's ``.pt`` files are pickles that DeepSpeed loads with
+    ``weights_only=False``.
+
+    Only the main process hashes, and it records the files it sees: ZeRO's per-rank files of a single-machine
+    run all sit in the same folder, and so do a multi-node run's on a shared file system; on per-node disks the
+    other nodes' files are absent here and go unrecorded. Cost: one read of the checkpoint (a 7B finetune
+    checkpoint with its optimizer states is ~100 GB: a minute or two on fast disks, files hashed in parallel)
+    while the other ranks wait at their next collective; ``--verify_checkpoint false`` skips hashing here and
+    the check on resume.
     """
 
     def on_save(self, args, state, control, **kwargs):
@@ -153,10 +164,83 @@ class CheckpointCompleteMarker(TrainerCallback):
             torch.distributed.barrier()
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if args.should_save and folder.is_dir():
+            marker = {"global_step": state.global_step, "time": time.time()}
+            if getattr(args, "verify_checkpoint", True):
+                marker["sha256"] = checkpoint_hashes(folder)
             tmp = folder / (CHECKPOINT_COMPLETE + ".tmp")
-            tmp.write_text(json.dumps({"global_step": state.global_step, "time": time.time()}) + "\n")
+            tmp.write_text(json.dumps(marker, indent=1) + "\n")
             os.replace(tmp, folder / CHECKPOINT_COMPLETE)
         return control
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):  # hashlib releases the GIL on large chunks: threads hash in parallel
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _checkpoint_files(folder: Path) -> list[str]:
+    """Every file under ``folder`` (relative POSIX paths, sorted), the completion marker excluded."""
+    skip = {CHECKPOINT_COMPLETE, CHECKPOINT_COMPLETE + ".tmp"}
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if (p.is_file() or p.is_symlink()) and p.relative_to(folder).as_posix() not in skip)
+
+
+def checkpoint_hashes(folder: str | Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (keys: paths relative to it), the completion marker excluded."""
+    folder = Path(folder)
+    return _hash_files(folder, _checkpoint_files(folder))
+
+
+def _hash_files(folder: Path, names: list[str]) -> dict[str, str]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1, len(names)))) as pool:
+        return dict(zip(names, pool.map(lambda name: _sha256(folder / name), names)))
+
+
+class CheckpointChanged(ValueError):
+    """A checkpoint's files differ from the hashes its completion marker recorded at save time."""
+
+
+def verify_checkpoint(folder: str | Path) -> bool:
+    """Check ``folder``'s files against the sha256 its :data:`CHECKPOINT_COMPLETE` marker recorded at save time.
+
+    Raises :class:`CheckpointChanged` (a one-line message) naming the first file (sorted) that is missing,
+    changed, or was not there at save time. Returns False, checking nothing, when the marker is absent or
+    records no hashes (saved before tuna recorded them, or with ``--verify_checkpoint false``), True when
+    every file matches. Reads the whole checkpoint (see :class:`CheckpointCompleteMarker` for the cost).
+    This guards against files replaced after the save; a folder crafted with a matching marker passes.
+    """
+    folder = Path(folder)
+    marker = folder / CHECKPOINT_COMPLETE
+    if not marker.is_file():
+        return False
+    try:
+        recorded = json.loads(marker.read_text()).get("sha256")
+    except (ValueError, AttributeError) as exc:
+        raise CheckpointChanged(f"checkpoint {folder}: unreadable {CHECKPOINT_COMPLETE} ({exc})") from None
+    if recorded is None:
+        return False
+    if not isinstance(recorded, dict):
+        raise CheckpointChanged(f"checkpoint {folder}: {CHECKPOINT_COMPLETE} has no valid sha256 table")
+    present = set(_checkpoint_files(folder))
+    hashes = _hash_files(folder, sorted(present & set(recorded)))
+    for name in sorted(set(recorded) | present):
+        path = folder / name
+        if name not in present:
+            problem = "is missing"
+        elif name not in recorded:
+            problem = "was not there when the checkpoint was saved"
+        elif hashes[name] != recorded[name]:
+            problem = "changed since the checkpoint was saved (sha256 differs)"
+        else:
+            continue
+        raise CheckpointChanged(f"checkpoint {folder}: {path} {problem}; refusing to resume (its .pt files are "
+                                "pickles that run code when loaded; --verify_checkpoint false skips this check)")
+    return True
 
 
 class StopAfterSteps(TrainerCallback):

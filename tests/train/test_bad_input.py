@@ -221,3 +221,31 @@ def test_model_folder_without_config_json_is_a_one_line_error(world, tmp_path):
     run = launch(common_args(world, tmp_path / "out", model_name_or_path=broken), deepspeed_config=None)
     assert run.returncode == 1
     assert run.stderr.strip().splitlines()[-1].startswith(f"train: error: {broken}: no config.json")
+
+
+def test_a_run_failing_after_init_leaves_no_shm_allreduce_buffer(world, tmp_path):
+    """Issue 27 item 8: a 2-rank DeepSpeed run stopping at a bad sample leaves none of its /dev/shm buffers.
+
+    One sample is bad, so one rank fails while the other waits in the step's allreduce; the launcher then
+    SIGTERMs that one, which runs no cleanup: only unlinking right after init covers every rank.
+    """
+    from pathlib import Path
+
+    from tests.train.conftest import free_port
+
+    images = tmp_path / "images"
+    shutil.copytree(world["images"], images)
+    records = json.loads(open(world["instruct"]).read())[:8]
+    (images / records[5]["image"]).write_bytes(b"not a jpeg")
+    records[5]["id"] = "bad-unreadable"
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(records))
+    port = free_port()
+    before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    argv = common_args(world, tmp_path / "err", data_path=path, image_folder=images, max_steps=4, save_steps=100,
+                       per_device_train_batch_size=1)
+    run = launch(argv, master_port=port)
+    assert run.returncode != 0
+    assert "train: error: bad training sample" in run.stderr, run.stderr[-3000:]
+    after = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    assert not [p for p in after - before if f"_{port}_" in p.name], sorted(after - before)

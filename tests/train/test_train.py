@@ -177,3 +177,35 @@ def test_trainer_asks_for_the_loss_only_when_it_returns_no_outputs(tmp_path):
     assert trainer.compute_loss(model, dict(batch)).item() == 2.0
     loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
     assert model.calls == [True, False] and outputs["logits"].shape == (1, 2, 5)
+
+
+def test_a_killed_run_leaves_no_shm_allreduce_buffer(world, tmp_path):
+    """Issue 27 item 8: every rank unlinks its /dev/shm allreduce buffer's name right after init, so even
+    ``kill -9`` of the whole run mid-training (no cleanup code runs) leaves none of its buffers."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tests.train.conftest import REPO, free_port
+
+    out, port = tmp_path / "killed", free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
+           str(REPO / "train" / "train.py"), "--deepspeed", str(REPO / "ds_configs" / "zero2.json"),
+           *common_args(world, out, max_steps=50, save_steps=1)]
+    proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 540
+        while not (out / "checkpoint-1").is_dir():  # training is under way: init long over
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended or never saved"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    time.sleep(1)
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))

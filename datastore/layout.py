@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from common.files import sha256_file
+
 FORMAT_VERSION = 1
 PART_DIGITS = 6
 
@@ -72,10 +74,15 @@ def read_json_object(path: str | Path, required: tuple[str, ...] = ()) -> dict[s
     data = read_json(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got a {type(data).__name__}")
+    require_keys(path, data, required)
+    return data
+
+
+def require_keys(path: str | Path, data: dict[str, Any], required: tuple[str, ...]) -> None:
+    """ValueError naming ``path`` and the keys of ``required`` that ``data`` (read from it) lacks."""
     missing = [key for key in required if key not in data]
     if missing:
         raise ValueError(f"{path}: missing {', '.join(repr(k) for k in missing)}")
-    return data
 
 
 class DamagedFileError(RuntimeError):
@@ -84,16 +91,12 @@ class DamagedFileError(RuntimeError):
 
 def file_record(path: str | Path) -> dict[str, Any]:
     """Size and sha256 of a written file, recorded in part markers and the manifest."""
-    from common.files import sha256_file
-
     return {"bytes": os.path.getsize(path), "sha256": sha256_file(str(path))}
 
 
 def check_file(root: str | Path, rel: str, record: dict[str, Any] | None, checksum: bool = False) -> str | None:
     """None when ``root/rel`` matches ``record`` (size; sha256 too with ``checksum``), else what is wrong.
     A missing record (written by an older version) checks only that the file exists."""
-    from common.files import sha256_file
-
     path = Path(root) / rel
     if not path.is_file():
         return f"{path}: missing"

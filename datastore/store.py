@@ -38,10 +38,13 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
         raise DatastoreError(f"{root} has no manifest.json: not a datastore, or its build has not finished")
     try:
         manifest = layout.read_json_object(path)
-        if "format_version" in manifest and manifest["format_version"] != layout.FORMAT_VERSION:
-            raise DatastoreError(f"{root}: format_version {manifest.get('format_version')} "
-                                 f"is not supported (expected {layout.FORMAT_VERSION})")
-        manifest = layout.read_json_object(path, MANIFEST_KEYS)
+    except ValueError as err:
+        raise DatastoreError(str(err)) from None
+    if "format_version" in manifest and manifest["format_version"] != layout.FORMAT_VERSION:
+        raise DatastoreError(f"{root}: format_version {manifest.get('format_version')} "
+                             f"is not supported (expected {layout.FORMAT_VERSION})")
+    try:
+        layout.require_keys(path, manifest, MANIFEST_KEYS)
     except ValueError as err:
         raise DatastoreError(str(err)) from None
     if not isinstance(manifest["parts"], list) or not manifest["parts"]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from common.files import sha256_file
 from train.data import ModalityLengthGroupedSampler, count_tokens
 from tuna.modeling_tuna import TRAINABLE_FILE, TRAINABLE_PREFIXES
 
@@ -173,14 +173,6 @@ class CheckpointCompleteMarker(TrainerCallback):
         return control
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 24):  # hashlib releases the GIL on large chunks: threads hash in parallel
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _checkpoint_files(folder: Path) -> list[str]:
     """Every file under ``folder`` (relative POSIX paths, sorted), the completion marker excluded."""
     skip = {CHECKPOINT_COMPLETE, CHECKPOINT_COMPLETE + ".tmp"}
@@ -198,7 +190,8 @@ def _hash_files(folder: Path, names: list[str]) -> dict[str, str]:
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1, len(names)))) as pool:
-        return dict(zip(names, pool.map(lambda name: _sha256(folder / name), names)))
+        # 16 MiB chunks: hashlib releases the GIL on large chunks, so the threads hash in parallel
+        return dict(zip(names, pool.map(lambda name: sha256_file(str(folder / name), chunk=1 << 24), names)))
 
 
 class CheckpointChanged(ValueError):

@@ -168,31 +168,21 @@ def load_blip2_qformer(hub: MHub, path: str | Path) -> int:
     from safetensors import safe_open
 
     path = Path(path)
-    if path.is_dir():
-        index = path / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = {key: path / name for key, name in weight_map.items()}
-        elif (path / "model.safetensors").is_file():
-            files = None
-            path = path / "model.safetensors"
-        else:
-            raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    elif path.is_file():
-        files = None
+    if path.is_dir() and (path / "model.safetensors.index.json").is_file():
+        weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+        key_files = {key: path / name for key, name in weight_map.items()}
     else:
-        raise FileNotFoundError(f"BLIP-2 checkpoint not found: {path}")
+        file = path / "model.safetensors" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"BLIP-2 checkpoint not found: {file} (nor a model.safetensors.index.json)")
+        with safe_open(str(file), framework="pt") as f:
+            key_files = dict.fromkeys(f.keys(), file)
     wanted = {f"qformer.{k}": v for k, v in hub.qformer.state_dict().items()}
     wanted["query_tokens"] = hub.query_tokens
     by_file: dict[Path, list[str]] = {}
-    if files is None:
-        with safe_open(str(path), framework="pt") as f:
-            present = set(f.keys())
-        by_file[path] = [k for k in wanted if k in present]
-    else:
-        for key in wanted:
-            if key in files:
-                by_file.setdefault(files[key], []).append(key)
+    for key in wanted:
+        if key in key_files:
+            by_file.setdefault(key_files[key], []).append(key)
     state = {}
     for file, keys in by_file.items():
         with safe_open(str(file), framework="pt") as f:

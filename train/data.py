@@ -86,10 +86,9 @@ def check_record(record: Any, where: str) -> None:
         raise BadSampleError(f"{where}: expected a JSON object with 'conversations', got {_shown(record)}")
     if "conversations" not in record:
         raise BadSampleError(f"{where}: has no 'conversations'")
-    image = record.get("image")
-    names = image if isinstance(image, list) else [] if image is None else [image]
-    if not all(isinstance(n, str) and n.strip() for n in names):
-        raise BadSampleError(f"{where}: 'image' must be a file name or a list of file names, got {_shown(image)}")
+    if not all(isinstance(n, str) and n.strip() for n in images_of(record)):
+        raise BadSampleError(f"{where}: 'image' must be a file name or a list of file names, "
+                             f"got {_shown(record.get('image'))}")
     check_conversation(record["conversations"], where)
 
 
@@ -124,8 +123,8 @@ class LlavaJsonDataset(Dataset):
         out = []
         for record in self.records:
             turns = record.get("conversations") if isinstance(record, dict) else None
-            words = sum(len(turn["value"].split()) for turn in turns
-                        if isinstance(turn, dict) and isinstance(turn.get("value"), str)) if isinstance(turns, list) else 0
+            values = [turn.get("value") for turn in turns if isinstance(turn, dict)] if isinstance(turns, list) else []
+            words = sum(len(value.split()) for value in values if isinstance(value, str))  # malformed records: 0
             n_images = len(images_of(record))
             length = words + n_images * self.processor.tokens_per_image
             out.append(length if n_images else -length)

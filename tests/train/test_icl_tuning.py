@@ -221,7 +221,6 @@ def test_mmict_zero3_two_ranks_trains_the_hub_only(world, llava_pool, tmp_path):
     """MMICT's M-Hub with k-shot samples under ZeRO-3 with 2 ranks, stage pretrain: the hub's weights move, the
     saved stage-1 file holds them (a mid-run checkpoint too: it used to hang there), and it loads into a fresh
     model."""
-    zero = "zero3.json"
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, set_seed
 
@@ -231,7 +230,7 @@ def test_mmict_zero3_two_ranks_trains_the_hub_only(world, llava_pool, tmp_path):
     out = tmp_path / "mmict"
     argv = common_args(world, out, icl_pool=llava_pool.root, icl_p=1, icl_shots="1,2", max_steps=3, save_steps=2,
                        **MHUB_ARGS)
-    run = launch(argv, deepspeed_config=zero)
+    run = launch(argv, deepspeed_config="zero3.json")
     assert run.returncode == 0, run.stderr[-3000:]
     assert sorted(step_losses(out)) == [1, 2, 3] and (out / "checkpoint-2" / TRAINABLE_FILE).is_file()
     trained = load_file(str(out / TRAINABLE_FILE))

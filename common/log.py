@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from contextlib import contextmanager
 from typing import Iterator
@@ -44,3 +45,21 @@ class StageTimer:
 
     def summary(self) -> str:
         return ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
+
+
+def error_line(exc: BaseException) -> str:
+    """The one-line reason a CLI prints for ``exc``; the full text goes to the log at DEBUG (``-v``).
+
+    An exception raised in a DataLoader worker reaches the main process with the worker's whole traceback
+    in its message ("Caught X in DataLoader worker process 0. Original Traceback ..."); the reason is the
+    traceback's last entry, whose ``module.Type:`` prefix is dropped. Other messages are returned as they are.
+    """
+    text = str(exc)
+    logging.getLogger("common").debug("%s: %s", type(exc).__name__, text, exc_info=exc)
+    if "Original Traceback" in text:
+        lines = text.rstrip().splitlines()
+        # the final exception's header is the last unindented line; a multi-line message continues after it
+        start = max(i for i, line in enumerate(lines) if line and not line[0].isspace())
+        text = " ".join(line.strip() for line in lines[start:])
+        text = re.sub(r"^[\w.]+: ", "", text, count=1)
+    return text or type(exc).__name__

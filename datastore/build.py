@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from common.distributed import barrier, dist_env, init_distributed
 from datastore import layout
 from datastore.clip import ClipSpec, LoadedClip, describe_mismatch, load_clip, same_clip
 from datastore.index import IndexConfig
-from datastore.reader import ReaderConfig, ShardBatches, expand_shards, shard_stat
+from datastore.reader import ReaderConfig, ShardBatches, check_shards, expand_shards, shard_stat
 from datastore.tags import TagParserConfig, build_tag_parser
 from datastore.writer import PartWriter
 
@@ -45,6 +46,10 @@ class BuildConfig:
         rank, world_size: override the torchrun environment (e.g. for SLURM job arrays).
         merge: let rank 0 build the index and manifest once every part is done.
         distributed_timeout_s: how long ranks wait for each other at the final barrier.
+        decode_device: decode JPEGs on this device in the main process (``torchvision.io.decode_jpeg``,
+            batched; workers ship raw bytes; :mod:`datastore.gpu_decode`); None: workers decode with PIL.
+        overlap: on CUDA, copy the next batch and queue its encoding while this one finishes
+            (:mod:`datastore.device_feed`); False: one batch at a time. No effect on CPU.
     """
 
     inputs: list[str]
@@ -58,6 +63,8 @@ class BuildConfig:
     world_size: int | None = None
     merge: bool = True
     distributed_timeout_s: int = 24 * 3600
+    decode_device: str | None = None
+    overlap: bool = True
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -81,6 +88,7 @@ def build(config: BuildConfig, show_progress: bool = True) -> dict[str, Any] | N
     group = _init_distributed(config, world)
     try:
         shards = expand_shards(config.inputs)
+        check_shards(shards)
         if config.overwrite and rank == 0:
             _remove_datastore(config.out)
         if group:
@@ -202,32 +210,47 @@ def _short(value: Any, limit: int = 120) -> str:
 
 
 def encode_parts(config: BuildConfig, clip: LoadedClip, parser, todo: list[tuple[int, str]],
-                 show_progress: bool = False) -> dict[str, float]:
+                 show_progress: bool = False) -> dict[str, Any]:
     """Decode/tag ``todo`` parts in DataLoader workers, encode here, write finished parts.
 
     Returns:
-        {"images": images encoded, "seconds": wall time of the loop}.
+        {"images": images encoded, "seconds": wall time of the loop, "stages": seconds per step
+        ("read", "tag": summed over workers; "wait", "decode", "copy", "encode", "write": this process),
+        "decode_fallback": images the device decoder handed to PIL, by reason}.
     """
     import torch
     from tqdm import tqdm
 
+    from datastore.device_feed import DeviceFeed
+
     if not todo:
-        return {"images": 0, "seconds": 0.0}
+        return {"images": 0, "seconds": 0.0, "stages": {}, "decode_fallback": {}}
     writer = PartWriter(config.out, clip.embed_dim)
     workers = min(config.reader.num_workers, len(todo))
+    dataset, decoder = ShardBatches(todo, config.reader, clip.preprocess, parser.parse_batch), None
+    if config.decode_device:
+        from datastore.gpu_decode import DeviceDecoder, JpegBatches
+
+        dataset = JpegBatches(todo, config.reader, clip.preprocess, parser.parse_batch)
+        decoder = DeviceDecoder(config.decode_device, clip.preprocess)
+    feed = DeviceFeed(clip.spec.device, decoder=decoder, overlap=config.overlap)
     loader = torch.utils.data.DataLoader(
-        ShardBatches(todo, config.reader, clip.preprocess, parser.parse_batch),
-        batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
+        dataset, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
+        pin_memory=feed.pin_memory)
     bar = tqdm(total=len(todo), unit="part", desc="build", disable=not show_progress)
-    n_images, start = 0, time.perf_counter()
-    for batch in loader:
-        encode_start = time.perf_counter()
-        emb = clip.encode_images(batch.pixels).cpu().numpy() if batch.pixels is not None else None
-        n_images += len(batch.keys)
-        if writer.add(batch, emb, time.perf_counter() - encode_start) is not None:
-            bar.update(1)
-            bar.set_postfix(img_s=f"{n_images / (time.perf_counter() - start):.0f}")
-    bar.close()
+    n_images, start, stages = 0, time.perf_counter(), Counter()
+    with bar:  # closed on errors too, so the CLI's one-line error starts a line of its own
+        for batch, emb, encode_seconds in feed.run(loader, clip.encode_images):
+            n_images += len(batch.keys)
+            stages.update(batch.seconds)
+            write_start = time.perf_counter()
+            if writer.add(batch, emb, encode_seconds) is not None:
+                bar.update(1)
+                bar.set_postfix(img_s=f"{n_images / (time.perf_counter() - start):.0f}")
+            stages["write"] += time.perf_counter() - write_start
     seconds = time.perf_counter() - start
+    stages.update(feed.seconds)
     logger.info("encoded %d images in %.1fs (%.0f img/s)", n_images, seconds, n_images / max(seconds, 1e-9))
-    return {"images": n_images, "seconds": seconds}
+    if feed.fallback:
+        logger.info("device decode fell back to PIL for %s", dict(feed.fallback))
+    return {"images": n_images, "seconds": seconds, "stages": dict(stages), "decode_fallback": dict(feed.fallback)}

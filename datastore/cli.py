@@ -10,7 +10,7 @@ import time
 
 from common.cli import add_config_flags, config_from_args, field_docs
 from common.distributed import resolve_device
-from common.log import setup_logging
+from common.log import error_line, setup_logging
 
 logger = logging.getLogger("datastore.cli")
 
@@ -72,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--rank", type=int, help="this job's rank when not launched by torchrun (job arrays)")
     b.add_argument("--world-size", type=int, help="number of jobs when not launched by torchrun")
     b.add_argument("--no-merge", action="store_true", help="only build parts; run 'merge' later")
+    b.add_argument("--max-image-pixels", type=int,
+                   help="skip (and count as oversized_image) images with more pixels, read from the header "
+                        "(default: datastore.reader.MAX_IMAGE_PIXELS, 64 MP)")
+    b.add_argument("--decode-device", help="decode JPEGs on this device (e.g. cuda), batched in the main process; "
+                                           "workers only read and tag (default: workers decode with PIL)")
     add_clip_args(b)
 
     m = sub.add_parser("merge", **defaults, help="build the index and manifest once all parts exist")
@@ -141,10 +146,12 @@ def cmd_build(args) -> None:
     config = BuildConfig(
         inputs=args.input, out=args.out, clip=clip_spec_from_args(args),
         reader=ReaderConfig(image_key=args.image_key, caption_key=args.caption_key,
-                            batch_size=args.batch_size, num_workers=args.num_workers),
+                            batch_size=args.batch_size, num_workers=args.num_workers,
+                            **({"max_image_pixels": args.max_image_pixels} if args.max_image_pixels else {})),
         tags=TagParserConfig(name=args.parser, emit=args.tag_emit, vocabulary=args.vocabulary),
         index=_index_config(args), overwrite=args.overwrite, rank=args.rank, world_size=args.world_size,
-        merge=not args.no_merge)
+        merge=not args.no_merge,
+        decode_device=resolve_device(args.decode_device) if args.decode_device else None)
     manifest = build(config)
     if manifest is not None:
         print(summarize(manifest, args.out))
@@ -159,9 +166,17 @@ def summarize(manifest: dict, root: str) -> str:
     return (f"datastore {root}: {counts['written']} images written of {counts['read']} read "
             f"(skipped: {skipped}); {len(manifest['parts'])} parts; dim {manifest['dim']}\n"
             + (f"truncated shards (samples after the cut are missing): {', '.join(truncated)}\n" if truncated else "")
+            + _duplicates_line(manifest.get("duplicate_keys"))
             + f"index {index['factory']} {index.get('search_params', {})}: "
             f"recall@{index['k']} vs exact {index['recall_at_k']:.4f}\n"
             f"stage seconds (summed over workers): {timings}")
+
+
+def _duplicates_line(duplicates: dict | None) -> str:
+    if not duplicates or not duplicates["rows"]:
+        return ""
+    return (f"duplicate sample keys: {duplicates['rows']} rows share {duplicates['keys']} keys with an earlier row "
+            f"(e.g. {', '.join(duplicates['examples'])}); all kept\n")
 
 
 def cmd_merge(args) -> None:
@@ -238,8 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except (ValueError, RuntimeError, OSError, KeyError) as exc:
-        logger.debug("traceback", exc_info=True)
-        print(f"tuna-datastore {args.command}: error: {exc}", file=sys.stderr)
+        print(f"tuna-datastore {args.command}: error: {error_line(exc)}", file=sys.stderr)
         return 1
     logger.info("%s finished in %.1fs", args.command, time.perf_counter() - start)
     return 0

@@ -76,6 +76,7 @@ def merge(root: str | Path, index_config: IndexConfig | None = None) -> dict[str
         entry["files"] = part_files
     manifest["index"]["files"] = {name: layout.file_record(layout.index_dir(root) / name)
                                   for name in (INDEX_FILE, INFO_FILE)}
+    manifest["duplicate_keys"] = duplicate_keys(root, parts)
     truncated = [p["shard"] for p in parts if p.get("truncated")]
     if truncated:
         logger.warning("%d truncated shard(s), samples after the cut are missing: %s", len(truncated),
@@ -84,6 +85,28 @@ def merge(root: str | Path, index_config: IndexConfig | None = None) -> dict[str
     logger.info("datastore %s: %d images, index %s, recall@%d=%.4f", root, len(vectors),
                 info["factory"], info["k"], info["recall_at_k"])
     return manifest
+
+
+def duplicate_keys(root: str | Path, parts: list[dict[str, Any]], n_examples: int = 5) -> dict[str, Any]:
+    """Sample keys used more than once, within a shard or across shards: {"rows": rows beyond each key's
+    first, "keys": distinct keys repeated, "examples": a few of them}.
+
+    Every row is kept (they are different images; dropping one would lose data), but lookups by key —
+    ``exclude_keys`` in retrieval, the retrieval cache — treat rows that share a key as one sample.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    keys = pa.chunked_array([pq.read_table(Path(root) / p["metadata"], columns=["key"])["key"] for p in parts])
+    counts = pc.value_counts(keys)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    rows = int(pc.sum(repeated.field("counts")).as_py() or 0) - len(repeated)
+    examples = repeated.field("values").to_pylist()[:n_examples]
+    if rows:
+        logger.warning("%d row(s) share a sample key with an earlier row (%d keys, e.g. %s); all are kept, "
+                       "lookups by key treat them as one sample", rows, len(repeated), ", ".join(examples))
+    return {"rows": rows, "keys": len(repeated), "examples": examples}
 
 
 def _part_files(root: str | Path, part: dict[str, Any]) -> dict[str, dict[str, Any]]:

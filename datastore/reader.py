@@ -15,6 +15,7 @@ import os
 import re
 import tarfile
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -23,7 +24,11 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SKIP_REASONS = ("missing_image", "missing_caption", "corrupt_image", "empty_caption", "undecodable_text")
+SKIP_REASONS = ("missing_image", "missing_caption", "corrupt_image", "oversized_image", "empty_caption",
+                "undecodable_text")
+# Images above this many pixels are skipped before decoding: a 12000x12000 one-colour PNG is 440 KB on disk
+# but ~430 MB as RGB (and more while converting), per worker. 64 MP is above any camera photo in web data.
+MAX_IMAGE_PIXELS = 64_000_000
 # Skip reasons counted once per shard, not per sample (read = written + the per-sample skips).
 SHARD_SKIP_REASONS = ("truncated_shard",)
 _TAR_END = 2 * tarfile.BLOCKSIZE  # a tar ends with two 512-byte zero blocks
@@ -44,12 +49,15 @@ class ReaderConfig:
         caption_key: extension(s) of the caption member, same convention; "json:FIELD" reads a JSON field.
         batch_size: samples per encoder batch (a batch never spans two shards).
         num_workers: DataLoader worker processes decoding and tagging (0 = in the main process).
+        max_image_pixels: images with more pixels (width x height, read from the header) are skipped
+            unread and counted as oversized_image.
     """
 
     image_key: str = "jpg;jpeg;png;webp"
     caption_key: str = "txt"
     batch_size: int = 256
     num_workers: int = 2
+    max_image_pixels: int = MAX_IMAGE_PIXELS
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -114,6 +122,35 @@ def shard_stat(url: str) -> dict[str, Any]:
     return stat
 
 
+def check_shards(shards: list[str], threads: int = 16) -> dict[str, dict[str, Any]]:
+    """Stat every shard before any is encoded (remote ones in parallel), so that an unreachable URL, a
+    missing fsspec backend or a missing local file stops the build at once rather than hours in.
+
+    Returns:
+        shard -> :func:`shard_stat`.
+
+    Raises:
+        ShardError: naming the first shard (in input order) that cannot be reached.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, min(threads, len(shards)))) as pool:
+        results = list(pool.map(_try_stat, shards))
+    for shard, result in zip(shards, results):
+        if isinstance(result, ShardError):
+            raise result
+    return dict(zip(shards, results))
+
+
+def _try_stat(shard: str) -> dict[str, Any] | ShardError:
+    try:
+        return shard_stat(shard)
+    except OSError as exc:
+        return ShardError(f"cannot stat shard {shard}: {exc}")
+    except ShardError as exc:
+        return exc
+
+
 def iter_raw_samples(url: str, status: ShardStatus | None = None) -> Iterator[dict[str, Any]]:
     """Yield webdataset samples (``__key__`` plus raw bytes per extension) of one shard via fsspec.
 
@@ -131,13 +168,32 @@ def iter_raw_samples(url: str, status: ShardStatus | None = None) -> Iterator[di
     state = status if status is not None else ShardStatus(url)
     try:
         with fsspec.open(url, "rb") as raw:
-            yield from group_by_keys(_tar_members(_TarBytes(raw), url, state))
+            yield from group_by_keys(_split_repeated_keys(_tar_members(_TarBytes(raw), url, state)))
     except ShardError:
         raise
     except Exception as exc:  # tarfile.ReadError, OSError, fsspec errors
         raise ShardError(f"cannot read shard {url}: {type(exc).__name__}: {exc}") from exc
     if state.truncated and status is None:
         raise ShardError(f"shard {url} is truncated: {state.truncated}")
+
+
+def _split_repeated_keys(members: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Insert webdataset's end-of-sample marker ({}) before a member whose key and extension the current
+    sample already has (the same key written twice in a row), so the repeat becomes a sample of its own
+    (kept, and counted with the other repeated keys at merge) instead of group_by_keys' ValueError."""
+    from webdataset.tariterators import base_plus_ext
+
+    key, seen = None, set()
+    for member in members:
+        prefix, suffix = base_plus_ext(member["fname"])
+        suffix = suffix.lower() if suffix else suffix
+        if prefix != key:
+            key, seen = prefix, set()
+        elif suffix in seen:
+            yield {}
+            seen = set()
+        seen.add(suffix)
+        yield member
 
 
 def _tar_members(stream: "_TarBytes", url: str, state: ShardStatus) -> Iterator[dict[str, Any]]:
@@ -278,17 +334,38 @@ def decode_caption(sample: dict[str, Any], caption_key: str) -> tuple[str | None
     return (text, None) if text else (None, "empty_caption")
 
 
-def decode_image(sample: dict[str, Any], image_key: str):
-    """Return (RGB PIL image, None) or (None, skip_reason); truncated files count as corrupt."""
+class OversizedImage(ValueError):
+    """An image has more pixels than the cap allows."""
+
+
+def open_image(source, max_pixels: int = MAX_IMAGE_PIXELS):
+    """``PIL.Image.open`` (lazy: only the header is read) that raises OversizedImage above ``max_pixels``."""
     from PIL import Image
 
+    try:
+        with warnings.catch_warnings():  # PIL warns above its own limit; the cap below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source)
+    except Image.DecompressionBombError as exc:  # PIL's own hard limit (2x its warning limit)
+        raise OversizedImage(str(exc)) from None
+    if image.width * image.height > max_pixels:
+        image.close()
+        raise OversizedImage(f"{image.width}x{image.height}, over the {max_pixels:,}-pixel cap")
+    return image
+
+
+def decode_image(sample: dict[str, Any], image_key: str, max_pixels: int = MAX_IMAGE_PIXELS):
+    """Return (RGB PIL image, None) or (None, skip_reason); truncated files count as corrupt, images over
+    ``max_pixels`` as oversized (checked from the header, before anything is decoded)."""
     key, raw = _pick(sample, image_key)
     if key is None:
         return None, "missing_image"
     try:
-        image = Image.open(io.BytesIO(raw))
+        image = open_image(io.BytesIO(raw), max_pixels)
         image.load()  # forces a full decode: truncated JPEGs raise here
         return image.convert("RGB"), None
+    except OversizedImage:
+        return None, "oversized_image"
     except Exception:  # PIL raises many types for bad data (OSError, SyntaxError, ValueError ...)
         return None, "corrupt_image"
 
@@ -309,6 +386,12 @@ class Batch:
     last: bool = False
     shard_stat: dict[str, Any] | None = None  # on the last batch: the shard's size/mtime when it was read
     truncated: str | None = None  # on the last batch: why the shard ended early (None: complete)
+
+    def pin_memory(self) -> "Batch":
+        """Page-lock the pixels (a DataLoader with ``pin_memory=True`` calls this in its pinning thread)."""
+        if self.pixels is not None:
+            self.pixels = self.pixels.pin_memory()
+        return self
 
 
 class ShardBatches(torch.utils.data.IterableDataset):
@@ -332,7 +415,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
         for sample in iter_raw_samples(shard, status):
             batch.n_read += 1
             caption, reason = decode_caption(sample, self.config.caption_key)
-            image, image_reason = decode_image(sample, self.config.image_key) if reason is None else (None, None)
+            image, image_reason = decode_image(sample, self.config.image_key, self.config.max_image_pixels) if reason is None else (None, None)
             if reason or image_reason:
                 batch.skipped[reason or image_reason] += 1
                 logger.debug("skip %s in %s: %s", sample.get("__key__"), shard, reason or image_reason)

@@ -20,7 +20,8 @@ CUSTOM_FOLDER = "custom"
 UNGROUPED = "ungrouped"  # the group of questions without one
 REQUIRED = ("question_id", "image", "question")
 # fields the runner or the scorers set themselves (image_bytes would even replace the image file)
-RESERVED = ("text", "index", "prompt", "tags", "prediction", "score", "split", "image_bytes")
+RESERVED = ("text", "index", "prompt", "tags", "neighbours", "prediction", "score", "split", "image_bytes", "shots",
+            "demos")
 
 
 def read_questions(path: Path, images: Path, yes_no: bool) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from common.distributed import finish_distributed, init_distributed, resolve_device
-from common.log import setup_logging
+from common.log import error_line, setup_logging
 
 EPILOG = """examples:
   tuna-eval --model runs/tuna --bench synth_open,synth_pope,synth_mc --data-root world --datastore ds --out ev/tuna
@@ -19,6 +19,7 @@ EPILOG = """examples:
   tuna-eval --model runs/tuna --bench synth_open --data-root world --datastore ds --out ev/kshot \\
       --shots 0,1,2,4,8 --demo-pool pools/world --retriever sit
   tuna-eval compare ev/base ev/tuna ev/u
+  tuna-eval report ev/base ev/tuna --datastore ds --out report.html   # one HTML page, sample by sample
 """
 
 
@@ -44,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help="questions per generate call (answers do not depend on it)")
     p.add_argument("--limit", type=int, help="first N questions of each benchmark (smoke runs)")
+    p.add_argument("--on-bad-sample", default="error", choices=["error", "skip"],
+                   help="a question whose image is missing, unreadable or over the pixel cap (all are checked "
+                        "before the model loads): error = stop naming it; skip = drop it, counted per reason in "
+                        "results.json")
     p.add_argument("--k-images", type=int, default=5, help="neighbours per live retrieval")
     p.add_argument("--min-tag-support", type=float, default=0.0,
                    help="read only tags whose entity neighbours holding at least this share of the neighbours' "
@@ -85,6 +90,10 @@ def compare(runs: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        from eval.report import main as report_main
+
+        return report_main(argv[1:])
     if argv[:1] == ["compare"]:
         if len(argv) < 2:
             print("tuna-eval compare: error: give one or more run directories", file=sys.stderr)
@@ -113,13 +122,13 @@ def main(argv: list[str] | None = None) -> int:
                             k_images=args.k_images, min_tag_support=args.min_tag_support,
                             random_tags_vocab=args.random_tags_vocab,
                             device=resolve_device(args.device), judge_url=args.judge_url,
-                            judge_model=args.judge_model, shots=shots, kshot=kshot)
+                            judge_model=args.judge_model, shots=shots, kshot=kshot, on_bad_sample=args.on_bad_sample)
         results = evaluate(config)
         if results is not None:
             print((Path(args.out) / "results.md").read_text(), end="")
             print(f"per-sample predictions, results.json and results.md in {args.out}")
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        print(f"tuna-eval: error: {exc}", file=sys.stderr)
+        print(f"tuna-eval: error: {error_line(exc)}", file=sys.stderr)
         code = 1
     finish_distributed()
     return code

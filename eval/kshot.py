@@ -77,16 +77,17 @@ def query_example(sample: dict, question: str, folder: Path):
                    answers=answers or ("",), task=str(sample.get("category", "vqa")), label=answers[0] if answers else None)
 
 
-def encode_kshot_prompt(processor, demos: list, query, demo_tags: bool) -> dict:
-    """A generation prompt: the demos' rounds, then the query's question."""
-    from icl.prompts import clear_tags, kshot_conversation
+def encode_kshot_prompt(processor, demos: list, query, demo_tags: bool, query_image_id: str | None = None) -> dict:
+    """A generation prompt: the demos' rounds, then the query's question. ``query_image_id``: the id the
+    query image's tags are looked up by (the benchmark's ``image`` field, as the retrieval cache and the
+    0-shot path key it); default: its path."""
+    from icl.prompts import kshot_conversation
 
     conversation = kshot_conversation(demos, query, with_answer=False)
     images = [d.image for d in demos] + [query.image]
-    encoded = processor.encode(conversation, images=images, sample_id=query.id)
-    if not demo_tags:
-        clear_tags(encoded, range(len(demos)))
-    return encoded
+    ids = [str(d.image) for d in demos] + [query_image_id or str(query.image)]
+    tags = None if demo_tags else [[] for _ in demos] + [None]  # without demo tags, demos are not even looked up
+    return processor.encode(conversation, images=images, image_ids=ids, tags=tags, sample_id=query.id)
 
 
 def summary_columns(by_shot: dict[int, float | None]) -> dict[str, float | None]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from common.distributed import barrier, dist_env
 from eval.benchmarks import Benchmark, get_benchmark, strip_suffix
 from eval.kshot import (DemoSource, KShotSettings, encode_kshot_prompt, kshot_table, query_example,
                         summary_columns)
+from eval.validate import PreparedBenchmark, prepare_benchmarks
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ class EvalConfig:
     judge_model: str | None = None
     shots: list[int] = field(default_factory=lambda: [0])
     kshot: KShotSettings | None = None
+    on_bad_sample: str = "error"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -93,8 +96,8 @@ def answer_batch(model, tokenizer, processor, bench: Benchmark, samples: list[di
         demo_paths = [d.image for row in chosen for d, _ in row]  # paths: only unknown ones get opened
         processor.tag_source.prefetch(ids + demo_paths, images + demo_paths)
     if shots:
-        encoded = [encode_kshot_prompt(processor, [d for d, _ in row], q, demos.settings.demo_tags)
-                   for row, q in zip(chosen, queries)]
+        encoded = [encode_kshot_prompt(processor, [d for d, _ in row], q, demos.settings.demo_tags, i)
+                   for row, q, i in zip(chosen, queries, ids)]
         prompts = [kshot_conversation([d for d, _ in row], q, with_answer=False) for row, q in zip(chosen, queries)]
     else:
         encoded = [processor.encode(q, images=[im], image_ids=[i], sample_id=str(s["question_id"]))
@@ -109,18 +112,30 @@ def answer_batch(model, tokenizer, processor, bench: Benchmark, samples: list[di
     weights = [[] if tag_weights is None else tag_weights[n, :len(t)].tolist() for n, t in enumerate(batch["tags"])]
     # tags are per image, the samples' images in a row: each record reports its question's (last) image
     last = [n - 1 for n in itertools.accumulate(len(e["tags"]) for e in encoded)]
+    neighbours = [_neighbours(processor.tag_source, i, im) for i, im in zip(ids, images)]
     records = []
-    for s, prompt, row, n, picked in zip(samples, prompts, tokens.tolist(), last, chosen):
+    for s, prompt, row, n, picked, near in zip(samples, prompts, tokens.tolist(), last, chosen, neighbours):
         tags, w = batch["tags"][n], weights[n]
         answer = tokenizer.decode([t for t in row if t not in stops], skip_special_tokens=True).strip()
         s = {k: v for k, v in s.items() if k != "image_bytes"}  # not written to the jsonl
         record = {**s, "prompt": render_text(prompt, model.config.template, tokenizer),
                   "tags": [{"tag": t, "weight": (w[i] if w else None)} for i, t in enumerate(tags)],
-                  "prediction": answer}
+                  "prediction": answer, "neighbours": near}
         if shots:
             record.update(shots=shots, demos=[{"id": d.id, "score": round(score, 6)} for d, score in picked])
         records.append(record)
     return records
+
+
+def _neighbours(tag_source, image_id: str, image) -> list[dict]:
+    """The datastore neighbours (``id`` = datastore key, cosine ``similarity``) the tags of ``image_id`` came
+    from; [] without retrieved tags (no tags, random tags). The tag source remembers the lookup the prompt
+    made (cache or live result), so this retrieves nothing again."""
+    if tag_source is None:
+        return []
+    found = tag_source(image_id, image)
+    return [{"id": key, "similarity": round(float(sim), 6)}
+            for key, sim in zip(found.neighbours, found.neighbour_scores) if math.isfinite(sim)]
 
 
 def _image_of(sample: dict, folder: Path):
@@ -128,27 +143,29 @@ def _image_of(sample: dict, folder: Path):
     base64 tsv) or the path under ``folder``; a one-line ValueError if it cannot be read."""
     import io
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
+
+    from datastore.reader import OversizedImage, open_image
 
     inline = sample.get("image_bytes") is not None
     source = io.BytesIO(sample["image_bytes"]) if inline else folder / sample["image"]
     try:
-        with Image.open(source) as image:
+        with open_image(source) as image:
             return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
+    except (OSError, UnidentifiedImageError, OversizedImage) as exc:
         where = "inline image" if inline else f"image {str(source)!r}"
         raise ValueError(f"question {sample['question_id']!r}: cannot read {where}: {exc}") from exc
 
 
-def run_benchmark(model, tokenizer, processor, bench: Benchmark, config: EvalConfig, shots: int = 0,
+def run_benchmark(model, tokenizer, processor, prepared: PreparedBenchmark, config: EvalConfig, shots: int = 0,
                   demos: DemoSource | None = None) -> dict[str, Any] | None:
-    """This rank's share of ``bench`` (``shots`` demonstrations from ``demos`` before each question); on
-    rank 0 the merged, scored result (None elsewhere)."""
+    """This rank's share of a checked benchmark (``shots`` demonstrations from ``demos`` before each question);
+    on rank 0 the merged, scored result (None elsewhere)."""
     from tqdm import tqdm
 
     rank, world, _ = dist_env()
-    files = bench.resolve(config.data_root)
-    samples = bench.load(files)[:config.limit]
+    bench, files = prepared.bench, prepared.files
+    samples = [dict(s) for s in prepared.samples]  # each shot count starts from the questions as loaded
     suffixed = drop_prompt_suffix(bench, samples)
     for i, s in enumerate(samples):
         s["index"] = i
@@ -174,7 +191,8 @@ def run_benchmark(model, tokenizer, processor, bench: Benchmark, config: EvalCon
         merged += [json.loads(line) for line in part.read_text().splitlines()]
         part.unlink()
     merged.sort(key=lambda r: r["index"])
-    return {**score_records(bench, merged, out_dir, seconds, _judge(config)), "prompt_suffix_stripped": suffixed}
+    return {**score_records(bench, merged, out_dir, seconds, _judge(config)), "prompt_suffix_stripped": suffixed,
+            "skipped": prepared.skip_report()}
 
 
 def drop_prompt_suffix(bench: Benchmark, samples: list[dict]) -> int:
@@ -229,10 +247,11 @@ def score_records(bench: Benchmark, records: list[dict], out_dir: Path, seconds:
 def evaluate(config: EvalConfig) -> dict[str, Any] | None:
     """Run every benchmark of ``config``; rank 0 writes results.json + results.md and returns the results."""
     rank = dist_env()[0]
-    for name in config.benches:  # fail on a missing file before spending time on the model
-        get_benchmark(name).resolve(config.data_root)
+    # every file, question and image checked before any time is spent on the model
+    prepared = prepare_benchmarks(config.benches, config.data_root, config.limit, config.on_bad_sample)
     model, tokenizer, processor = load_model(config)
-    results = {"model": str(config.model), "flags": {k: v for k, v in asdict(config).items() if k != "extra"},
+    out = Path(config.out)
+    results = {"complete": False, "model": str(config.model), "flags": {k: v for k, v in asdict(config).items() if k != "extra"},
                "model_config": {k: getattr(model.config, k) for k in ("ablation", "weight_mode", "weight_scaling",
                                                                        "tag_temperature", "tag_score_prior", "max_tags",
                                                                        "template")},
@@ -242,9 +261,9 @@ def evaluate(config: EvalConfig) -> dict[str, Any] | None:
     if demos is not None:
         results["demo_pool"] = {"path": config.kshot.pool, "n": len(demos.pool), "retriever": config.kshot.retriever,
                                 "order": config.kshot.order, "demo_tags": config.kshot.demo_tags}
-    for name in config.benches:
-        bench = get_benchmark(name)
-        by_shot = {k: run_benchmark(model, tokenizer, processor, bench, config, k, demos) for k in config.shots}
+    for item in prepared:
+        bench, name = item.bench, item.bench.name
+        by_shot = {k: run_benchmark(model, tokenizer, processor, item, config, k, demos) for k in config.shots}
         if rank != 0:
             continue
         results["benchmarks"][name] = by_shot[config.shots[0]]
@@ -253,9 +272,11 @@ def evaluate(config: EvalConfig) -> dict[str, Any] | None:
             results.setdefault("kshot", {})[name] = {
                 "retriever": config.kshot.retriever, "main_metric": bench.main_metric, "shots": main,
                 **summary_columns(main), "entries": by_shot, "excluded": demos.retriever.excluded.to_dict()}
+        # written after every benchmark: a later failure keeps the finished ones ("complete": false)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
     if rank != 0:
         return None
-    out = Path(config.out)
+    results["complete"] = True
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown_table([results], [out.name]) + kshot_table([results], [out.name]))
     return results

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.log import setup_logging
+from common.log import error_line, setup_logging
 from datastore.cli import add_clip_args, clip_spec_from_args
 
 logger = logging.getLogger("icl.cli")
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[(args.command, sub)](args)
     except (ValueError, RuntimeError, OSError, KeyError) as exc:
         logger.debug("traceback", exc_info=True)
-        print(f"tuna-icl {name}: error: {exc}", file=sys.stderr)
+        print(f"tuna-icl {name}: error: {error_line(exc)}", file=sys.stderr)
         return 1
     logger.info("%s finished in %.1fs", name, time.perf_counter() - start)
     return 0

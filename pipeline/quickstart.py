@@ -11,7 +11,8 @@ Stages (each records its seconds in ``OUT/stages.json``; a re-run skips finished
                  data, budget and seed; stage 2 keeps the LLM's embeddings frozen);
 6. ``eval``      ``tuna-eval`` on seen/novel questions: baseline, TUNA, random-tags, uniform-weights, and
                  the zero-shot datastore swap on the second world;
-7. ``report``    comparison table, diagnostics, ``results.json``, ``results.md`` and ``results.png``.
+7. ``report``    comparison table, diagnostics, ``results.json``, ``results.md``, ``results.png`` and
+                 ``report.html`` (baseline vs TUNA on the novel categories, question by question).
 
 Why the recipe looks the way it does (what failed without each part) is in docs/quickstart.md; the
 experiments behind it in docs/experiments.md. The report (metrics, diagnostics, tables) is
@@ -473,8 +474,26 @@ def text_llm_reference(paths: Paths, llm: Path | None = None, out: Path | None =
 
 
 # ------------------------------------------------------------------------------------------ entry point
+def check_device(config: QuickstartConfig, gpus: int | None = None) -> None:
+    """Fail before the first stage when ``--device cuda`` cannot run: no GPU, or fewer GPUs than ``--nproc``
+    (the DeepSpeed launcher would start a rank per requested GPU and the extra ranks would fail at their first
+    CUDA call, minutes into the run). ``gpus``: the visible GPU count (default: ask torch)."""
+    if not config.device.startswith("cuda"):
+        return
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == 0:
+        raise StageError(f"--device {config.device}: no CUDA GPU is visible")
+    if config.nproc > gpus:
+        raise StageError(f"--nproc {config.nproc} with --device {config.device}: each training process takes one "
+                         f"GPU and {gpus} are visible; use --nproc {gpus}")
+
+
 def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
     """Run (or resume) every stage; returns the results dict also written to ``OUT/results.json``."""
+    check_device(config)
     paths = Paths(config.root)
     pipeline = Pipeline(config)
     print(f"tuna quickstart -> {paths.root}", flush=True)
@@ -500,7 +519,8 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
     seconds = pipeline.state["seconds"]
     print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
           + f"; total {sum(seconds.values()):.0f} s")
-    print(f"written: {paths.root / 'results.json'}, {paths.root / 'results.md'}, {paths.root / 'results.png'}; "
+    print(f"written: {paths.root / 'results.json'}, {paths.root / 'results.md'}, {paths.root / 'results.png'}, "
+          f"{paths.root / results['report_html']}; "
           f"models {paths.models}; eval outputs {paths.eval}; datastores {paths.datastore}"
           + (f", {paths.datastore2}" if config.swap else "") + f"; logs {paths.logs}")
     return results

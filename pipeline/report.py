@@ -137,7 +137,7 @@ def _fmt(value: float | None) -> str:
 
 
 def report(config: QuickstartConfig, paths: Paths) -> dict[str, Any]:
-    """Collect every run's metrics and diagnostics; write results.json, results.md and results.png."""
+    """Collect every run's metrics and diagnostics; write results.json, results.md, results.png and report.html."""
     runs = {run: run_metrics(paths.eval / run) for run in RUNS}
     diagnostics = {"purity": eval_image_purity(paths.cache, paths.world), **tag_diagnostics(paths.eval / "tuna"),
                    **weighting_diagnostics(paths.eval / "tuna", paths.world),
@@ -156,10 +156,27 @@ def report(config: QuickstartConfig, paths: Paths) -> dict[str, Any]:
         results["swap"] = {**swap, "purity": eval_image_purity(paths.cache2, paths.world2),
                            **tag_diagnostics(paths.eval / "swap_tuna")}
     results["checks"] = expected_outcome(results)
+    results["report_html"] = write_eval_report(paths)
     (paths.root / "results.json").write_text(json.dumps(results, indent=2))
     (paths.root / "results.md").write_text(results_markdown(results))
     write_chart(results, paths.root / "results.png")
     return results
+
+
+REPORT_HTML = "report.html"
+
+
+def write_eval_report(paths: Paths) -> str:
+    """``tuna-eval report`` of the main comparison, baseline vs TUNA on the novel categories, sample by sample
+    (``OUT/report.html``); returns its name, relative to ``OUT``."""
+    from eval.report import ReportConfig, build_report
+
+    runs = ("baseline", "tuna")
+    build_report(ReportConfig(runs=[str(paths.eval / run) for run in runs], out=str(paths.root / REPORT_HTML),
+                              datastore=str(paths.datastore), names=[RUNS[run].label for run in runs],
+                              group="novelty=novel", title="tuna quickstart: baseline vs TUNA, novel categories"),
+                 progress=False)
+    return REPORT_HTML
 
 
 def _swap_id(results: dict, run: str) -> float | None:
@@ -257,6 +274,9 @@ def results_markdown(results: dict) -> str:
     lines += ["", "| expected outcome | value | goal | met |", "|---|---|---|---|"]
     for name, c in results["checks"].items():
         lines.append(f"| {name} | {c['value']:+.1f} | {c['goal']} | {'yes' if c['met'] else 'NO'} |")
+    if "report_html" in results:  # results of an older version lack it
+        lines += ["", f"Baseline vs TUNA on the novel categories, question by question (images, tags, neighbours): "
+                      f"[{results['report_html']}]({results['report_html']})"]
     return "\n".join(lines) + "\n"
 
 

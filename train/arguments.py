@@ -66,6 +66,9 @@ class ModelArguments:
     weight_mode: str = field(default="scale_and_bias", metadata={"help": "scale, bias or scale_and_bias"})
     weight_scaling: str = field(default="count", metadata={"help": "count (uniform = 1) or raw (sum 1)"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2"})
+    llm_random_init: bool = field(default=False, metadata={
+        "help": "build the LLM from model_name_or_path's config.json with random weights (benchmarks: no weight "
+                "files; on CUDA without ZeRO-3 it is built on the GPU, under ZeRO-3 partitioned as it is built)"})
     lora_r: int = field(default=128, metadata={"help": "LoRA rank (stage lora)"})
     lora_alpha: int = field(default=256, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})

@@ -13,6 +13,7 @@ LLaVA samples K retrieved demonstrations each, the loss on the sample's answer o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ import transformers  # noqa: E402
 from transformers import AutoTokenizer, HfArgumentParser  # noqa: E402
 
 from datastore.clip import ClipSpec  # noqa: E402
-from common.log import setup_logging  # noqa: E402
+from common.log import error_line, setup_logging  # noqa: E402
 from train.arguments import DataArguments, ModelArguments, TagArguments, TunaTrainingArguments  # noqa: E402
 from train.data import LlavaJsonDataset, TrainCollator, WebDatasetSamples  # noqa: E402
 from train.icl_tuning import ICLCountsCallback, ICLTuningDataset  # noqa: E402
@@ -47,13 +48,36 @@ def _dtype(args: TunaTrainingArguments) -> torch.dtype:
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
 
+def _random_init_device(args: TunaTrainingArguments) -> torch.device | None:
+    """The GPU for a random-init LLM (fast init, no host copy), or None: CPU, or ZeRO-3 (it partitions)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return args.device if args.device.type == "cuda" and not is_deepspeed_zero3_enabled() else None
+
+
 def _is_tuna_dir(path: str) -> bool:
     config = Path(path) / "config.json"
     return config.is_file() and json.loads(config.read_text()).get("model_type") == "tuna"
 
 
-def build_model(margs: ModelArguments, targs: TagArguments, tokenizer, dtype: torch.dtype) -> TunaForCausalLM:
-    """A saved TUNA model (continued) or a new one around the LLM; stage settings applied."""
+def random_init_llm(margs: ModelArguments, dtype: torch.dtype, device: torch.device | None = None):
+    """The LLM of ``margs.model_name_or_path``'s config with random weights, built on ``device`` (None: CPU).
+
+    Under ZeRO-3 transformers builds it inside ``deepspeed.zero.Init`` (partitioned as it is built), so a 7B
+    shape never exists whole on one device; pass no device then.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(margs.model_name_or_path)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=margs.attn_implementation)
+
+
+def build_model(margs: ModelArguments, targs: TagArguments, tokenizer, dtype: torch.dtype,
+                device: torch.device | None = None) -> TunaForCausalLM:
+    """A saved TUNA model (continued) or a new one around the LLM; stage settings applied.
+
+    ``device``: where a random-init LLM (``--llm_random_init``) is built (None: CPU)."""
     tag_settings = {"max_tags": targs.max_tags, "tag_temperature": targs.tag_temperature,
                     "tag_score_prior": targs.tag_score_prior, "ablation": targs.ablation}
     if margs.connector_type == "mhub" and targs.ablation != "no_tags" and not _is_tuna_dir(margs.model_name_or_path):
@@ -65,8 +89,9 @@ def build_model(margs: ModelArguments, targs: TagArguments, tokenizer, dtype: to
     else:
         clip = ClipSpec(model=None if margs.clip_model_config else margs.clip_model, pretrained=margs.clip_pretrained,
                         model_config=margs.clip_model_config, precision=margs.clip_precision)
+        llm = random_init_llm(margs, dtype, device) if margs.llm_random_init else margs.model_name_or_path
         model = TunaForCausalLM.from_components(
-            margs.model_name_or_path, clip, tokenizer, dtype=dtype, attn_implementation=margs.attn_implementation,
+            llm, clip, tokenizer, dtype=dtype, attn_implementation=margs.attn_implementation,
             vision_feature_layer=margs.vision_feature_layer, connector_type=margs.connector_type,
             template=margs.template, tag_hidden_dim=margs.tag_hidden_dim, tag_num_heads=margs.tag_num_heads,
             tag_num_layers=margs.tag_num_layers, tag_queries=margs.tag_queries,
@@ -203,7 +228,7 @@ def run(argv: list[str] | None = None) -> int:
     resume = resume_checkpoint(args) if args.resume else None  # checked before anything is loaded
     transformers.set_seed(args.seed)  # the new connector / tag encoder weights are seeded too
     tokenizer = AutoTokenizer.from_pretrained(margs.tokenizer_name_or_path or margs.model_name_or_path)
-    model = build_model(margs, targs, tokenizer, _dtype(args))
+    model = build_model(margs, targs, tokenizer, _dtype(args), _random_init_device(args))
     processor = TunaProcessor.from_model(model, tokenizer, tag_source=build_tag_source(targs, model),
                                          max_length=dargs.max_length)
     dataset = build_dataset(dargs, processor, targs, args.seed)
@@ -270,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = run(argv)
     except (ValueError, OSError, RuntimeError, KeyError) as exc:
-        print(f"train: error: {exc}", file=sys.stderr)
+        print(f"train: error: {error_line(exc)}", file=sys.stderr)
         code = 1
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from common.distributed import resolve_device
-from common.log import setup_logging
+from common.log import error_line, setup_logging
 
 logger = logging.getLogger("tuna.cli")
 
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None, commands: Sequence[Command] = ()) -> int
             return 0
         record = ask(args)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        print(f"tuna {args.command}: error: {exc}", file=sys.stderr)
+        print(f"tuna {args.command}: error: {error_line(exc)}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(record))

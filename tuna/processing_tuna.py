@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from datastore.reader import OversizedImage, open_image
 from tuna.conversation import (IGNORE_INDEX, IMAGE_MARKER, TokenizationError, encode_after, build_generation_prompt,
                                tokenize_conversation)
 from tuna.tag_source import TagSource
@@ -65,7 +66,7 @@ class TunaProcessor:
 
     # ------------------------------------------------------------------------------ samples
     def encode(self, conversation: list[dict] | str, images: Sequence[Any] = (), image_ids: Sequence[str] | None = None,
-               tags: Sequence[Sequence[str]] | None = None, sample_id: str = "?",
+               tags: Sequence[Sequence[str] | None] | None = None, sample_id: str = "?",
                word_map: dict[str, str] | None = None) -> dict[str, Any]:
         """One sample, unpadded.
 
@@ -75,7 +76,8 @@ class TunaProcessor:
                 image is put in front of the first human turn (LLaVA's convention).
             images: PIL images or image file paths, in marker order.
             image_ids: ids for the tag lookup (default: the path, or ``"{sample_id}:{i}"``).
-            tags: tags per image; None = ask ``tag_source``.
+            tags: tags per image (caller-given tags carry no retrieval scores); None, for all images or
+                for one, = ask ``tag_source``.
             sample_id: named in errors.
             word_map: whole words (and their "-s" plurals) to replace in the conversation and in the tag
                 words the LLM reads; the tags' CLIP text embeddings still read the original tags.
@@ -100,13 +102,13 @@ class TunaProcessor:
         ids = list(image_ids) if image_ids is not None else [
             str(im) if isinstance(im, (str, Path)) else f"{sample_id}:{i}" for i, im in enumerate(images)]
         pil = [_open_image(im, sample_id) for im in images]
-        scores: list[list[float] | None] = [None] * len(images)  # caller-given tags carry no scores
-        if tags is None:
-            found = [self.tag_source(i, im) if self.tag_source is not None else None for i, im in zip(ids, pil)]
-            tags = [[] if f is None else f.tags for f in found]
-            scores = [None if f is None else list(f.scores)[:self.max_tags] for f in found]
+        tags = [None] * len(images) if tags is None else list(tags)
         if len(tags) != len(images):
             raise ValueError(f"sample {sample_id!r}: tags for {len(tags)} images, but {len(images)} images")
+        found = [self.tag_source(i, im) if t is None and self.tag_source is not None else None
+                 for i, im, t in zip(ids, pil, tags)]
+        scores = [None if f is None else list(f.scores)[:self.max_tags] for f in found]
+        tags = [(t if t is not None else [] if f is None else f.tags) for t, f in zip(tags, found)]
         out["pixel_values"] = torch.stack([self.image_processor(im) for im in pil]) if pil else None
         out["tags"] = [list(t)[:self.max_tags] for t in tags]
         out["tag_words"] = out["tags"] if rename is None else [[rename(t) for t in row] for row in out["tags"]]
@@ -213,13 +215,13 @@ def _with_markers(conversation: list[dict] | str, n_images: int) -> list[dict] |
 
 
 def _open_image(image: Any, sample_id: str) -> Any:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     if isinstance(image, (str, Path)):
         try:
-            with Image.open(image) as im:
+            with open_image(image) as im:  # over the pixel cap: an error before anything is decoded
                 return im.convert("RGB")
-        except (OSError, UnidentifiedImageError) as exc:
+        except (OSError, UnidentifiedImageError, OversizedImage) as exc:
             raise ValueError(f"sample {sample_id!r}: cannot read image {str(image)!r}: {exc}") from exc
     return image.convert("RGB") if hasattr(image, "convert") else image
 

@@ -7,6 +7,7 @@ import sys
 import time
 
 from common.cli import HelpFormatter, add_config_flags, config_from_args
+from common.log import error_line
 
 EPILOG = """outputs (under --out):
   world.json                               categories (seen/novel, confusable pairs), args, counts
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             for bar in bars:
                 bar.close()
     except (ValueError, RuntimeError, OSError) as exc:  # the error stays the last line
-        print(f"tuna-synth: error: {exc}", file=sys.stderr)
+        print(f"tuna-synth: error: {error_line(exc)}", file=sys.stderr)
         return 1
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in info["seconds"].items())
     counts = ", ".join(f"{k} {v}" for k, v in info["counts"].items())

@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from datastore.synth.icl_task import ICL_DIR, write_icl_task
@@ -44,6 +45,9 @@ class SynthConfig:
         shard_size: corpus samples per webdataset shard.
         workers: rendering processes.
         jpeg_quality: JPEG quality of every image.
+        corpus_photo_size: corpus shard images upscaled to a photo's size, longer side this many pixels
+            (within 12 percent) with aspect 3:4 to 4:3 and sensor-like noise, so that decoding costs what a web photo's
+            does (CC3M: ~400-500 px); 0: the rendered image_size (benchmarks, e.g. 448).
         overwrite: replace a non-empty ``out``.
     """
 
@@ -62,6 +66,7 @@ class SynthConfig:
     shard_size: int = 1_000
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     jpeg_quality: int = 90
+    corpus_photo_size: int = 0
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -78,6 +83,8 @@ class SynthConfig:
             raise ValueError("the in-context learning task needs both icl_support_per_category and icl_queries")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality={self.jpeg_quality}: must be 1..100")
+        if self.corpus_photo_size and not 128 <= self.corpus_photo_size <= 2048:
+            raise ValueError(f"corpus_photo_size={self.corpus_photo_size}: must be 0 (off) or 128..2048")
         WorldCatalogue(self.n_seen, self.n_novel, self.category_offset)  # validates the category range
 
     def world(self) -> WorldCatalogue:
@@ -88,13 +95,26 @@ class SynthConfig:
         without it keep their bytes)."""
         icl = ("icl_support_per_category", "icl_queries", "icl_distractor_share")
         return {k: v for k, v in asdict(self).items()
-                if k not in ("out", "workers", "overwrite") and (self.icl_queries or k not in icl)}
+                if k not in ("out", "workers", "overwrite") and (self.icl_queries or k not in icl)
+                and (self.corpus_photo_size or k != "corpus_photo_size")}
 
 
 def jpeg_bytes(pixels, quality: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def photo_like(pixels: np.ndarray, side: int, seed: int, index: int) -> np.ndarray:
+    """``pixels`` at a web photo's size and grain (:attr:`SynthConfig.corpus_photo_size`), deterministic per
+    (seed, index): bicubic upscale to a longer side of ``side`` +-12 % and an aspect of 3:4 to 4:3, plus
+    Gaussian noise (sigma 6), which keeps a quality-90 JPEG of it near a photo's size (tens of KB)."""
+    rng = np.random.default_rng([seed, index, 448])
+    longer, aspect = side * rng.uniform(0.88, 1.12), rng.uniform(0.75, 4 / 3)
+    width, height = (longer, longer / aspect) if aspect >= 1 else (longer * aspect, longer)
+    image = Image.fromarray(pixels).resize((round(width), round(height)), Image.BICUBIC)
+    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 6, size=(round(height), round(width), 3))
+    return np.clip(noisy, 0, 255).astype(np.uint8)
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -113,7 +133,9 @@ def _write_shard(task: tuple[SynthConfig, int]) -> int:
         for index in range(start, stop):
             sample = render_sample(world, config.seed, "corpus", index, config.image_size)
             meta = {"key": sample.key, "caption": sample.caption, **sample.scene.to_json()}
-            _add_member(tar, f"{sample.key}.jpg", jpeg_bytes(sample.image, config.jpeg_quality))
+            image = (photo_like(sample.image, config.corpus_photo_size, config.seed, index)
+                     if config.corpus_photo_size else sample.image)
+            _add_member(tar, f"{sample.key}.jpg", jpeg_bytes(image, config.jpeg_quality))
             _add_member(tar, f"{sample.key}.txt", sample.caption.encode())
             _add_member(tar, f"{sample.key}.json", json.dumps(meta, sort_keys=True).encode())
     return stop - start

@@ -260,3 +260,25 @@ def test_categories_are_visually_separable():
     np.fill_diagonal(sims, -np.inf)
     accuracy = float((labels[sims.argmax(axis=1)] == labels).mean())
     assert len(samples) > 300 and accuracy > 0.9, accuracy  # measured: 0.985 on 548 images
+
+
+def test_corpus_photo_size_writes_photo_sized_jpegs_and_keeps_default_worlds(world_dir, tmp_path):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    out = tmp_path / "photo"
+    info = generate_world(_config(out, corpus_photo_size=448))
+    assert info["args"]["corpus_photo_size"] == 448
+    assert "corpus_photo_size" not in json.loads((world_dir / "world.json").read_text())["args"]
+    with tarfile.open(out / "corpus" / "corpus-000000.tar") as tar:
+        jpegs = [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")]
+    sizes = [Image.open(io.BytesIO(data)).size for data in jpegs]
+    assert all(394 <= max(size) <= 502 and 0.74 <= size[0] / size[1] <= 1.34 for size in sizes)
+    assert len(set(sizes)) > len(sizes) // 2  # sizes vary per image
+    assert 10_000 < sum(map(len, jpegs)) / len(jpegs) < 200_000
+    generate_world(_config(tmp_path / "again", corpus_photo_size=448, workers=1))
+    assert _digest(tmp_path / "again")["corpus/corpus-000000.tar"] == _digest(out)["corpus/corpus-000000.tar"]
+    with pytest.raises(ValueError, match="corpus_photo_size"):
+        _config(tmp_path / "bad", corpus_photo_size=64)

@@ -26,7 +26,7 @@ def pool_dir(world, tmp_path_factory):
 def kshot_config(world, model_dir, pool_dir, out, **kw):  # noqa: F811
     settings = {"pool": str(pool_dir), "retriever": "siir", **kw.pop("kshot", {})}
     return EvalConfig(model=str(model_dir), benches=["synth_open"], data_root=str(world["data_root"]), out=str(out),
-                      datastore=str(world["datastore"]), limit=8, shots=kw.pop("shots", [0, 1, 2]),
+                      datastore=kw.pop("datastore", str(world["datastore"])), limit=8, shots=kw.pop("shots", [0, 1, 2]),
                       kshot=KShotSettings(**settings), **kw)
 
 
@@ -104,3 +104,24 @@ def test_cli_shots_and_compare(world, model_dir, pool_dir, tmp_path, capsys):  #
     assert "| cli (sttr) | synth_open (accuracy) |" in capsys.readouterr().out
     assert main(["--model", str(model_dir), "--bench", "synth_open", "--data-root", str(world["data_root"]),
                  "--no-tags", "--out", str(tmp_path / "x"), "--shots", "2", "--device", "cpu"]) == 1
+
+
+def test_query_tags_come_from_the_retrieval_cache_by_the_image_field(world, model_dir, pool_dir, tmp_path):  # noqa: F811
+    """The k-shot query image is looked up by the benchmark's ``image`` field, as in 0-shot and as the
+    cache keys it (it was looked up by its full path: a cache miss, an error without a datastore)."""
+    from datastore.cache import CacheConfig, build_cache
+    from eval.benchmarks import get_benchmark
+
+    files = get_benchmark("synth_open").resolve(world["data_root"])
+    cache = tmp_path / "eval_cache.parquet"
+    build_cache(CacheConfig(datastore=str(world["datastore"]), out=str(cache), llava_json=[str(files["questions"])],
+                            image_folder=str(files["images"]), k_images=3, num_workers=0), show_progress=False)
+    config = kshot_config(world, model_dir, pool_dir, tmp_path / "run", shots=[0, 1], datastore=None,
+                          retrieval_cache=str(cache), kshot={"demo_tags": False})
+    evaluate(config)
+    zero, one = records(tmp_path / "run", 0), records(tmp_path / "run", 1)
+    assert [r["question_id"] for r in zero] == [r["question_id"] for r in one]
+    assert all(r["tags"] for r in zero)
+    for a, b in zip(zero, one):
+        assert [t["tag"] for t in a["tags"]] == [t["tag"] for t in b["tags"]]
+        assert a["neighbours"] == b["neighbours"] and a["neighbours"]

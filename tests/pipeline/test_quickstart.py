@@ -86,6 +86,9 @@ def test_results_table_json_and_chart(run):
     assert [line.split(" | ")[0] for line in lines[2:6]] == [
         "| baseline (no tags)", "| TUNA", "| TUNA, random tags", "| TUNA, uniform weights"]
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the per-sample page of baseline vs TUNA on the novel split, linked from results.md
+    assert results["report_html"] == "report.html" and "](report.html)" in table
+    assert "tuna quickstart: baseline vs TUNA" in (out / "report.html").read_text()
 
 
 @pytest.mark.skipif(os.environ.get(QUALITY_OPT_IN) != "1",

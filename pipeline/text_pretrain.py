@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from common.cli import HelpFormatter, add_config_flags, config_from_args
+from common.log import error_line
 from datastore.synth.layout import World
 from pipeline.copy_eval import copy_accuracy
 from pipeline.copy_text import (END_OF_TURN, TASK_WEIGHTS, TASKS, CopyText, CopyTextGenerator, caption_nouns,
@@ -65,6 +66,9 @@ class TextPretrainConfig:
             of the ``rule`` tag parser): copying is then trained on the LLM's own vocabulary too.
             These are words of the text corpus only; no eval image or question is used.
         forbidden: strings no generated text may contain (case-insensitive), e.g. eval questions.
+        induction_steps, induction_length: steps (0 = none) of the induction warm-up before everything
+            else: rows of ``induction_length`` tokens holding random token runs said twice
+            (pipeline/induction.py), so that multi-token names can be copied.
         seed: everything (data, init, order) is a function of it and ``threads``.
         threads: torch intra-op threads while training.
         log_every: progress line every this many steps.
@@ -97,6 +101,8 @@ class TextPretrainConfig:
     lexicon_fraction: float = 0.6
     caption_noun_fraction: float = 0.3
     forbidden: tuple[str, ...] = ()
+    induction_steps: int = 0
+    induction_length: int = 64
     seed: int = 0
     threads: int = 2
     log_every: int = 100
@@ -109,6 +115,9 @@ class TextPretrainConfig:
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError(f"TextPretrainConfig: hidden_size {self.hidden_size} must divide by num_heads "
                              f"{self.num_heads}, which must divide by num_kv_heads {self.num_kv_heads}")
+        if self.induction_steps < 0 or self.induction_length < 8:
+            raise ValueError(f"TextPretrainConfig: induction_steps must be >= 0 and induction_length >= 8 (got "
+                             f"{self.induction_steps}, {self.induction_length})")
         for name in ("caption_fraction", "chat_fraction", "min_lr_ratio", "short_fraction", "lexicon_fraction",
                      "caption_noun_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
@@ -336,6 +345,18 @@ def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPret
                               eos_token_id=eos, pad_token_id=pad)
         model = AutoModelForCausalLM.from_config(cfg)
         n_params = sum(p.numel() for p in model.parameters())
+        induction = None
+        if config.induction_steps:
+            from pipeline.induction import induction_warmup
+
+            special = set(hf_tok.all_special_ids)
+            token_ids = torch.tensor([i for i in range(vocab) if i not in special])
+            induction = induction_warmup(model, token_ids, eos, hf_tok.bos_token_id, config.induction_steps,
+                                         weighted_lm_loss,
+                                         batch_size=config.batch_size, length=config.induction_length, lr=config.lr,
+                                         warmup_steps=config.warmup_steps, seed=config.seed,
+                                         every=config.log_every, say=say)
+            timings["induction_s"] = induction.seconds
         opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95),
                                 weight_decay=config.weight_decay)
         model.train()
@@ -370,6 +391,8 @@ def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPret
     timings["total_s"] = time.perf_counter() - t0
     record = {**(record or {}), "config": asdict(config), "vocab": vocab, "single_token_share": whole,
               "params": n_params, "samples": counts,
+              "induction": None if induction is None else {"steps": induction.steps, "copy_rate": induction.copy_rate,
+                                                            "seconds": induction.seconds},
               "rows": n_rows, "fill": fill, "dropped": dropped, "losses": losses, "timings": timings}
     (out / "text_pretrain.json").write_text(json.dumps(record, indent=1))
     say(f"text pretrain: {n_params / 1e6:.2f}M params, train {timings['train_s']:.1f}s "
@@ -610,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
             accuracy["names"] = copy_accuracy(out, n=args.n_eval, known_words=known, names=eval_names)
         timings["eval_s"] = time.perf_counter() - t
     except (ValueError, ShardError, OSError) as exc:
-        print(f"text_pretrain: error: {exc}", file=sys.stderr)
+        print(f"text_pretrain: error: {error_line(exc)}", file=sys.stderr)
         return 1
 
     which = {"fresh": "fresh-name prompts",

@@ -186,7 +186,8 @@ def test_copy_accuracy_counts_exact_matches(run):
 
 @pytest.mark.parametrize("bad", [dict(hidden_size=30, num_heads=4), dict(steps=0), dict(caption_fraction=1.5),
                                  dict(lr=0.0), dict(forbidden="blue"), dict(lexicon_size=-1),
-                                 dict(lexicon_fraction=0.8, caption_noun_fraction=0.3)])
+                                 dict(lexicon_fraction=0.8, caption_noun_fraction=0.3), dict(induction_steps=-1),
+                                 dict(induction_length=4)])
 def test_bad_config_is_rejected(bad):
     with pytest.raises(ValueError, match="TextPretrainConfig"):
         TextPretrainConfig(**bad)
@@ -393,3 +394,30 @@ def test_read_captions_of_a_text_file_stops_at_the_limit(tmp_path):
     assert corpus.captions == ["a red drerik", "a blue tulbel", "more"]
     assert corpus.skipped == {"empty_caption": 1, "undecodable_text": 1}
     assert read_captions([str(tmp_path / "c.txt")], limit=2, progress=False).captions == corpus.captions[:2]
+
+
+def test_induction_rows_repeat_each_run_once_and_weigh_only_the_predictable_tokens():
+    import torch
+
+    from pipeline.induction import repeat_batch
+
+    tokens = torch.arange(100, 140)
+    ids, weights = repeat_batch(tokens, 3, 40, separator=7, bos=0, generator=torch.Generator().manual_seed(0))
+    for row, w in zip(ids.tolist(), weights.tolist()):
+        assert row[0] == 0 and 7 in row
+        pos = 1
+        while pos < len(row) and row[pos] != 0:
+            n = row.index(7, pos) - pos  # the first run ends at the separator
+            first, second = row[pos:pos + n], row[pos + n + 1:pos + 2 * n + 1]
+            assert first == second and all(100 <= t < 140 for t in first) and 3 <= n <= 12
+            assert w[pos:pos + n + 2] == [0.0] * (n + 2) and w[pos + n + 2:pos + 2 * n + 1] == [1.0] * (n - 1)
+            pos += 2 * n + 1
+        assert set(row[pos:]) <= {0} and not any(w[pos:])
+
+
+def test_induction_warmup_runs_before_the_text_steps_and_is_recorded(tmp_path):
+    out = pretrain_text_llm(CAPTIONS, tmp_path / "i", TextPretrainConfig(**TINY, induction_steps=4,
+                                                                           induction_length=32), progress=False)
+    record = json.loads((out / "text_pretrain.json").read_text())
+    assert record["induction"]["steps"] == 4 and len(record["induction"]["copy_rate"]) == 1
+    assert 0.0 <= record["induction"]["copy_rate"][0][1] <= 1.0 and "induction_s" in record["timings"]

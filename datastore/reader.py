@@ -415,7 +415,8 @@ class ShardBatches(torch.utils.data.IterableDataset):
         for sample in iter_raw_samples(shard, status):
             batch.n_read += 1
             caption, reason = decode_caption(sample, self.config.caption_key)
-            image, image_reason = decode_image(sample, self.config.image_key, self.config.max_image_pixels) if reason is None else (None, None)
+            image, image_reason = (None, None) if reason else decode_image(
+                sample, self.config.image_key, self.config.max_image_pixels)
             if reason or image_reason:
                 batch.skipped[reason or image_reason] += 1
                 logger.debug("skip %s in %s: %s", sample.get("__key__"), shard, reason or image_reason)

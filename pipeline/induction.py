@@ -64,11 +64,13 @@ def copy_rate(model: Any, token_ids: torch.Tensor, separator: int, bos: int, see
 
 def induction_warmup(model: Any, token_ids: torch.Tensor, separator: int, bos: int, steps: int, loss_fn: Callable,
                      batch_size: int = 16, length: int = 64, lr: float = 3e-3, warmup_steps: int = 30,
-                     seed: int = 0, every: int = 100, say: Callable[[str], None] = print) -> InductionResult:
+                     weight_decay: float = 0.01, seed: int = 0, every: int = 100,
+                     say: Callable[[str], None] = print) -> InductionResult:
     """Train ``model`` on :func:`repeat_batch` rows for ``steps`` steps (AdamW, linear warm-up then constant
-    ``lr``; its own optimizer state). ``loss_fn(model, ids, positions, weights)`` is the weighted LM loss."""
+    ``lr``; its own optimizer state). ``loss_fn(model, ids, positions, weights)`` is the weighted LM loss.
+    Weight decay brought the phase change sooner in a bare loop (docs/experiments.md, section 18)."""
     generator = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     positions = torch.arange(length).expand(batch_size, length)
     result, start = InductionResult(steps, 0.0), time.perf_counter()
     model.train()

@@ -58,6 +58,12 @@ def _fmt(value: Any, spec: str = "") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _not_measured(s: dict[str, Any], name: str, columns: int) -> str:
+    """A table row for a stage that produced no figures, with how the stage ended."""
+    status = s["stages"].get(name, {}).get("status", "absent")
+    return f"| {name} | not measured (stage {status}) " + "| " * (columns - 2) + "|"
+
+
 def markdown(s: dict[str, Any]) -> str:
     """summary.md: what was measured, on which device, and how each stage ended."""
     lines = [f"# gpu_check: {s['device'] or 'unknown device'} ({s['mode']}), commit {s['commit']}", "",
@@ -71,8 +77,7 @@ def markdown(s: dict[str, Any]) -> str:
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, b in s["build"].items():
         if not b:
-            lines.append(f"| {name} | not measured (stage {s['stages'].get(name, {}).get('status', 'absent')}) "
-                         "| | | | | | | | | |")
+            lines.append(_not_measured(s, name, columns=11))
             continue
         stages = ", ".join(f"{k} {v}" for k, v in b["stages_s"].items())
         lines.append(f"| {name} | {b['model']} | {b['precision']} | {b['images']} | {b['decode_device'] or 'workers'} "
@@ -83,8 +88,7 @@ def markdown(s: dict[str, Any]) -> str:
               "|---|---|---|---|---|---|---|---|---|"]
     for name, t in s["train"].items():
         if not t:
-            lines.append(f"| {name} | not measured (stage {s['stages'].get(name, {}).get('status', 'absent')}) "
-                         "| | | | | | | |")
+            lines.append(_not_measured(s, name, columns=9))
             continue
         for r in t["results"]:
             mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else "-"

@@ -20,7 +20,7 @@ from common.distributed import barrier, dist_env, init_distributed
 from datastore import layout
 from datastore.clip import ClipSpec, LoadedClip, describe_mismatch, load_clip, same_clip
 from datastore.index import IndexConfig
-from datastore.reader import ReaderConfig, ShardBatches, check_shards, expand_shards, shard_stat
+from datastore.reader import ReaderConfig, ShardBatches, check_shards, expand_shards
 from datastore.tags import TagParserConfig, build_tag_parser
 from datastore.writer import PartWriter
 
@@ -88,7 +88,7 @@ def build(config: BuildConfig, show_progress: bool = True) -> dict[str, Any] | N
     group = _init_distributed(config, world)
     try:
         shards = expand_shards(config.inputs)
-        check_shards(shards)
+        stats = check_shards(shards)  # every input reachable before anything is encoded
         if config.overwrite and rank == 0:
             _remove_datastore(config.out)
         if group:
@@ -96,9 +96,10 @@ def build(config: BuildConfig, show_progress: bool = True) -> dict[str, Any] | N
         clip = load_clip(config.clip)
         parser = build_tag_parser(config.tags)
         _check_or_write_build_record(config, clip, parser.describe(), shards)
-        todo = [(i, s) for i, s in enumerate(shards) if i % world == rank and not _part_done(config.out, i, s)]
+        mine = [(i, s) for i, s in enumerate(shards) if i % world == rank]
+        todo = [(i, s) for i, s in mine if not _part_done(config.out, i, s, stats[s])]
         logger.info("%d shards in total; this rank builds %d (%d already done)", len(shards), len(todo),
-                    len([i for i in range(len(shards)) if i % world == rank]) - len(todo))
+                    len(mine) - len(todo))
         encode_parts(config, clip, parser, todo, show_progress and rank == 0)
         if group:
             barrier()
@@ -117,8 +118,9 @@ def build(config: BuildConfig, show_progress: bool = True) -> dict[str, Any] | N
             dist.destroy_process_group()
 
 
-def _part_done(out: str, part: int, shard: str) -> bool:
-    """Whether ``part`` has a valid marker for the shard as it is now. A part whose shard changed since
+def _part_done(out: str, part: int, shard: str, now: dict[str, Any]) -> bool:
+    """Whether ``part`` has a valid marker for ``shard`` as it is now (``now``: its :func:`shard_stat`, taken
+    by the up-front check). A part whose shard changed since
     (size or modification time), whose marker is unreadable or whose files are damaged is redone: its
     marker is removed and the reason logged."""
     marker = layout.marker_path(out, part)
@@ -128,7 +130,7 @@ def _part_done(out: str, part: int, shard: str) -> bool:
         record = layout.read_json_object(marker, ("shard", "embeddings", "metadata"))
     except ValueError as err:
         return _redo(marker, f"its marker is unreadable ({err})")
-    old, now = record.get("shard_stat"), shard_stat(shard)
+    old = record.get("shard_stat")
     if old is not None and old != now:
         return _redo(marker, f"shard {shard} changed since the part was built ({_stat_change(old, now)})")
     files = record.get("files") or {}

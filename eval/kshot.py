@@ -81,13 +81,13 @@ def encode_kshot_prompt(processor, demos: list, query, demo_tags: bool, query_im
     """A generation prompt: the demos' rounds, then the query's question. ``query_image_id``: the id the
     query image's tags are looked up by (the benchmark's ``image`` field, as the retrieval cache and the
     0-shot path key it); default: its path."""
-    from icl.prompts import kshot_conversation
+    from icl.prompts import kshot_conversation, tags_to_read
 
     conversation = kshot_conversation(demos, query, with_answer=False)
     images = [d.image for d in demos] + [query.image]
     ids = [str(d.image) for d in demos] + [query_image_id or str(query.image)]
-    tags = None if demo_tags else [[] for _ in demos] + [None]  # without demo tags, demos are not even looked up
-    return processor.encode(conversation, images=images, image_ids=ids, tags=tags, sample_id=query.id)
+    return processor.encode(conversation, images=images, image_ids=ids, tags=tags_to_read(len(demos), demo_tags),
+                            sample_id=query.id)
 
 
 def summary_columns(by_shot: dict[int, float | None]) -> dict[str, float | None]:

@@ -20,7 +20,7 @@ from common.distributed import barrier, dist_env
 from eval.benchmarks import Benchmark, get_benchmark, strip_suffix
 from eval.kshot import (DemoSource, KShotSettings, encode_kshot_prompt, kshot_table, query_example,
                         summary_columns)
-from eval.validate import PreparedBenchmark, prepare_benchmarks
+from eval.validate import PreparedBenchmark, image_source, prepare_benchmarks
 
 logger = logging.getLogger(__name__)
 
@@ -141,20 +141,16 @@ def _neighbours(tag_source, image_id: str, image) -> list[dict]:
 def _image_of(sample: dict, folder: Path):
     """A sample's RGB image, opened once for retrieval and the model: from ``image_bytes`` (e.g. MMBench's
     base64 tsv) or the path under ``folder``; a one-line ValueError if it cannot be read."""
-    import io
-
     from PIL import UnidentifiedImageError
 
     from datastore.reader import OversizedImage, open_image
 
-    inline = sample.get("image_bytes") is not None
-    source = io.BytesIO(sample["image_bytes"]) if inline else folder / sample["image"]
+    source, what = image_source(sample, folder)
     try:
         with open_image(source) as image:
             return image.convert("RGB")
     except (OSError, UnidentifiedImageError, OversizedImage) as exc:
-        where = "inline image" if inline else f"image {str(source)!r}"
-        raise ValueError(f"question {sample['question_id']!r}: cannot read {where}: {exc}") from exc
+        raise ValueError(f"question {sample['question_id']!r}: cannot read {what}: {exc}") from exc
 
 
 def run_benchmark(model, tokenizer, processor, prepared: PreparedBenchmark, config: EvalConfig, shots: int = 0,
@@ -251,7 +247,8 @@ def evaluate(config: EvalConfig) -> dict[str, Any] | None:
     prepared = prepare_benchmarks(config.benches, config.data_root, config.limit, config.on_bad_sample)
     model, tokenizer, processor = load_model(config)
     out = Path(config.out)
-    results = {"complete": False, "model": str(config.model), "flags": {k: v for k, v in asdict(config).items() if k != "extra"},
+    results = {"complete": False, "model": str(config.model),
+               "flags": {k: v for k, v in asdict(config).items() if k != "extra"},
                "model_config": {k: getattr(model.config, k) for k in ("ablation", "weight_mode", "weight_scaling",
                                                                        "tag_temperature", "tag_score_prior", "max_tags",
                                                                        "template")},

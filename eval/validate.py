@@ -75,6 +75,15 @@ def prepare_benchmarks(names: list[str], data_root: str, limit: int | None = Non
     return prepared
 
 
+def image_source(sample: dict, folder: Path) -> tuple[Any, str]:
+    """(what PIL opens, how messages name it): ``image_bytes`` (e.g. MMBench's base64 tsv) or the path of
+    ``image`` under ``folder``."""
+    if sample.get("image_bytes") is not None:
+        return io.BytesIO(sample["image_bytes"]), "inline image"
+    path = folder / sample["image"]
+    return path, f"image {str(path)!r}"
+
+
 def image_problem(sample: dict, folder: Path) -> tuple[str, str] | None:
     """(reason, message) when the question's image cannot be used, else None; reads only the header."""
     from PIL import UnidentifiedImageError
@@ -84,8 +93,7 @@ def image_problem(sample: dict, folder: Path) -> tuple[str, str] | None:
     inline = sample.get("image_bytes") is not None
     if not inline and not sample.get("image"):
         return "missing_image", "no image given"
-    source = io.BytesIO(sample["image_bytes"]) if inline else folder / sample["image"]
-    what = "inline image" if inline else f"image {str(source)!r}"
+    source, what = image_source(sample, folder)
     if not inline and not Path(source).is_file():
         return "missing_image", f"{what} not found"
     try:

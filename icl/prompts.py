@@ -71,19 +71,19 @@ def encode_kshot(processor: Any, demos: Sequence[Example], query: Example, answe
         try:
             conversation = kshot_conversation(demos, query)
             images = [d.image for d in demos] + [query.image]
-            encoded = processor.encode(conversation, images=images, sample_id=query.id)
+            tags = tags_to_read(len(demos), demo_tags, query_tags)
+            encoded = processor.encode(conversation, images=images, tags=tags, sample_id=query.id)
             break
         except SequenceTooLongError:
             if not demos:
                 raise
             demos, dropped = demos[1:], dropped + 1  # the first is the farthest from the query
-    clear_tags(encoded, [i for i, on in enumerate([demo_tags] * len(demos) + [query_tags]) if not on])
     encoded["labels"] = label_last_answer_only(encoded["labels"])
     return KShotSample(encoded, demos, dropped)
 
 
-def clear_tags(encoded: dict[str, Any], images: Sequence[int]) -> None:
-    """An empty tag block for these images of an encoded sample; the others keep theirs and their scores."""
-    for i in images:
-        encoded["tags"][i], encoded["tag_words"][i], encoded["tag_scores"][i] = [], [], None
+def tags_to_read(n_demos: int, demo_tags: bool = True, query_tags: bool = True) -> list[list | None]:
+    """``TunaProcessor.encode``'s ``tags`` for demos + query: None = read the tag source's tags, [] = an empty
+    tag block (the image is not even looked up)."""
+    return [None if on else [] for on in [demo_tags] * n_demos + [query_tags]]
 

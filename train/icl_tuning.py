@@ -53,7 +53,6 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from datastore.store import RetrievedTags
 from icl.formats import GPT_ROLES, HUMAN_ROLES, IMAGE_MARKER, Example
 from icl.prompts import encode_kshot
 from train.data import LlavaJsonDataset, images_of
@@ -63,7 +62,6 @@ logger = logging.getLogger(__name__)
 
 ORDERS = ("similar-last", "similar-first", "shuffled")
 RETRIEVAL_BATCH = 256
-DEMO_KEY = "icl-demo:"  # tag-key prefix of demo images whose tags are blanked (--icl_demo_tags false)
 COUNTS_FILE = "icl_counts.json"
 
 
@@ -184,18 +182,6 @@ class ICLPlan:
                 f"{', '.join(f'{k} {v}' for k, v in self.excluded.items())}) in {self.seconds:.1f}s")
 
 
-class _NoDemoTags:
-    """A tag source that gives demo images (tag key prefixed ``DEMO_KEY``) an empty block without a lookup."""
-
-    def __init__(self, source: Any) -> None:
-        self.source = source
-
-    def __call__(self, image_id: str, image: Any = None) -> RetrievedTags:
-        if image_id.startswith(DEMO_KEY):
-            return RetrievedTags(tags=[], scores=[], neighbours=[], neighbour_scores=[])
-        return self.source(image_id, image)
-
-
 @dataclass
 class _SampleEncoder:
     """The processor as :func:`encode_kshot` sees it for one record: tag keys, sample id and word map bound."""
@@ -206,12 +192,12 @@ class _SampleEncoder:
     sample_id: str
     word_map: dict[str, str] | None
 
-    def encode(self, conversation: list[dict], images: Sequence[Any] = (), sample_id: str = "?",
-               **_: Any) -> dict[str, Any]:
+    def encode(self, conversation: list[dict], images: Sequence[Any] = (), tags: Sequence[Any] | None = None,
+               sample_id: str = "?", **_: Any) -> dict[str, Any]:
         images = list(images)
         ids = [self.demo_key(str(im)) for im in images[:-1]] + [self.query_key]
-        return self.processor.encode(conversation, images=images, image_ids=ids, sample_id=self.sample_id,
-                                     word_map=self.word_map)
+        return self.processor.encode(conversation, images=images, image_ids=ids, tags=tags,
+                                     sample_id=self.sample_id, word_map=self.word_map)
 
 
 class ICLTuningDataset(LlavaJsonDataset):
@@ -235,8 +221,6 @@ class ICLTuningDataset(LlavaJsonDataset):
         self.info = self._make_plan(pool)
         self.demos = pool.examples  # the indexes, vectors and CLIP are not needed after planning
         self._folder = os.path.realpath(str(self.image_folder)) if self.image_folder is not None else None
-        self._demo_processor = processor if settings.demo_tags or processor.tag_source is None else \
-            replace(processor, tag_source=_NoDemoTags(processor.tag_source))
         # k-shot samples encoded, their demos, demos dropped to fit max_length: shared with DataLoader workers
         self._counts = multiprocessing.Array("q", 3)
         logger.info("in-context tuning (pool %s, retriever %s, p=%g, K in %s, %s): %s", settings.pool,
@@ -291,7 +275,7 @@ class ICLTuningDataset(LlavaJsonDataset):
             rel = os.path.relpath(os.path.realpath(path), self._folder)
             if not rel.startswith(".."):
                 path = rel.replace(os.sep, "/")
-        return path if self.settings.demo_tags else DEMO_KEY + path
+        return path
 
     def lengths(self) -> list[int]:
         """As LlavaJsonDataset's; a k-shot sample counts its first round, its demos and their images."""
@@ -309,7 +293,7 @@ class ICLTuningDataset(LlavaJsonDataset):
         if positions is None:
             return super()._encode(i)
         query, _ = query_example(self.records[i], i, self.image_folder)
-        encoder = _SampleEncoder(self._demo_processor, self._demo_key, str(images_of(self.records[i])[0]),
+        encoder = _SampleEncoder(self.processor, self._demo_key, str(images_of(self.records[i])[0]),
                                  self.sample_id(i), self.word_map(i))
         sample = encode_kshot(encoder, [self.demos[p] for p in positions], query, demo_tags=self.settings.demo_tags)
         with self._counts.get_lock():

@@ -295,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = run(argv)
     except (ValueError, OSError, RuntimeError, KeyError) as exc:
-        print(f"train: error: {error_line(exc)}", file=sys.stderr)
+        # one write: print's separate newline write lets another rank's line land in between (unbuffered stderr)
+        sys.stderr.write(f"train: error: {error_line(exc)}\n")
+        sys.stderr.flush()
         code = 1
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="text steps after the warm-up (default: the run's)")
     parser.add_argument("--seed", type=int, help="default: the run's")
     parser.add_argument("--n", type=int, default=120, help="probe prompts per name set")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="other TextPretrainConfig changes, e.g. num_heads=8 num_kv_heads=8 threads=1")
     args = parser.parse_args()
     run, out = Path(args.run), Path(args.out)
     saved = json.loads((run / "llm" / "text_pretrain.json").read_text())["config"]
@@ -41,10 +43,11 @@ def main() -> None:
     rows = []
     for steps in args.induction_steps:
         changes = {"induction_steps": steps, **({"steps": args.steps} if args.steps else {}),
-                   **({"seed": args.seed} if args.seed is not None else {})}
+                   **({"seed": args.seed} if args.seed is not None else {}),
+                   **{k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}}
         config = TextPretrainConfig(**{**saved, "task_weights": tuple(saved["task_weights"]),
                                        "forbidden": tuple(saved["forbidden"]), **changes})
-        folder = out / f"induction{steps}_seed{config.seed}"
+        folder = out / f"induction{steps}_seed{config.seed}{''.join('_' + item for item in args.set)}"
         start = time.perf_counter()
         pretrain_text_llm(captions, folder, config)
         seconds = time.perf_counter() - start

@@ -65,6 +65,8 @@ class QuickstartConfig:
         llm_steps: LLM text-pretraining steps.
         llm_hidden: LLM hidden size.
         llm_layers: LLM layers.
+        llm_induction_steps: steps of the LLM's induction warm-up (random token runs said twice) before its
+            text pretraining; with it the LLM copies names of several tokens, which the datastore swap needs.
         text_replay: text-only copy conversations mixed into instruction tuning, per instruction image.
         stage1_steps: connector pretraining steps.
         steps: instruction tuning steps.
@@ -110,6 +112,8 @@ class QuickstartConfig:
     llm_steps: int = 1500
     llm_hidden: int = 128
     llm_layers: int = 2
+    # without it no multi-token name is copied and the swap gains 0 (docs/experiments.md, section 19)
+    llm_induction_steps: int = 800
     # LLaVA-1.5 mixes 40K text-only conversations into its 665K (pipeline.text_replay)
     text_replay: float = 0.5
     stage1_steps: int = 60
@@ -143,6 +147,8 @@ class QuickstartConfig:
                      "batch_size", "nproc", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.llm_induction_steps < 0:
+            raise ValueError(f"llm_induction_steps={self.llm_induction_steps}: must be >= 0")
         for name in ("eval_min_tag_support", "rename_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1]")
@@ -245,6 +251,7 @@ def llm_pretrain_config(config: QuickstartConfig, **changes: Any):
     from pipeline.text_pretrain import TextPretrainConfig
 
     fields = {"steps": config.llm_steps, "hidden_size": config.llm_hidden, "num_layers": config.llm_layers,
+              "induction_steps": config.llm_induction_steps,
               "seed": config.seed, "threads": process_threads(config) * config.nproc, **config.extra.get("llm", {})}
     return TextPretrainConfig(**{**fields, **changes})
 

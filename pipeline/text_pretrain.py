@@ -69,6 +69,8 @@ class TextPretrainConfig:
         induction_steps, induction_length: steps (0 = none) of the induction warm-up before everything
             else: rows of ``induction_length`` tokens holding random token runs said twice
             (pipeline/induction.py), so that multi-token names can be copied.
+        induction_rows: induction rows added to every step of the main phase (0 = none), their loss added
+            to the text loss, so that the copying head formed in the warm-up is kept.
         seed: everything (data, init, order) is a function of it and ``threads``.
         threads: torch intra-op threads while training.
         log_every: progress line every this many steps.
@@ -78,8 +80,10 @@ class TextPretrainConfig:
     pre_tokenizer: str = "bytelevel-words"
     hidden_size: int = 128
     num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 4
+    # 8 heads of 16, not 4 of 32: the induction head then forms in the warm-up at every seed tried
+    # (docs/experiments.md, section 19)
+    num_heads: int = 8
+    num_kv_heads: int = 8
     intermediate_size: int = 384
     tie_word_embeddings: bool = True
     max_length: int = 160
@@ -101,8 +105,9 @@ class TextPretrainConfig:
     lexicon_fraction: float = 0.6
     caption_noun_fraction: float = 0.3
     forbidden: tuple[str, ...] = ()
-    induction_steps: int = 0
+    induction_steps: int = 800
     induction_length: int = 64
+    induction_rows: int = 0
     seed: int = 0
     threads: int = 2
     log_every: int = 100
@@ -115,9 +120,10 @@ class TextPretrainConfig:
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError(f"TextPretrainConfig: hidden_size {self.hidden_size} must divide by num_heads "
                              f"{self.num_heads}, which must divide by num_kv_heads {self.num_kv_heads}")
-        if self.induction_steps < 0 or self.induction_length < 8:
-            raise ValueError(f"TextPretrainConfig: induction_steps must be >= 0 and induction_length >= 8 (got "
-                             f"{self.induction_steps}, {self.induction_length})")
+        if min(self.induction_steps, self.induction_rows) < 0 or self.induction_length < 8:
+            raise ValueError(f"TextPretrainConfig: induction_steps and induction_rows must be >= 0 and "
+                             f"induction_length >= 8 (got {self.induction_steps}, {self.induction_rows}, "
+                             f"{self.induction_length})")
         for name in ("caption_fraction", "chat_fraction", "min_lr_ratio", "short_fraction", "lexicon_fraction",
                      "caption_noun_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
@@ -346,11 +352,11 @@ def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPret
         model = AutoModelForCausalLM.from_config(cfg)
         n_params = sum(p.numel() for p in model.parameters())
         induction = None
+        special = set(hf_tok.all_special_ids)
+        token_ids = torch.tensor([i for i in range(vocab) if i not in special])  # the induction rows' tokens
         if config.induction_steps:
             from pipeline.induction import induction_warmup
 
-            special = set(hf_tok.all_special_ids)
-            token_ids = torch.tensor([i for i in range(vocab) if i not in special])
             induction = induction_warmup(model, token_ids, eos, hf_tok.bos_token_id, config.induction_steps,
                                          weighted_lm_loss,
                                          batch_size=config.batch_size, length=config.induction_length, lr=config.lr,
@@ -359,6 +365,16 @@ def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPret
             timings["induction_s"] = induction.seconds
         opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95),
                                 weight_decay=config.weight_decay)
+        mix_generator = torch.Generator().manual_seed(config.seed + 1)
+        mix_positions = torch.arange(config.induction_length).expand(config.induction_rows, -1)
+
+        def induction_rows() -> tuple[Tensor, Tensor, Tensor]:
+            from pipeline.induction import repeat_batch
+
+            ids, w = repeat_batch(token_ids, config.induction_rows, config.induction_length, eos,
+                                  hf_tok.bos_token_id, mix_generator)
+            return ids, mix_positions, w
+
         model.train()
         losses, t2, window = [], time.perf_counter(), time.perf_counter()
         for step in range(config.steps):
@@ -368,6 +384,8 @@ def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPret
             rows = slice(step * config.batch_size, (step + 1) * config.batch_size)
             ids, w = data[rows], weights[rows]
             loss = weighted_lm_loss(model, ids, positions[rows], w)
+            if config.induction_rows:
+                loss = loss + weighted_lm_loss(model, *induction_rows())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -61,7 +61,7 @@ if [ "$DEVICE" = "cpu" ]; then  # dry run: the same code paths at sizes that tak
   PRETRAIN=(--stage pretrain --variants tuna --zero 2 --llm-hidden 64 --llm-layers 1 --batch-size 2)
   FINETUNE=(--stage finetune --variants tuna --zero 2 --llm-hidden 64 --llm-layers 1 --batch-size 2)
   QS=(--device cpu --nproc 1 --corpus-size 300 --n-instruct 60 --n-eval 16 --no-swap --clip-steps 5
-      --llm-steps 5 --stage1-steps 2 --steps 3)
+      --llm-steps 5 --llm-induction-steps 5 --stage1-steps 2 --steps 3)
   declare -A TIMEOUT=([probe]=30 [build_workers]=120 [build_gpu_decode]=90 [train_pretrain]=240 [quickstart]=600
                       [train_finetune]=240)
 else
@@ -74,7 +74,7 @@ else
   FINETUNE=(--stage finetune --variants tuna --zero 2 --llm-type llama --llm-hidden 4096 --llm-layers 8
             --llm-heads 32 --llm-kv-heads 32 --llm-intermediate 11008)
   QS=(--device cuda --nproc 1 --corpus-size 2000 --n-instruct 400 --n-eval 48 --swap-corpus-size 600
-      --clip-steps 60 --llm-steps 60 --stage1-steps 8 --steps 30)
+      --clip-steps 60 --llm-steps 60 --llm-induction-steps 30 --stage1-steps 8 --steps 30)
   declare -A TIMEOUT=([probe]=20 [build_workers]=90 [build_gpu_decode]=70 [train_pretrain]=140 [quickstart]=230
                       [train_finetune]=100)
 fi

@@ -44,6 +44,7 @@ sizes (defaults: the quickstart's):
   --device D           [DEVICE]       cpu or cuda (cpu)
   --clip-steps N       [CLIP_STEPS]   CLIP training steps (1000)
   --llm-steps N        [LLM_STEPS]    LLM text-pretraining steps (1500)
+  --llm-induction-steps N [LLM_INDUCTION_STEPS]  the LLM's induction warm-up steps before them (800)
   --stage1-steps N     [STAGE1_STEPS] stage-1 (connector) steps (60)
   --steps N            [STEPS]        stage-2 (instruction tuning) steps (300)
   --batch-size N       [BATCH_SIZE]   per-process training batch (8)
@@ -81,6 +82,7 @@ CLIP_BATCH=128                       # clip_batch_size
 LLM_STEPS="${LLM_STEPS:-1500}"       # llm_steps
 LLM_HIDDEN=128                       # llm_hidden
 LLM_LAYERS=2                         # llm_layers
+LLM_INDUCTION_STEPS="${LLM_INDUCTION_STEPS:-800}"  # llm_induction_steps
 TEXT_REPLAY=0.5                      # text_replay: text-only conversations per instruction record
 STAGE1_STEPS="${STAGE1_STEPS:-60}"   # stage1_steps
 STEPS="${STEPS:-300}"                # steps
@@ -126,6 +128,7 @@ while [ $# -gt 0 ]; do
         --clip-pretrained) CLIP_PRETRAINED="$2" ;;
         --nproc) NPROC="$2" ;;            --device) DEVICE="$2" ;;
         --clip-steps) CLIP_STEPS="$2" ;;  --llm-steps) LLM_STEPS="$2" ;;
+        --llm-induction-steps) LLM_INDUCTION_STEPS="$2" ;;
         --stage1-steps) STAGE1_STEPS="$2" ;; --steps) STEPS="$2" ;;
         --batch-size) BATCH_SIZE="$2" ;;  --seed) SEED="$2" ;;
         --threads) THREADS="$2" ;;
@@ -166,7 +169,9 @@ fi
 for n in NPROC CLIP_STEPS LLM_STEPS STAGE1_STEPS STEPS BATCH_SIZE; do
     [[ "${!n}" =~ ^[1-9][0-9]*$ ]] || die "${n}=${!n}: must be a whole number >= 1"
 done
-[[ "$SEED" =~ ^[0-9]+$ && "$THREADS" =~ ^[0-9]+$ ]] || die "SEED and THREADS must be whole numbers >= 0"
+for n in SEED THREADS LLM_INDUCTION_STEPS; do
+    [[ "${!n}" =~ ^[0-9]+$ ]] || die "${n}=${!n}: must be a whole number >= 0"
+done
 case "$DEVICE" in cpu|cuda) ;; *) die "--device $DEVICE: expected cpu or cuda" ;; esac
 
 PY="$VENV/bin/python"
@@ -242,6 +247,7 @@ NPROC=$NPROC
 DEVICE=$DEVICE
 CLIP_STEPS=$CLIP_STEPS
 LLM_STEPS=$LLM_STEPS
+LLM_INDUCTION_STEPS=$LLM_INDUCTION_STEPS
 STAGE1_STEPS=$STAGE1_STEPS
 STEPS=$STEPS
 BATCH_SIZE=$BATCH_SIZE
@@ -336,7 +342,8 @@ if [ -n "$LLM" ]; then
 elif stage llm "$LLM_DIR/text_pretrain.json" "python -m pipeline.text_pretrain ($LLM_STEPS steps)"; then
     run env OMP_NUM_THREADS="$ALL_THREADS" "$PY" -m pipeline.text_pretrain --input "$CORPUS" \
         "${NAMES_FLAG[@]}" --out "$LLM_DIR" --text-replay "$N_REPLAY" --steps "$LLM_STEPS" \
-        --hidden-size "$LLM_HIDDEN" --num-layers "$LLM_LAYERS" --seed "$SEED" --threads "$ALL_THREADS"
+        --hidden-size "$LLM_HIDDEN" --num-layers "$LLM_LAYERS" --induction-steps "$LLM_INDUCTION_STEPS" \
+        --seed "$SEED" --threads "$ALL_THREADS"
     finish
 fi
 

@@ -17,7 +17,7 @@ from pipeline.runs import RUNS
 # Plumbing sizes: every stage, tool and report field runs, in ~6 min on 2 cores; the models learn
 # little at these budgets, so nothing here asserts quality.
 SMOKE = ["--corpus-size", "2000", "--n-instruct", "400", "--n-eval", "48", "--swap-corpus-size", "600",
-         "--clip-steps", "60", "--llm-steps", "60", "--stage1-steps", "8", "--steps", "30"]
+         "--clip-steps", "60", "--llm-steps", "60", "--llm-induction-steps", "30", "--stage1-steps", "8", "--steps", "30"]
 # Quality sizes: smaller corpora and eval sets, the defaults' training budgets (with half of them the
 # CLIP's purity falls to ~60 % and stage 2 learns no copying: novel naming 0 %). ~45 min on 2 cores, so
 # opt-in (TUNA_QUALITY_TESTS=1); the full run's figures: docs/quickstart.md.

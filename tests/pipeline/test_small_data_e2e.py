@@ -37,11 +37,11 @@ from tests.pipeline.test_small_data_recipe import (
 
 REPO = Path(__file__).resolve().parents[2]
 ARCH = "tuna-quickstart-clip"
-SIZES = ["--nproc", "1", "--clip-steps", "20", "--llm-steps", "20", "--stage1-steps", "3", "--steps", "5",
-         "--batch-size", "4"]
+SIZES = ["--nproc", "1", "--clip-steps", "20", "--llm-steps", "20", "--llm-induction-steps", "10", "--stage1-steps", "3",
+         "--steps", "5", "--batch-size", "4"]
 STAGES = ["clip", "datastore", "llm", "cache", "eval-cache", "tuna-stage1", "tuna-stage2", "eval-tuna"]
 # flags whose values follow the sizes above (the docs show the defaults' values); all other values must match
-SIZE_FLAGS = {"steps", "threads", "num_gpus", "max_steps", "per_device_train_batch_size", "logging_steps"}
+SIZE_FLAGS = {"steps", "induction-steps", "threads", "num_gpus", "max_steps", "per_device_train_batch_size", "logging_steps"}
 
 
 @dataclass

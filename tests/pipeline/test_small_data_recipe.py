@@ -145,6 +145,7 @@ def test_dry_run_prints_every_stage_in_order(data):
     assert llm["input"] == [shards] and llm["out"] == [str(out / "llm")]
     assert llm["steps"] == [str(recipe.llm_steps)] and llm["hidden-size"] == [str(recipe.llm_hidden)]
     assert llm["num-layers"] == [str(recipe.llm_layers)]
+    assert llm["induction-steps"] == [str(recipe.llm_induction_steps)]
     assert llm["text-replay"] == [str(round(recipe.text_replay * 10))]  # 10 instruction records
     assert cache["llava-json"] == [str(data / "instruct.json"), str(data / "pretrain.json")]
     assert cache["image-folder"] == [str(data / "images")] and cache["out"] == [str(out / "tags.parquet")]

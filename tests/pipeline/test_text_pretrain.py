@@ -15,7 +15,7 @@ CAPTIONS = [f"a photo of a {c} {n}{p}" for c in ("red", "blue", "small green", "
             for n in ("drerik", "tulbel", "jadub", "two zutags") for p in ("", " on the left", " in the middle")]
 TINY = dict(vocab_size=400, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
             max_length=128, steps=12, batch_size=4, lr=6e-3, warmup_steps=2, tokenizer_samples=300, log_every=6,
-            lexicon_size=40)
+            lexicon_size=40, induction_steps=0)
 
 
 @pytest.fixture(scope="module")
@@ -416,8 +416,23 @@ def test_induction_rows_repeat_each_run_once_and_weigh_only_the_predictable_toke
 
 
 def test_induction_warmup_runs_before_the_text_steps_and_is_recorded(tmp_path):
-    out = pretrain_text_llm(CAPTIONS, tmp_path / "i", TextPretrainConfig(**TINY, induction_steps=4,
+    out = pretrain_text_llm(CAPTIONS, tmp_path / "i", TextPretrainConfig(**{**TINY, "induction_steps": 4},
                                                                            induction_length=32), progress=False)
     record = json.loads((out / "text_pretrain.json").read_text())
     assert record["induction"]["steps"] == 4 and len(record["induction"]["copy_rate"]) == 1
     assert 0.0 <= record["induction"]["copy_rate"][0][1] <= 1.0 and "induction_s" in record["timings"]
+
+
+def test_induction_rows_join_every_main_step_without_changing_the_text_data(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    plain = pretrain_text_llm(CAPTIONS, tmp_path / "plain", TextPretrainConfig(**TINY), progress=False)
+    mixed = pretrain_text_llm(CAPTIONS, tmp_path / "mixed", TextPretrainConfig(**TINY, induction_rows=2,
+                                                                               induction_length=32), progress=False)
+    a, b = (json.loads((d / "text_pretrain.json").read_text()) for d in (plain, mixed))
+    assert a["samples"] == b["samples"] and a["rows"] == b["rows"]  # the same text stream
+    assert b["config"]["induction_rows"] == 2 and len(b["losses"]) == len(a["losses"])
+    assert b["losses"][0] > a["losses"][0]  # step 1's loss adds the induction rows' (untrained: ~ln V)
+    wa, wb = (load_file(str(d / "model.safetensors")) for d in (plain, mixed))
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)

@@ -75,9 +75,11 @@ class QuickstartConfig:
         lr: instruction tuning learning rate.
         freeze_llm_embeddings: stage 2 keeps the LLM's embeddings and LM head frozen.
         image_patch_positions: learned patch positions before the connector.
-        rename_p: share of TUNA's instruction samples whose seen names are permuted among each other on
-            the LLM side (questions, answers, tag words): the tag block, not the image, gives the name;
-            0: off.
+        rename_p: share of TUNA's instruction samples whose seen names are renamed on the LLM side
+            (questions, answers, tag words): the tag block, not the image, gives the name; 0: off.
+        rename_to: "fresh": made-up names of several subword tokens, never a category of any world
+            (``OUT/fresh_names.txt``, :func:`write_fresh_names`); "seen": the seen names permuted among
+            each other.
         nproc: training processes (deepspeed --num_gpus).
         ds_config: file in ds_configs/.
         k_images: neighbour images retrieved per query image.
@@ -127,8 +129,12 @@ class QuickstartConfig:
     # the convnet tower's features do not say where a patch is (a ViT's do), and several-object
     # questions name a position
     image_patch_positions: bool = True
-    # off: it helps at some seeds and hurts at others (docs/experiments.md, "Name permutation")
-    rename_p: float = 0.0
+    # stage 2 answers 16 single-token names only: it turns the LLM's copying into "say the tag's last
+    # token", and a swapped-in datastore's names of several tokens come out as pieces ("dip" for "drodip").
+    # Renaming half of TUNA's samples to names it never saw keeps the copying whole (docs/experiments.md,
+    # section 19). Permuting the seen names instead ("seen") helped at some seeds only (section 7).
+    rename_p: float = 0.5
+    rename_to: str = "fresh"
     nproc: int = 2
     ds_config: str = "zero2.json"
     k_images: int = 5
@@ -149,6 +155,8 @@ class QuickstartConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.llm_induction_steps < 0:
             raise ValueError(f"llm_induction_steps={self.llm_induction_steps}: must be >= 0")
+        if self.rename_to not in ("fresh", "seen"):
+            raise ValueError(f"rename_to={self.rename_to!r}: expected 'fresh' or 'seen'")
         for name in ("eval_min_tag_support", "rename_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1]")
@@ -291,6 +299,27 @@ def stage_datastore(config: QuickstartConfig, paths: Paths) -> None:
 
 
 RANDOM_VOCAB_NAMES = 20_000
+FRESH_NAMES = 1000
+
+
+def write_fresh_names(paths: Paths, seed: int, n: int = FRESH_NAMES) -> list[str]:
+    """``n`` made-up names that the LLM's tokenizer splits into two or more pieces (names it never saw,
+    like a swapped-in datastore's) and that are no caption word and no category of the synthetic catalogue
+    (so no world's eval name): the pool TUNA's stage 2 renames seen names into (``rename_to="fresh"``)."""
+    from transformers import AutoTokenizer
+
+    from datastore.synth.world import CATALOGUE_SIZE, catalogue_entry
+    from pipeline.copy_text import caption_words, make_lexicon
+
+    tokenizer = AutoTokenizer.from_pretrained(str(paths.llm))
+    known = caption_words(World.open(paths.world).captions()) | {catalogue_entry(i).name
+                                                                  for i in range(CATALOGUE_SIZE)}
+    names = [name for name in make_lexicon(104_729 + seed, 8 * n, known)
+             if len(tokenizer.tokenize(" " + name)) > 2][:n]  # " " + name: the space is a token of its own
+    if len(names) < n:
+        raise StageError(f"only {len(names)} of {n} made-up names are split by the LLM's tokenizer")
+    paths.fresh_names.write_text("".join(name + "\n" for name in names))
+    return names
 
 
 def write_random_tags_vocab(paths: Paths) -> None:
@@ -364,8 +393,8 @@ def train_command(config: QuickstartConfig, paths: Paths, name: str, stage: int)
         args["stage1_checkpoint"] = str(paths.model(name, 1))
         args["freeze_llm_embeddings"] = str(config.freeze_llm_embeddings).lower()
         if name == "tuna" and config.rename_p > 0:  # the baseline has no tag block to read another name from
-            args.update(rename_p=config.rename_p, rename_names=str(paths.seen_names),
-                        rename_pool=str(paths.seen_names))
+            pool = paths.fresh_names if config.rename_to == "fresh" else paths.seen_names
+            args.update(rename_p=config.rename_p, rename_names=str(paths.seen_names), rename_pool=str(pool))
     args["image_patch_positions"] = str(config.image_patch_positions).lower()
     if config.device == "cpu":
         args["use_cpu"] = "true"
@@ -391,6 +420,8 @@ def _train_progress(line: str) -> str | None:
 
 
 def stage_train(config: QuickstartConfig, paths: Paths) -> None:
+    if config.rename_p > 0 and config.rename_to == "fresh":
+        write_fresh_names(paths, config.seed)
     for name in ("baseline", "tuna"):
         for stage in (1, 2):
             print(f"   {name} stage {stage} ({config.stage1_steps if stage == 1 else config.steps} steps, "

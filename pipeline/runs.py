@@ -33,7 +33,8 @@ class Paths:
         self.clip = root / "clip"
         self.llm = root / "llm"
         self.text_replay = root / "text_replay.json"
-        self.seen_names = root / "seen_names.txt"  # the names TUNA's stage 2 permutes (rename_p)
+        self.seen_names = root / "seen_names.txt"  # the names TUNA's stage 2 renames (rename_p)
+        self.fresh_names = root / "fresh_names.txt"  # what it renames them into (rename_to "fresh")
         self.datastore, self.datastore2 = root / "datastore", root / "datastore_swap"
         self.cache, self.cache2 = root / "tags.parquet", root / "tags_swap.parquet"
         self.random_vocab = root / "random_tags_vocab.txt"  # what the random-tags ablation draws from

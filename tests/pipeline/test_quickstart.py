@@ -142,9 +142,15 @@ def test_bad_settings_are_rejected():
         QuickstartConfig(eval_min_tag_support=1.5)
     with pytest.raises(ValueError, match="rename_p=-0.1"):
         QuickstartConfig(rename_p=-0.1)
+    with pytest.raises(ValueError, match="rename_to='lexicon'"):
+        QuickstartConfig(rename_to="lexicon")
+    with pytest.raises(ValueError, match="llm_induction_steps=-1"):
+        QuickstartConfig(llm_induction_steps=-1)
 
 
-def test_only_tunas_instruction_tuning_permutes_the_seen_names(run):
+def test_only_tunas_instruction_tuning_renames_the_seen_names(run):
+    from transformers import AutoTokenizer
+
     from pipeline.quickstart import Paths, ds_config_file, train_command
 
     out, _ = run
@@ -153,17 +159,24 @@ def test_only_tunas_instruction_tuning_permutes_the_seen_names(run):
     assert f"--deepspeed {ds_config_file(QuickstartConfig(out=str(out)), paths)} " in logged
     world = json.loads((out / "world" / "world.json").read_text())["categories"]
     assert paths.seen_names.read_text().split() == [c["name"] for c in world if c["novelty"] == "seen"]
-    for p in (0.0, 0.5):
+    for p, to in ((0.0, "fresh"), (0.5, "fresh"), (0.3, "seen")):
         for name in ("baseline", "tuna"):
             for stage in (1, 2):
-                cmd = train_command(QuickstartConfig(out=str(out), rename_p=p), paths, name, stage)
+                cmd = train_command(QuickstartConfig(out=str(out), rename_p=p, rename_to=to), paths, name, stage)
                 renames = (name, stage) == ("tuna", 2) and p > 0
                 assert ("--rename_p" in cmd) == renames, (p, name, stage)
                 if renames:
+                    pool = paths.fresh_names if to == "fresh" else paths.seen_names
                     assert [cmd[cmd.index(f"--{k}") + 1] for k in ("rename_p", "rename_names", "rename_pool")] == [
-                        "0.5", str(paths.seen_names), str(paths.seen_names)]
-    # the run itself trained with the default
-    assert ("--rename_p" in logged) == (QuickstartConfig().rename_p > 0)
+                        str(p), str(paths.seen_names), str(pool)]
+    # the run itself trained with the default: fresh names that the LLM never saw whole, and no world's names
+    assert QuickstartConfig().rename_p > 0 and f"--rename_pool {paths.fresh_names}" in logged
+    fresh = paths.fresh_names.read_text().split()
+    tokenizer = AutoTokenizer.from_pretrained(str(paths.llm))
+    assert len(fresh) == len(set(fresh)) == 1000 and all(len(tokenizer.tokenize(" " + n)) > 2 for n in fresh)
+    names = {c["name"] for c in world} | {c["name"] for c in json.loads(
+        (out / "world_swap" / "world.json").read_text())["categories"]}
+    assert not names & set(fresh)
 
 
 def test_every_tuna_evaluation_reads_majority_supported_tags(tmp_path):

@@ -5,6 +5,8 @@ previous occurrence of the current token, and say it). In the quickstart's 1,500
 never formed, even with 10 % of the samples built for it (docs/experiments.md, section 12). Runs of
 uniformly random tokens repeated once are the cleanest signal for it: nothing but copying predicts the
 second run, so the loss on it drops only when the head forms (a sudden drop, the "phase change").
+With the text LLM's 8 heads it comes within 800 steps at every seed tried, with 4 at some seeds only
+(docs/experiments.md, section 19).
 """
 
 from __future__ import annotations

@@ -78,8 +78,8 @@ class QuickstartConfig:
         rename_p: share of TUNA's instruction samples whose seen names are renamed on the LLM side
             (questions, answers, tag words): the tag block, not the image, gives the name; 0: off.
         rename_to: "fresh": made-up names of several subword tokens, never a category of any world
-            (``OUT/fresh_names.txt``, :func:`write_fresh_names`); "seen": the seen names permuted among
-            each other.
+            (OUT/fresh_names.txt, written by pipeline.quickstart.write_fresh_names); "seen": the seen
+            names permuted among each other.
         nproc: training processes (deepspeed --num_gpus).
         ds_config: file in ds_configs/.
         k_images: neighbour images retrieved per query image.

@@ -272,6 +272,8 @@ def stage_llm(config: QuickstartConfig, paths: Paths) -> None:
     captions = World.open(paths.world).captions()  # only these: never eval images or questions
     llm_config = llm_pretrain_config(config)
     pretrain_text_llm(captions, str(paths.llm), llm_config)
+    if config.rename_p > 0 and config.rename_to == "fresh":  # the pool depends on the LLM's tokenizer
+        write_fresh_names(paths, captions, config.seed)
     records = text_replay_records(captions, round(config.text_replay * config.n_instruct), llm_config,
                                   seed=config.seed + 1)
     paths.text_replay.write_text(json.dumps(records, indent=1))
@@ -302,18 +304,18 @@ RANDOM_VOCAB_NAMES = 20_000
 FRESH_NAMES = 1000
 
 
-def write_fresh_names(paths: Paths, seed: int, n: int = FRESH_NAMES) -> list[str]:
+def write_fresh_names(paths: Paths, captions: list[str], seed: int, n: int = FRESH_NAMES) -> list[str]:
     """``n`` made-up names that the LLM's tokenizer splits into two or more pieces (names it never saw,
     like a swapped-in datastore's) and that are no caption word and no category of the synthetic catalogue
     (so no world's eval name): the pool TUNA's stage 2 renames seen names into (``rename_to="fresh"``)."""
     from transformers import AutoTokenizer
 
     from datastore.synth.world import CATALOGUE_SIZE, catalogue_entry
-    from pipeline.copy_text import caption_words, make_lexicon
+    from pipeline.copy_text import make_lexicon
+    from pipeline.text_pretrain import known_words
 
     tokenizer = AutoTokenizer.from_pretrained(str(paths.llm))
-    known = caption_words(World.open(paths.world).captions()) | {catalogue_entry(i).name
-                                                                  for i in range(CATALOGUE_SIZE)}
+    known = known_words(captions, (catalogue_entry(i).name for i in range(CATALOGUE_SIZE)))
     names = [name for name in make_lexicon(104_729 + seed, 8 * n, known)
              if len(tokenizer.tokenize(" " + name)) > 2][:n]  # " " + name: the space is a token of its own
     if len(names) < n:
@@ -420,8 +422,6 @@ def _train_progress(line: str) -> str | None:
 
 
 def stage_train(config: QuickstartConfig, paths: Paths) -> None:
-    if config.rename_p > 0 and config.rename_to == "fresh":
-        write_fresh_names(paths, config.seed)
     for name in ("baseline", "tuna"):
         for stage in (1, 2):
             print(f"   {name} stage {stage} ({config.stage1_steps if stage == 1 else config.steps} steps, "

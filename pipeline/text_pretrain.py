@@ -352,11 +352,11 @@ def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPret
         model = AutoModelForCausalLM.from_config(cfg)
         n_params = sum(p.numel() for p in model.parameters())
         induction = None
+        from pipeline.induction import induction_warmup, repeat_batch
+
         special = set(hf_tok.all_special_ids)
         token_ids = torch.tensor([i for i in range(vocab) if i not in special])  # the induction rows' tokens
         if config.induction_steps:
-            from pipeline.induction import induction_warmup
-
             induction = induction_warmup(model, token_ids, eos, hf_tok.bos_token_id, config.induction_steps,
                                          weighted_lm_loss,
                                          batch_size=config.batch_size, length=config.induction_length, lr=config.lr,
@@ -369,8 +369,6 @@ def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPret
         mix_positions = torch.arange(config.induction_length).expand(config.induction_rows, -1)
 
         def induction_rows() -> tuple[Tensor, Tensor, Tensor]:
-            from pipeline.induction import repeat_batch
-
             ids, w = repeat_batch(token_ids, config.induction_rows, config.induction_length, eos,
                                   hf_tok.bos_token_id, mix_generator)
             return ids, mix_positions, w

@@ -5,7 +5,8 @@ Stages (each records its seconds in ``OUT/stages.json``; a re-run skips finished
 1. ``world``     synthesize the world (seen + novel categories) and a second, disjoint world for the swap;
 2. ``clip``      train a tiny CLIP contrastively on the corpus (all categories) — the stand-in for a web CLIP;
 3. ``llm``       pretrain a tiny LLM on text only (corpus captions + copy/reading text with made-up names),
-                 and write the text-only copy conversations mixed into instruction tuning;
+                 and write the text-only copy conversations mixed into instruction tuning; it runs side by
+                 side with ``clip``, each in a process of its own on half the cores (``logs/{clip,llm}.log``);
 4. ``datastore`` build both worlds' datastores with that CLIP and the retrieval caches;
 5. ``train``     ``deepspeed`` (ZeRO-2) stage 1 + stage 2 for the no-tags baseline and for TUNA (same
                  data, budget and seed; stage 2 keeps the LLM's embeddings frozen);
@@ -27,9 +28,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -195,18 +198,108 @@ class Pipeline:
         self.state["recipe"] = recipe
         self.state.setdefault("seconds", {})
 
-    def run(self, stages: dict[str, Callable[[], None]]) -> None:
+    def run(self, stages: dict[str, Callable[..., None]], side_by_side: tuple[str, ...] = ()) -> None:
+        """Run ``stages`` in order. The stages named in ``side_by_side`` (picklable callables taking
+        ``side_by_side=k``: how many share the cores) run at once, each in a process of its own, when
+        the first of them is reached."""
+        names = self.order = list(stages)
+        ran_together: list[str] = []
         for n, (name, fn) in enumerate(stages.items(), 1):
+            if name in ran_together:
+                continue
             if name in self.state["seconds"] and name != "report":  # the report is cheap: always redone
                 self.log(f"== [{n}/{len(stages)}] {name}: done in an earlier run "
                          f"({self.state['seconds'][name]:.0f} s), skipped")
                 continue
+            group = [g for g in side_by_side if g not in self.state["seconds"]] if name in side_by_side else []
+            if len(group) > 1:
+                self._run_side_by_side({g: (names.index(g) + 1, stages[g]) for g in group}, len(stages))
+                ran_together += group
+                continue
             self.log(f"== [{n}/{len(stages)}] {name}")
             start = time.perf_counter()
             fn()
-            self.state["seconds"][name] = round(time.perf_counter() - start, 1)
-            self.state_file.write_text(json.dumps(self.state, indent=2))
-            self.log(f"   {name}: {self.state['seconds'][name]:.1f} s")
+            self._finished(name, time.perf_counter() - start)
+
+    def _finished(self, name: str, seconds: float) -> None:
+        done = {**self.state["seconds"], name: round(seconds, 1)}  # in stage order, however they finished
+        self.state["seconds"] = {k: done[k] for k in sorted(done, key=lambda k: self.order.index(k)
+                                                                if k in self.order else len(self.order))}
+        self.state_file.write_text(json.dumps(self.state, indent=2))
+        self.log(f"   {name}: {self.state['seconds'][name]:.1f} s")
+
+    def _run_side_by_side(self, group: dict[str, tuple[int, Callable[..., None]]], total: int) -> None:
+        """Each stage of ``group`` (name -> (number, callable)) in a spawned process writing to
+        ``logs/<name>.log``; a progress line per stage every 30 s; the first failure stops the others.
+        Why: a tiny model's training uses a second core poorly (1.4-1.5x its one-core speed here), so two
+        one-core trainings side by side finish well before the same two one after the other."""
+        import multiprocessing
+        from multiprocessing.connection import wait
+
+        ctx = multiprocessing.get_context("spawn")  # not fork: the parent's torch/OpenMP state is not fork-safe
+        logs = {name: self.root / "logs" / f"{name}.log" for name in group}
+        procs, start, ended = {}, time.perf_counter(), {}
+        for name, (n, fn) in group.items():
+            others = ", ".join(g for g in group if g != name)
+            self.log(f"== [{n}/{total}] {name} (side by side with {others}; log: {logs[name]})")
+            logs[name].parent.mkdir(parents=True, exist_ok=True)
+            procs[name] = ctx.Process(target=_run_logged_stage, args=(fn, len(group), str(logs[name])), name=name)
+            procs[name].start()
+        next_report = start + 30
+        try:
+            while len(ended) < len(procs):
+                running = {procs[name].sentinel: name for name in procs if name not in ended}
+                for sentinel in wait(list(running), timeout=max(0.0, next_report - time.perf_counter())):
+                    name = running[sentinel]
+                    procs[name].join()
+                    ended[name] = time.perf_counter() - start
+                    if procs[name].exitcode != 0:
+                        raise StageError(f"stage {name} failed (exit {procs[name].exitcode}); log: {logs[name]}; "
+                                         f"last line: {_last_line(logs[name])[-200:]}")
+                    self._finished(name, ended[name])
+                if time.perf_counter() >= next_report:
+                    next_report += 30
+                    for name in procs:
+                        if name not in ended:
+                            self.log(f"      {name}: {_last_line(logs[name])[-110:]}")
+        finally:
+            for proc in procs.values():
+                if proc.is_alive():
+                    proc.terminate()
+                proc.join()
+
+
+def _run_logged_stage(fn: Callable[..., None], side_by_side: int, log_file: str) -> None:
+    """A side-by-side stage's process: its output (Python's and native code's) goes to ``log_file``."""
+    import traceback
+
+    from common.log import setup_logging
+
+    with open(log_file, "w") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        setup_logging()
+        try:
+            fn(side_by_side=side_by_side)
+        except BaseException:
+            traceback.print_exc()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def _last_line(path: Path) -> str:
+    """The last non-empty line of a log, the last part of a progress bar's carriage-return updates."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    parts = [p.strip() for p in tail.replace("\r", "\n").split("\n") if p.strip()]
+    return parts[-1] if parts else "(no output yet)"
 
 
 def process_threads(config: QuickstartConfig) -> int:
@@ -237,12 +330,21 @@ def stage_world(config: QuickstartConfig, paths: Paths) -> None:
                                    overwrite=True))
 
 
-def stage_clip(config: QuickstartConfig, paths: Paths) -> None:
+# stages that run at once, each on its share of the cores (Pipeline._run_side_by_side says why)
+SIDE_BY_SIDE = ("clip", "llm")
+
+
+def stage_threads(config: QuickstartConfig, side_by_side: int = 1) -> int:
+    """Torch threads of an in-process stage that shares the cores with ``side_by_side - 1`` others."""
+    return max(1, process_threads(config) * config.nproc // side_by_side)
+
+
+def stage_clip(config: QuickstartConfig, paths: Paths, side_by_side: int = 1) -> None:
     from datastore.clip_train import ClipTrainConfig, train_clip
 
     train_clip(World.open(paths.world).corpus_shards(), str(paths.clip),
                ClipTrainConfig(steps=config.clip_steps, batch_size=config.clip_batch_size, seed=config.seed,
-                               threads=process_threads(config) * config.nproc, device=config.device,
+                               threads=stage_threads(config, side_by_side), device=config.device,
                                **config.extra.get("clip", {})))
 
 
@@ -260,17 +362,17 @@ def llm_pretrain_config(config: QuickstartConfig, **changes: Any):
 
     fields = {"steps": config.llm_steps, "hidden_size": config.llm_hidden, "num_layers": config.llm_layers,
               "induction_steps": config.llm_induction_steps,
-              "seed": config.seed, "threads": process_threads(config) * config.nproc, **config.extra.get("llm", {})}
+              "seed": config.seed, "threads": stage_threads(config), **config.extra.get("llm", {})}
     return TextPretrainConfig(**{**fields, **changes})
 
 
-def stage_llm(config: QuickstartConfig, paths: Paths) -> None:
+def stage_llm(config: QuickstartConfig, paths: Paths, side_by_side: int = 1) -> None:
     """Text-only LLM pretraining, and the text-only conversations mixed into instruction tuning."""
     from pipeline.text_pretrain import pretrain_text_llm
     from pipeline.text_replay import text_replay_records
 
     captions = World.open(paths.world).captions()  # only these: never eval images or questions
-    llm_config = llm_pretrain_config(config)
+    llm_config = llm_pretrain_config(config, threads=stage_threads(config, side_by_side))
     pretrain_text_llm(captions, str(paths.llm), llm_config)
     if config.rename_p > 0 and config.rename_to == "fresh":  # the pool depends on the LLM's tokenizer
         write_fresh_names(paths, captions, config.seed)
@@ -544,19 +646,21 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
 
     pipeline.run({
         "world": lambda: stage_world(config, paths),
-        "clip": lambda: stage_clip(config, paths),
-        "llm": lambda: stage_llm(config, paths),
+        "clip": partial(stage_clip, config, paths),  # side by side, in processes of their own
+        "llm": partial(stage_llm, config, paths),
         "datastore": lambda: stage_datastore(config, paths),
         "train": lambda: stage_train(config, paths),
         "eval": lambda: stage_eval(config, paths),
         "report": report_stage,
-    })
+    }, side_by_side=SIDE_BY_SIDE)
     results = holder["results"]
     print()
     print(results_markdown(results))
     seconds = pipeline.state["seconds"]
+    together = [seconds[k] for k in SIDE_BY_SIDE if k in seconds]
     print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
-          + f"; total {sum(seconds.values()):.0f} s")
+          + f"; total {sum(seconds.values()) - sum(together) + max(together, default=0):.0f} s "
+          + f"({' and '.join(SIDE_BY_SIDE)} side by side)")
     print(f"written: {paths.root / 'results.json'}, {paths.root / 'results.md'}, {paths.root / 'results.png'}, "
           f"{paths.root / results['report_html']}; "
           f"models {paths.models}; eval outputs {paths.eval}; datastores {paths.datastore}"

@@ -1,0 +1,86 @@
+"""The quickstart's stage runner: stages run side by side in processes of their own, failures and resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from pipeline.processes import StageError
+from pipeline.quickstart import Pipeline, QuickstartConfig
+
+
+def _meet(out: str, me: str, other: str, side_by_side: int = 1) -> None:
+    """Write ``me``'s pid and share, then wait for ``other``'s file: only stages running at once both end."""
+    Path(out, f"{me}.json").write_text(json.dumps({"pid": os.getpid(), "side_by_side": side_by_side}))
+    print(f"{me}: waiting for {other}", flush=True)
+    deadline = time.monotonic() + 60
+    while not Path(out, f"{other}.json").exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{other} never started")
+        time.sleep(0.05)
+
+
+def _alone(out: str, me: str, side_by_side: int = 1) -> None:
+    Path(out, f"{me}.json").write_text(json.dumps({"pid": os.getpid(), "side_by_side": side_by_side}))
+
+
+def _fail(side_by_side: int = 1) -> None:
+    print("about to fail", flush=True)
+    raise RuntimeError("the corpus shard broke")
+
+
+def _sleep_then_mark(out: str, side_by_side: int = 1) -> None:
+    time.sleep(30)
+    Path(out, "slow-finished").write_text("")
+
+
+def _pipeline(tmp_path: Path) -> tuple[Pipeline, list[str]]:
+    lines: list[str] = []
+    return Pipeline(QuickstartConfig(out=str(tmp_path / "run")), log=lines.append), lines
+
+
+def test_side_by_side_stages_run_at_once_in_their_own_processes(tmp_path):
+    pipeline, lines = _pipeline(tmp_path)
+    out, order = str(tmp_path), []
+    pipeline.run({"first": lambda: order.append("first"),
+                  "a": partial(_meet, out, "a", "b"), "b": partial(_meet, out, "b", "a"),
+                  "last": lambda: order.append("last")}, side_by_side=("a", "b"))
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert a["pid"] != b["pid"] and os.getpid() not in (a["pid"], b["pid"])
+    assert a["side_by_side"] == b["side_by_side"] == 2
+    assert order == ["first", "last"]
+    seconds = json.loads((tmp_path / "run" / "stages.json").read_text())["seconds"]
+    assert list(seconds) == ["first", "a", "b", "last"]  # stage order, whichever finished first
+    assert [ln for ln in lines if ln.startswith("==")] == [
+        "== [1/4] first", f"== [2/4] a (side by side with b; log: {tmp_path / 'run' / 'logs' / 'a.log'})",
+        f"== [3/4] b (side by side with a; log: {tmp_path / 'run' / 'logs' / 'b.log'})", "== [4/4] last"]
+    assert "a: waiting for b" in (tmp_path / "run" / "logs" / "a.log").read_text()
+
+
+def test_a_failing_stage_names_its_log_and_stops_the_other(tmp_path):
+    pipeline, _ = _pipeline(tmp_path)
+    start = time.monotonic()
+    with pytest.raises(StageError, match=r"stage bad failed \(exit 1\); log: .*bad\.log; last line: RuntimeError: "
+                                         r"the corpus shard broke"):
+        pipeline.run({"bad": partial(_fail), "slow": partial(_sleep_then_mark, str(tmp_path))},
+                     side_by_side=("bad", "slow"))
+    assert time.monotonic() - start < 25  # the slow one was stopped, not waited for
+    time.sleep(0.5)
+    assert not (tmp_path / "slow-finished").exists()
+    state_file = tmp_path / "run" / "stages.json"  # neither stage is recorded as done
+    assert not state_file.exists() or not json.loads(state_file.read_text())["seconds"]
+
+
+def test_a_group_resumed_with_one_stage_left_runs_it_in_process_on_all_cores(tmp_path):
+    pipeline, lines = _pipeline(tmp_path)
+    pipeline.state["seconds"]["a"] = 5.0  # finished by an earlier run
+    out = str(tmp_path)
+    pipeline.run({"a": partial(_alone, out, "a"), "b": partial(_alone, out, "b")}, side_by_side=("a", "b"))
+    assert not (tmp_path / "a.json").exists()
+    assert json.loads((tmp_path / "b.json").read_text()) == {"pid": os.getpid(), "side_by_side": 1}
+    assert lines[0] == "== [1/2] a: done in an earlier run (5 s), skipped" and lines[1] == "== [2/2] b"

@@ -15,7 +15,7 @@ def _add_quickstart(sub) -> None:
 
     q = sub.add_parser(
         "quickstart", formatter_class=HelpFormatter,
-        help="the whole pipeline on the synthetic world: baseline vs TUNA (about 50 min on 2 CPU cores)",
+        help="the whole pipeline on the synthetic world: baseline vs TUNA (about 15 min on 2 CPU cores)",
         description="Synthesize a world with seen and novel object categories; train a tiny CLIP on its corpus "
                     "and a tiny LLM on text only; build the datastore and retrieval caches; train a no-tags "
                     "baseline and TUNA with deepspeed (ZeRO-2, both stages, same data/budget/seed); evaluate "

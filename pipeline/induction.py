@@ -27,6 +27,7 @@ class InductionResult:
     seconds: float
     losses: list[float] = field(default_factory=list)
     copy_rate: list[tuple[int, float]] = field(default_factory=list)
+    membership: list[tuple[int, float]] = field(default_factory=list)  # held-out yes/no accuracy, when trained
 
 
 def repeat_batch(token_ids: torch.Tensor, batch_size: int, length: int, separator: int, bos: int,
@@ -51,6 +52,66 @@ def repeat_batch(token_ids: torch.Tensor, batch_size: int, length: int, separato
     return ids, weights
 
 
+@dataclass(frozen=True)
+class MembershipTokens:
+    """Token ids of the membership rows: ``mark`` comes before the asked token (as " a" before the name in
+    "Is there a grekib"), ``yes`` / ``no`` answer whether it is in the list."""
+
+    mark: int
+    yes: int
+    no: int
+
+
+def membership_batch(token_ids: torch.Tensor, batch_size: int, length: int, separator: int, bos: int,
+                     tokens: MembershipTokens, generator: torch.Generator, min_run: int = 2, max_run: int = 8,
+                     max_gap: int = 4, filler: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``bos`` then packed ``list SEP mark asked gap answer`` segments: a list of random tokens, a
+    token asked about (from the list half of the time), 0-``max_gap`` random tokens, and ``yes`` or ``no``.
+    The weights mark the answers. Answering needs the asked token's earlier occurrence found (a
+    duplicate-token head) and that finding carried to the answer past the gap (a head reading the token
+    after ``mark``): the two steps of "is the name in the tag block?". Returns (ids, weights), (B, L) each."""
+    ids = torch.full((batch_size, length), bos, dtype=torch.long)
+    weights = torch.zeros(batch_size, length)
+    for row in range(batch_size):
+        pos = 1
+        while True:
+            n = int(torch.randint(min_run, max_run + 1, (1,), generator=generator))
+            gap = len(filler) if filler is not None else int(torch.randint(0, max_gap + 1, (1,), generator=generator))
+            if pos + n + gap + 4 > length:
+                break
+            run = token_ids[torch.randint(len(token_ids), (n,), generator=generator)]
+            present = bool(torch.rand(1, generator=generator) < 0.5)
+            if present:
+                asked = run[int(torch.randint(n, (1,), generator=generator))]
+            else:
+                asked = run[0]
+                while bool((run == asked).any()):
+                    asked = token_ids[int(torch.randint(len(token_ids), (1,), generator=generator))]
+            segment = torch.cat([run, torch.tensor([separator, tokens.mark, int(asked)]),
+                                 filler if filler is not None else
+                                 token_ids[torch.randint(len(token_ids), (gap,), generator=generator)],
+                                 torch.tensor([tokens.yes if present else tokens.no])])
+            ids[row, pos:pos + len(segment)] = segment
+            weights[row, pos + len(segment) - 1] = 1.0
+            pos += len(segment)
+    return ids, weights
+
+
+def membership_accuracy(model: Any, token_ids: torch.Tensor, separator: int, bos: int, tokens: MembershipTokens,
+                        seed: int, rows: int = 32, length: int = 64) -> float:
+    """Share of held-out membership answers whose yes/no logit comparison is right."""
+    ids, weights = membership_batch(token_ids, rows, length, separator, bos, tokens,
+                                    torch.Generator().manual_seed(seed))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1]
+    model.train(was_training)
+    said_yes = logits[..., tokens.yes] > logits[..., tokens.no]
+    right = (said_yes == (ids[:, 1:] == tokens.yes)).float() * weights[:, 1:]
+    return float(right.sum() / weights[:, 1:].sum())
+
+
 def copy_rate(model: Any, token_ids: torch.Tensor, separator: int, bos: int, seed: int, rows: int = 32,
               length: int = 64) -> float:
     """Share of the predictable tokens of held-out repeats that greedy next-token prediction gets right."""
@@ -67,7 +128,8 @@ def copy_rate(model: Any, token_ids: torch.Tensor, separator: int, bos: int, see
 def induction_warmup(model: Any, token_ids: torch.Tensor, separator: int, bos: int, steps: int, loss_fn: Callable,
                      batch_size: int = 16, length: int = 64, lr: float = 3e-3, warmup_steps: int = 30,
                      weight_decay: float = 0.01, seed: int = 0, every: int = 100,
-                     say: Callable[[str], None] = print) -> InductionResult:
+                     say: Callable[[str], None] = print, membership: MembershipTokens | None = None,
+                     membership_rows: int = 0) -> InductionResult:
     """Train ``model`` on :func:`repeat_batch` rows for ``steps`` steps (AdamW, linear warm-up then constant
     ``lr``; its own optimizer state). ``loss_fn(model, ids, positions, weights)`` is the weighted LM loss.
     Weight decay brought the phase change sooner in a bare loop (docs/experiments.md, section 18)."""
@@ -81,6 +143,9 @@ def induction_warmup(model: Any, token_ids: torch.Tensor, separator: int, bos: i
             group["lr"] = lr * min(1.0, (step + 1) / max(1, warmup_steps))
         ids, weights = repeat_batch(token_ids, batch_size, length, separator, bos, generator)
         loss = loss_fn(model, ids, positions, weights)
+        if membership is not None and membership_rows:
+            ids, weights = membership_batch(token_ids, membership_rows, length, separator, bos, membership, generator)
+            loss = loss + loss_fn(model, ids, positions[:membership_rows], weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -89,7 +154,12 @@ def induction_warmup(model: Any, token_ids: torch.Tensor, separator: int, bos: i
         if (step + 1) % every == 0 or step + 1 == steps:
             rate = copy_rate(model, token_ids, separator, bos, seed=seed + 10_000)
             result.copy_rate.append((step + 1, rate))
+            member = ""
+            if membership is not None and membership_rows:
+                result.membership.append((step + 1, membership_accuracy(model, token_ids, separator, bos, membership,
+                                                                         seed=seed + 20_000)))
+                member = f"  membership {result.membership[-1][1]:.0%}"
             say(f"  induction warm-up step {step + 1}/{steps}  loss {sum(result.losses[-every:]) / min(every, step + 1):.3f}"
-                f"  held-out copy rate {rate:.0%}  {time.perf_counter() - start:.0f}s")
+                f"  held-out copy rate {rate:.0%}{member}  {time.perf_counter() - start:.0f}s")
     result.seconds = time.perf_counter() - start
     return result

@@ -46,7 +46,7 @@ from pipeline.runs import RUNS, TEXT_REFERENCE, Paths
 
 @dataclass
 class QuickstartConfig:
-    """Sizes and budgets of one quickstart run (defaults: about 50 min on 2 CPU cores).
+    """Sizes and budgets of one quickstart run (defaults: about 15 min on 2 CPU cores).
 
     Why each default is what it is: docs/quickstart.md, "Why the recipe looks like this"; the
     experiments behind them: docs/experiments.md.
@@ -182,7 +182,7 @@ class QuickstartConfig:
 class Pipeline:
     """Runs the stages in order, records their seconds, and skips stages finished by an earlier run."""
 
-    def __init__(self, config: QuickstartConfig, log: Callable[[str], None] = print) -> None:
+    def __init__(self, config: QuickstartConfig, log: Callable[[str], None] = partial(print, flush=True)) -> None:
         self.config, self.log = config, log
         self.root = config.root
         if config.overwrite and self.root.exists():
@@ -278,6 +278,7 @@ def _run_logged_stage(fn: Callable[..., None], side_by_side: int, log_file: str)
     with open(log_file, "w") as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
+        sys.stdout.reconfigure(line_buffering=True)  # a file: block-buffered, the progress lines would lag
         setup_logging()
         try:
             fn(side_by_side=side_by_side)

@@ -415,6 +415,53 @@ def test_induction_rows_repeat_each_run_once_and_weigh_only_the_predictable_toke
         assert set(row[pos:]) <= {0} and not any(w[pos:])
 
 
+@pytest.mark.parametrize("filler", [None, (61, 62, 63)])
+def test_membership_rows_answer_yes_exactly_when_the_asked_token_is_listed(filler):
+    import torch
+
+    from pipeline.induction import MembershipTokens, membership_batch
+
+    tokens, sep, marks = torch.arange(100, 140), 7, MembershipTokens(mark=8, yes=9, no=10)
+    ids, weights = membership_batch(tokens, 6, 60, sep, 0, marks, torch.Generator().manual_seed(1),
+                                    filler=None if filler is None else torch.tensor(filler))
+    answers = []
+    for row, w in zip(ids.tolist(), weights.tolist()):
+        pos = 1
+        while pos < len(row) and row[pos] != 0:
+            listed = row[pos:row.index(sep, pos)]
+            assert row[pos + len(listed) + 1] == marks.mark and 2 <= len(listed) <= 8
+            asked = row[pos + len(listed) + 2]
+            end = next(i for i in range(pos + len(listed) + 3, len(row)) if row[i] in (marks.yes, marks.no))
+            gap = row[pos + len(listed) + 3:end]
+            assert gap == list(filler) if filler is not None else len(gap) <= 4
+            assert row[end] == (marks.yes if asked in listed else marks.no)
+            assert w[pos:end] == [0.0] * (end - pos) and w[end] == 1.0  # only the answer is trained
+            answers.append(row[end])
+            pos = end + 1
+        assert set(row[pos:]) <= {0} and not any(w[pos:])
+    assert answers.count(marks.yes) >= 3 and answers.count(marks.no) >= 3
+
+
+def test_membership_rows_join_the_warmup_and_their_accuracy_is_recorded():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.induction import MembershipTokens, induction_warmup
+    from pipeline.text_pretrain import weighted_lm_loss
+    from pipeline.tiny import tiny_llm_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llm_config(64, hidden_size=16, num_heads=2, num_kv_heads=1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = induction_warmup(model, torch.arange(11, 64), 1, 0, 2, weighted_lm_loss, batch_size=2, length=32,
+                              every=1, say=lambda _: None, membership=MembershipTokens(2, 3, 4), membership_rows=2)
+    assert [step for step, _ in result.membership] == [1, 2] and all(0 <= a <= 1 for _, a in result.membership)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    plain = induction_warmup(model, torch.arange(11, 64), 1, 0, 1, weighted_lm_loss, batch_size=2, length=32,
+                             say=lambda _: None)
+    assert plain.membership == []
+
+
 def test_induction_warmup_runs_before_the_text_steps_and_is_recorded(tmp_path):
     out = pretrain_text_llm(CAPTIONS, tmp_path / "i", TextPretrainConfig(**{**TINY, "induction_steps": 4},
                                                                            induction_length=32), progress=False)

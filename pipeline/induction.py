@@ -30,26 +30,34 @@ class InductionResult:
     membership: list[tuple[int, float]] = field(default_factory=list)  # held-out yes/no accuracy, when trained
 
 
+def _packed_rows(batch_size: int, length: int, bos: int,
+                 segment: Callable[[int], tuple[torch.Tensor, torch.Tensor] | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``bos`` then segments packed one after another while ``segment(room)`` returns one that fits
+    in ``room`` tokens ((ids, weights) of the same length) and not None; ``bos`` fills the rest."""
+    ids = torch.full((batch_size, length), bos, dtype=torch.long)
+    weights = torch.zeros(batch_size, length)
+    for row in range(batch_size):
+        pos = 1
+        while (made := segment(length - pos)) is not None:
+            ids[row, pos:pos + len(made[0])], weights[row, pos:pos + len(made[0])] = made
+            pos += len(made[0])
+    return ids, weights
+
+
 def repeat_batch(token_ids: torch.Tensor, batch_size: int, length: int, separator: int, bos: int,
                  generator: torch.Generator, min_run: int = 3, max_run: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of ``bos`` then packed ``run SEP run`` segments of random tokens from ``token_ids`` (``bos`` fills
     the rest); the weights mark the second run's tokens after its first (the only predictable ones).
     Returns (ids, weights), (B, L) each."""
-    ids = torch.full((batch_size, length), bos, dtype=torch.long)
-    weights = torch.zeros(batch_size, length)
-    for row in range(batch_size):
-        pos = 1
-        while True:
-            n = int(torch.randint(min_run, max_run + 1, (1,), generator=generator))
-            if pos + 2 * n + 1 > length:
-                break
-            run = token_ids[torch.randint(len(token_ids), (n,), generator=generator)]
-            ids[row, pos:pos + n] = run
-            ids[row, pos + n] = separator
-            ids[row, pos + n + 1:pos + 2 * n + 1] = run
-            weights[row, pos + n + 2:pos + 2 * n + 1] = 1.0
-            pos += 2 * n + 1
-    return ids, weights
+
+    def segment(room: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        n = int(torch.randint(min_run, max_run + 1, (1,), generator=generator))
+        if 2 * n + 1 > room:
+            return None
+        run = token_ids[torch.randint(len(token_ids), (n,), generator=generator)]
+        return torch.cat([run, torch.tensor([separator]), run]), torch.cat([torch.zeros(n + 2), torch.ones(n - 1)])
+
+    return _packed_rows(batch_size, length, bos, segment)
 
 
 @dataclass(frozen=True)
@@ -70,31 +78,26 @@ def membership_batch(token_ids: torch.Tensor, batch_size: int, length: int, sepa
     The weights mark the answers. Answering needs the asked token's earlier occurrence found (a
     duplicate-token head) and that finding carried to the answer past the gap (a head reading the token
     after ``mark``): the two steps of "is the name in the tag block?". Returns (ids, weights), (B, L) each."""
-    ids = torch.full((batch_size, length), bos, dtype=torch.long)
-    weights = torch.zeros(batch_size, length)
-    for row in range(batch_size):
-        pos = 1
-        while True:
-            n = int(torch.randint(min_run, max_run + 1, (1,), generator=generator))
-            gap = len(filler) if filler is not None else int(torch.randint(0, max_gap + 1, (1,), generator=generator))
-            if pos + n + gap + 4 > length:
-                break
-            run = token_ids[torch.randint(len(token_ids), (n,), generator=generator)]
-            present = bool(torch.rand(1, generator=generator) < 0.5)
-            if present:
-                asked = run[int(torch.randint(n, (1,), generator=generator))]
-            else:
-                asked = run[0]
-                while bool((run == asked).any()):
-                    asked = token_ids[int(torch.randint(len(token_ids), (1,), generator=generator))]
-            segment = torch.cat([run, torch.tensor([separator, tokens.mark, int(asked)]),
-                                 filler if filler is not None else
-                                 token_ids[torch.randint(len(token_ids), (gap,), generator=generator)],
-                                 torch.tensor([tokens.yes if present else tokens.no])])
-            ids[row, pos:pos + len(segment)] = segment
-            weights[row, pos + len(segment) - 1] = 1.0
-            pos += len(segment)
-    return ids, weights
+
+    def segment(room: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        n = int(torch.randint(min_run, max_run + 1, (1,), generator=generator))
+        gap = len(filler) if filler is not None else int(torch.randint(0, max_gap + 1, (1,), generator=generator))
+        if n + gap + 4 > room:
+            return None
+        run = token_ids[torch.randint(len(token_ids), (n,), generator=generator)]
+        present = bool(torch.rand(1, generator=generator) < 0.5)
+        if present:
+            asked = run[int(torch.randint(n, (1,), generator=generator))]
+        else:
+            asked = run[0]
+            while bool((run == asked).any()):
+                asked = token_ids[int(torch.randint(len(token_ids), (1,), generator=generator))]
+        between = filler if filler is not None else token_ids[torch.randint(len(token_ids), (gap,), generator=generator)]
+        ids = torch.cat([run, torch.tensor([separator, tokens.mark, int(asked)]), between,
+                         torch.tensor([tokens.yes if present else tokens.no])])
+        return ids, torch.cat([torch.zeros(len(ids) - 1), torch.ones(1)])
+
+    return _packed_rows(batch_size, length, bos, segment)
 
 
 def membership_accuracy(model: Any, token_ids: torch.Tensor, separator: int, bos: int, tokens: MembershipTokens,

@@ -18,6 +18,7 @@ It prints the held-out yes/no accuracy every 100 steps of each phase (50 % = cha
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -46,20 +47,15 @@ def run(llm: Path, seed: int, phases: list[str], steps: int, rows: int, threads:
     def ids(text: str) -> list[int]:
         return tok(text, add_special_tokens=False).input_ids
 
-    tokens = induction.MembershipTokens(mark=ids(" a")[-1], yes=ids("Yes")[0], no=ids("No")[0])
-    filler = torch.tensor(ids(" in the image?"))
+    spec = induction.MembershipRows(mark=ids(" a")[-1], yes=ids("Yes")[0], no=ids("No")[0])
+    gaps = {"gap0": {"max_gap": 0}, "filler": {"filler": tuple(ids(" in the image?"))}, "random": {"max_gap": 4}}
     warm = functools.partial(induction.induction_warmup, model, token_ids, tok.eos_token_id, tok.bos_token_id,
                              loss_fn=weighted_lm_loss, batch_size=16, length=64, lr=3e-3, warmup_steps=30)
     result = {"seed": seed, "changes": changes or {}, "induction": warm(800, seed=seed, every=200).copy_rate[-1], "phases": {}}
-    original = induction.membership_batch
-    try:
-        for n, phase in enumerate(phases, 1):
-            induction.membership_batch = functools.partial(
-                original, **{"gap0": {"max_gap": 0}, "filler": {"filler": filler}, "random": {"max_gap": 4}}[phase])
-            done = warm(steps, seed=seed + n, every=100, membership=tokens, membership_rows=rows)
-            result["phases"][phase] = {"membership": done.membership, "copy_rate": done.copy_rate[-1]}
-    finally:
-        induction.membership_batch = original
+    for n, phase in enumerate(phases, 1):
+        done = warm(steps, seed=seed + n, every=100, membership=dataclasses.replace(spec, **gaps[phase]),
+                    membership_rows=rows)
+        result["phases"][phase] = {"membership": done.membership, "copy_rate": done.copy_rate[-1]}
     return result
 
 

@@ -61,27 +61,30 @@ def repeat_batch(token_ids: torch.Tensor, batch_size: int, length: int, separato
 
 
 @dataclass(frozen=True)
-class MembershipTokens:
-    """Token ids of the membership rows: ``mark`` comes before the asked token (as " a" before the name in
-    "Is there a grekib"), ``yes`` / ``no`` answer whether it is in the list."""
+class MembershipRows:
+    """What the membership rows hold: ``mark`` comes before the asked token (as " a" before the name in
+    "Is there a grekib"), ``yes`` / ``no`` answer whether it is in the list; between the asked token and the
+    answer come the ``filler`` tokens, or (no filler) 0-``max_gap`` random ones."""
 
     mark: int
     yes: int
     no: int
+    max_gap: int = 4
+    filler: tuple[int, ...] = ()
 
 
 def membership_batch(token_ids: torch.Tensor, batch_size: int, length: int, separator: int, bos: int,
-                     tokens: MembershipTokens, generator: torch.Generator, min_run: int = 2, max_run: int = 8,
-                     max_gap: int = 4, filler: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     spec: MembershipRows, generator: torch.Generator, min_run: int = 2,
+                     max_run: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of ``bos`` then packed ``list SEP mark asked gap answer`` segments: a list of random tokens, a
-    token asked about (from the list half of the time), 0-``max_gap`` random tokens, and ``yes`` or ``no``.
+    token asked about (from the list half of the time), the gap (``spec``), and ``yes`` or ``no``.
     The weights mark the answers. Answering needs the asked token's earlier occurrence found (a
     duplicate-token head) and that finding carried to the answer past the gap (a head reading the token
     after ``mark``): the two steps of "is the name in the tag block?". Returns (ids, weights), (B, L) each."""
 
     def segment(room: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         n = int(torch.randint(min_run, max_run + 1, (1,), generator=generator))
-        gap = len(filler) if filler is not None else int(torch.randint(0, max_gap + 1, (1,), generator=generator))
+        gap = len(spec.filler) if spec.filler else int(torch.randint(0, spec.max_gap + 1, (1,), generator=generator))
         if n + gap + 4 > room:
             return None
         run = token_ids[torch.randint(len(token_ids), (n,), generator=generator)]
@@ -92,26 +95,32 @@ def membership_batch(token_ids: torch.Tensor, batch_size: int, length: int, sepa
             asked = run[0]
             while bool((run == asked).any()):
                 asked = token_ids[int(torch.randint(len(token_ids), (1,), generator=generator))]
-        between = filler if filler is not None else token_ids[torch.randint(len(token_ids), (gap,), generator=generator)]
-        ids = torch.cat([run, torch.tensor([separator, tokens.mark, int(asked)]), between,
-                         torch.tensor([tokens.yes if present else tokens.no])])
+        between = (torch.tensor(spec.filler, dtype=torch.long) if spec.filler else
+                   token_ids[torch.randint(len(token_ids), (gap,), generator=generator)])
+        ids = torch.cat([run, torch.tensor([separator, spec.mark, int(asked)]), between,
+                         torch.tensor([spec.yes if present else spec.no])])
         return ids, torch.cat([torch.zeros(len(ids) - 1), torch.ones(1)])
 
     return _packed_rows(batch_size, length, bos, segment)
 
 
-def membership_accuracy(model: Any, token_ids: torch.Tensor, separator: int, bos: int, tokens: MembershipTokens,
-                        seed: int, rows: int = 32, length: int = 64) -> float:
-    """Share of held-out membership answers whose yes/no logit comparison is right."""
-    ids, weights = membership_batch(token_ids, rows, length, separator, bos, tokens,
-                                    torch.Generator().manual_seed(seed))
+def _next_token_logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    """The logits predicting tokens 1.. of ``ids`` (eval mode, no gradients; the mode is restored)."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=ids).logits[:, :-1]
     model.train(was_training)
-    said_yes = logits[..., tokens.yes] > logits[..., tokens.no]
-    right = (said_yes == (ids[:, 1:] == tokens.yes)).float() * weights[:, 1:]
+    return logits
+
+
+def membership_accuracy(model: Any, token_ids: torch.Tensor, separator: int, bos: int, spec: MembershipRows,
+                        seed: int, rows: int = 32, length: int = 64) -> float:
+    """Share of held-out membership answers whose yes/no logit comparison is right."""
+    ids, weights = membership_batch(token_ids, rows, length, separator, bos, spec, torch.Generator().manual_seed(seed))
+    logits = _next_token_logits(model, ids)
+    said_yes = logits[..., spec.yes] > logits[..., spec.no]
+    right = (said_yes == (ids[:, 1:] == spec.yes)).float() * weights[:, 1:]
     return float(right.sum() / weights[:, 1:].sum())
 
 
@@ -119,11 +128,7 @@ def copy_rate(model: Any, token_ids: torch.Tensor, separator: int, bos: int, see
               length: int = 64) -> float:
     """Share of the predictable tokens of held-out repeats that greedy next-token prediction gets right."""
     ids, weights = repeat_batch(token_ids, rows, length, separator, bos, torch.Generator().manual_seed(seed))
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        predicted = model(input_ids=ids).logits[:, :-1].argmax(-1)
-    model.train(was_training)
+    predicted = _next_token_logits(model, ids).argmax(-1)
     hit = (predicted == ids[:, 1:]).float() * weights[:, 1:]
     return float(hit.sum() / weights[:, 1:].sum())
 
@@ -131,11 +136,14 @@ def copy_rate(model: Any, token_ids: torch.Tensor, separator: int, bos: int, see
 def induction_warmup(model: Any, token_ids: torch.Tensor, separator: int, bos: int, steps: int, loss_fn: Callable,
                      batch_size: int = 16, length: int = 64, lr: float = 3e-3, warmup_steps: int = 30,
                      weight_decay: float = 0.01, seed: int = 0, every: int = 100,
-                     say: Callable[[str], None] = print, membership: MembershipTokens | None = None,
+                     say: Callable[[str], None] = print, membership: MembershipRows | None = None,
                      membership_rows: int = 0) -> InductionResult:
     """Train ``model`` on :func:`repeat_batch` rows for ``steps`` steps (AdamW, linear warm-up then constant
     ``lr``; its own optimizer state). ``loss_fn(model, ids, positions, weights)`` is the weighted LM loss.
-    Weight decay brought the phase change sooner in a bare loop (docs/experiments.md, section 18)."""
+    Weight decay brought the phase change sooner in a bare loop (docs/experiments.md, section 18).
+    With ``membership`` and ``membership_rows`` > 0, each step adds that many :func:`membership_batch` rows
+    and the held-out membership accuracy is recorded next to the copy rate."""
+    membership = membership if membership_rows > 0 else None
     generator = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     positions = torch.arange(length).expand(batch_size, length)
@@ -146,7 +154,7 @@ def induction_warmup(model: Any, token_ids: torch.Tensor, separator: int, bos: i
             group["lr"] = lr * min(1.0, (step + 1) / max(1, warmup_steps))
         ids, weights = repeat_batch(token_ids, batch_size, length, separator, bos, generator)
         loss = loss_fn(model, ids, positions, weights)
-        if membership is not None and membership_rows:
+        if membership is not None:
             ids, weights = membership_batch(token_ids, membership_rows, length, separator, bos, membership, generator)
             loss = loss + loss_fn(model, ids, positions[:membership_rows], weights)
         opt.zero_grad(set_to_none=True)
@@ -158,7 +166,7 @@ def induction_warmup(model: Any, token_ids: torch.Tensor, separator: int, bos: i
             rate = copy_rate(model, token_ids, separator, bos, seed=seed + 10_000)
             result.copy_rate.append((step + 1, rate))
             member = ""
-            if membership is not None and membership_rows:
+            if membership is not None:
                 result.membership.append((step + 1, membership_accuracy(model, token_ids, separator, bos, membership,
                                                                          seed=seed + 20_000)))
                 member = f"  membership {result.membership[-1][1]:.0%}"

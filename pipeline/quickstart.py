@@ -202,7 +202,7 @@ class Pipeline:
         """Run ``stages`` in order. The stages named in ``side_by_side`` (picklable callables taking
         ``side_by_side=k``: how many share the cores) run at once, each in a process of its own, when
         the first of them is reached."""
-        names = self.order = list(stages)
+        self.order = list(stages)
         ran_together: list[str] = []
         for n, (name, fn) in enumerate(stages.items(), 1):
             if name in ran_together:
@@ -213,7 +213,7 @@ class Pipeline:
                 continue
             group = [g for g in side_by_side if g not in self.state["seconds"]] if name in side_by_side else []
             if len(group) > 1:
-                self._run_side_by_side({g: (names.index(g) + 1, stages[g]) for g in group}, len(stages))
+                self._run_side_by_side({g: (self.order.index(g) + 1, stages[g]) for g in group}, len(stages))
                 ran_together += group
                 continue
             self.log(f"== [{n}/{len(stages)}] {name}")
@@ -223,8 +223,7 @@ class Pipeline:
 
     def _finished(self, name: str, seconds: float) -> None:
         done = {**self.state["seconds"], name: round(seconds, 1)}  # in stage order, however they finished
-        self.state["seconds"] = {k: done[k] for k in sorted(done, key=lambda k: self.order.index(k)
-                                                                if k in self.order else len(self.order))}
+        self.state["seconds"] = {k: done[k] for k in [*self.order, *done] if k in done}
         self.state_file.write_text(json.dumps(self.state, indent=2))
         self.log(f"   {name}: {self.state['seconds'][name]:.1f} s")
 

@@ -419,11 +419,10 @@ def test_induction_rows_repeat_each_run_once_and_weigh_only_the_predictable_toke
 def test_membership_rows_answer_yes_exactly_when_the_asked_token_is_listed(filler):
     import torch
 
-    from pipeline.induction import MembershipTokens, membership_batch
+    from pipeline.induction import MembershipRows, membership_batch
 
-    tokens, sep, marks = torch.arange(100, 140), 7, MembershipTokens(mark=8, yes=9, no=10)
-    ids, weights = membership_batch(tokens, 6, 60, sep, 0, marks, torch.Generator().manual_seed(1),
-                                    filler=None if filler is None else torch.tensor(filler))
+    tokens, sep, marks = torch.arange(100, 140), 7, MembershipRows(mark=8, yes=9, no=10, filler=filler or ())
+    ids, weights = membership_batch(tokens, 6, 60, sep, 0, marks, torch.Generator().manual_seed(1))
     answers = []
     for row, w in zip(ids.tolist(), weights.tolist()):
         pos = 1
@@ -446,7 +445,7 @@ def test_membership_rows_join_the_warmup_and_their_accuracy_is_recorded():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline.induction import MembershipTokens, induction_warmup
+    from pipeline.induction import MembershipRows, induction_warmup
     from pipeline.text_pretrain import weighted_lm_loss
     from pipeline.tiny import tiny_llm_config
 
@@ -454,7 +453,7 @@ def test_membership_rows_join_the_warmup_and_their_accuracy_is_recorded():
     model = AutoModelForCausalLM.from_config(tiny_llm_config(64, hidden_size=16, num_heads=2, num_kv_heads=1))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = induction_warmup(model, torch.arange(11, 64), 1, 0, 2, weighted_lm_loss, batch_size=2, length=32,
-                              every=1, say=lambda _: None, membership=MembershipTokens(2, 3, 4), membership_rows=2)
+                              every=1, say=lambda _: None, membership=MembershipRows(2, 3, 4), membership_rows=2)
     assert [step for step, _ in result.membership] == [1, 2] and all(0 <= a <= 1 for _, a in result.membership)
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     plain = induction_warmup(model, torch.arange(11, 64), 1, 0, 1, weighted_lm_loss, batch_size=2, length=32,

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from pipeline.copy_eval import copy_accuracy, greedy_answers
-from pipeline.copy_text import TASKS, CopyTextGenerator, caption_nouns, caption_words, make_lexicon, render_chat
+from pipeline.copy_text import (TASKS, CopyTextGenerator, caption_nouns, caption_words, make_lexicon, render_chat,
+                                 whole_word_spans)
 from pipeline.text_pretrain import TextPretrainConfig, name_pools, pretrain_text_llm
 from pipeline.text_replay import llava_conversation, text_replay_records
 
@@ -148,6 +149,21 @@ def test_place_tags_answer_is_the_name_led_by_the_asked_place():
         for question, answer in s.turns:
             place = [p for p, phrases in PLACES.items() if any(ph in question for ph in phrases)]
             assert len(place) == 1 and where[place[0]] == answer
+
+
+def test_whole_word_spans_are_the_regex_word_boundary_matches():
+    import random
+    import re
+
+    rng = random.Random(0)
+    cases = [("a kelbo, kelbo.", "kelbo"), ("kelbokelbo kelbo", "kelbo"), ("x_kelbo kelbo_ kelbo", "kelbo"),
+             ("aaa", "aa"), ("traffic light, traffic lights", "traffic light"), ("é kelbo ékelbo kelboé", "kelbo"),
+             ("x-a -a", "-a"), ("a- a-x", "a-"), ("a a a", "a a"), ("", "kelbo")]
+    cases += [("".join(rng.choice("ab_- é1.") for _ in range(rng.randint(0, 30))),
+               "".join(rng.choice("ab_- é1") for _ in range(rng.randint(1, 3)))) for _ in range(5000)]
+    for text, word in cases:
+        assert whole_word_spans(text, word) == [m.span() for m in re.finditer(rf"\b{re.escape(word)}\b", text)], (text, word)
+    assert whole_word_spans("a kelbo, kelbo.", "kelbo") == [(2, 7), (9, 14)]
 
 
 def test_forbidden_strings_never_generated():

@@ -198,11 +198,16 @@ class Pipeline:
         self.state["recipe"] = recipe
         self.state.setdefault("seconds", {})
 
-    def run(self, stages: dict[str, Callable[..., None]], side_by_side: tuple[str, ...] = ()) -> None:
-        """Run ``stages`` in order. The stages named in ``side_by_side`` (picklable callables taking
-        ``side_by_side=k``: how many share the cores) run at once, each in a process of its own, when
-        the first of them is reached."""
+    def run(self, stages: dict[str, Callable[..., None]], side_by_side: tuple[tuple[str, ...], ...] = ()) -> None:
+        """Run ``stages`` in order. ``side_by_side`` holds lanes: each lane's stages (picklable callables
+        taking ``side_by_side=k``: how many lanes share the cores) run one after the other in a process of
+        its own, and the lanes run at once, from where the first of their stages is reached."""
         self.order = list(stages)
+        in_lanes = [name for lane in side_by_side for name in lane]
+        block = [name for name in self.order if name in in_lanes]
+        first = self.order.index(block[0]) if block else 0
+        if sorted(block) != sorted(in_lanes) or self.order[first:first + len(block)] != block:
+            raise ValueError(f"the side-by-side stages {in_lanes} must be stages, one after the other in {self.order}")
         ran_together: list[str] = []
         for n, (name, fn) in enumerate(stages.items(), 1):
             if name in ran_together:
@@ -211,10 +216,11 @@ class Pipeline:
                 self.log(f"== [{n}/{len(stages)}] {name}: done in an earlier run "
                          f"({self.state['seconds'][name]:.0f} s), skipped")
                 continue
-            group = [g for g in side_by_side if g not in self.state["seconds"]] if name in side_by_side else []
-            if len(group) > 1:
-                self._run_side_by_side({g: (self.order.index(g) + 1, stages[g]) for g in group}, len(stages))
-                ran_together += group
+            lanes = [left for lane in side_by_side
+                     if (left := [g for g in lane if g not in self.state["seconds"]])] if name in in_lanes else []
+            if len(lanes) > 1:  # with one lane left its stages run here, in order, on every core
+                self._run_side_by_side([[(g, stages[g]) for g in lane] for lane in lanes])
+                ran_together += [g for lane in lanes for g in lane]
                 continue
             self.log(f"== [{n}/{len(stages)}] {name}")
             start = time.perf_counter()
@@ -227,67 +233,101 @@ class Pipeline:
         self.state_file.write_text(json.dumps(self.state, indent=2))
         self.log(f"   {name}: {self.state['seconds'][name]:.1f} s")
 
-    def _run_side_by_side(self, group: dict[str, tuple[int, Callable[..., None]]], total: int) -> None:
-        """Each stage of ``group`` (name -> (number, callable)) in a spawned process writing to
-        ``logs/<name>.log``; a progress line per stage every 30 s; the first failure stops the others.
+    def _run_side_by_side(self, lanes: list[list[tuple[str, Callable[..., None]]]]) -> None:
+        """Each lane (its stages as (name, callable)) in a spawned process; each stage writes
+        ``logs/<name>.log``; a progress line per running stage every 30 s; the first failure stops the
+        other lanes. A stage's seconds run from its lane's start or its predecessor's end to its own end,
+        so a lane's stages add up to the lane's wall time.
         Why: a tiny model's training uses a second core poorly (1.4-1.5x its one-core speed here), so two
         one-core trainings side by side finish well before the same two one after the other."""
         import multiprocessing
         from multiprocessing.connection import wait
 
         ctx = multiprocessing.get_context("spawn")  # not fork: the parent's torch/OpenMP state is not fork-safe
-        logs = {name: self.root / "logs" / f"{name}.log" for name in group}
-        procs, start, ended = {}, time.perf_counter(), {}
-        for name, (n, fn) in group.items():
-            others = ", ".join(g for g in group if g != name)
-            self.log(f"== [{n}/{total}] {name} (side by side with {others}; log: {logs[name]})")
-            logs[name].parent.mkdir(parents=True, exist_ok=True)
-            procs[name] = ctx.Process(target=_run_logged_stage, args=(fn, len(group), str(logs[name])), name=name)
-            procs[name].start()
-        next_report = start + 30
+        logs = {name: self.root / "logs" / f"{name}.log" for lane in lanes for name, _ in lane}
+        next(iter(logs.values())).parent.mkdir(parents=True, exist_ok=True)
+        running: dict[int, str] = {}  # lane -> its running stage
+        since: dict[int, float] = {}  # lane -> when that stage started
+        procs, conns = [], []
+
+        def header(lane: int) -> None:
+            name = running[lane]
+            others = ", ".join(running[k] for k in sorted(running) if k != lane)
+            self.log(f"== [{self.order.index(name) + 1}/{len(self.order)}] {name} ("
+                     + (f"side by side with {others}; " if others else "") + f"log: {logs[name]})")
+
+        for k, lane in enumerate(lanes):
+            running[k], since[k] = lane[0][0], time.perf_counter()
+            receive, send = ctx.Pipe(duplex=False)
+            procs.append(ctx.Process(target=_run_lane, args=(lane, len(lanes), {n: str(logs[n]) for n, _ in lane}, send),
+                                     name="+".join(n for n, _ in lane)))
+            conns.append(receive)
+            procs[k].start()
+            send.close()  # the child's end: the parent's copy would keep the pipe open after the child exits
+        for k in range(len(lanes)):
+            header(k)
+
+        def stage_ended(k: int, name: str) -> None:
+            now = time.perf_counter()
+            self._finished(name, now - since[k])
+            names = [n for n, _ in lanes[k]]
+            if name != names[-1]:
+                running[k], since[k] = names[names.index(name) + 1], now
+                header(k)
+            else:
+                del running[k]
+
+        next_report = time.perf_counter() + 30
         try:
-            while len(ended) < len(procs):
-                running = {procs[name].sentinel: name for name in procs if name not in ended}
-                for sentinel in wait(list(running), timeout=max(0.0, next_report - time.perf_counter())):
-                    name = running[sentinel]
-                    procs[name].join()
-                    ended[name] = time.perf_counter() - start
-                    if procs[name].exitcode != 0:
-                        raise StageError(f"stage {name} failed (exit {procs[name].exitcode}); log: {logs[name]}; "
+            while running:
+                ready = wait([procs[k].sentinel for k in running] + [conns[k] for k in running],
+                             timeout=max(0.0, next_report - time.perf_counter()))
+                for k in list(running):
+                    while k in running and conns[k].poll():  # drain a lane's messages before its exit
+                        try:
+                            stage_ended(k, conns[k].recv())
+                        except EOFError:
+                            break
+                    if k in running and procs[k].sentinel in ready:
+                        procs[k].join()
+                        name = running[k]
+                        raise StageError(f"stage {name} failed (exit {procs[k].exitcode}); log: {logs[name]}; "
                                          f"last line: {_last_line(logs[name])[-200:]}")
-                    self._finished(name, ended[name])
                 if time.perf_counter() >= next_report:
                     next_report += 30
-                    for name in procs:
-                        if name not in ended:
-                            self.log(f"      {name}: {_last_line(logs[name])[-110:]}")
+                    for k in sorted(running):
+                        self.log(f"      {running[k]}: {_last_line(logs[running[k]])[-110:]}")
         finally:
-            for proc in procs.values():
+            for proc in procs:
                 if proc.is_alive():
                     proc.terminate()
                 proc.join()
 
 
-def _run_logged_stage(fn: Callable[..., None], side_by_side: int, log_file: str) -> None:
-    """A side-by-side stage's process: its output (Python's and native code's) goes to ``log_file``."""
+def _run_lane(lane: list[tuple[str, Callable[..., None]]], side_by_side: int, log_files: dict[str, str],
+              ended: Any) -> None:
+    """A lane's process: each stage's output (Python's and native code's) goes to its log file, and its
+    name is sent through ``ended`` when it has finished."""
     import traceback
 
     from common.log import setup_logging
 
-    with open(log_file, "w") as log:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-        sys.stdout.reconfigure(line_buffering=True)  # a file: block-buffered, the progress lines would lag
-        setup_logging()
-        try:
-            fn(side_by_side=side_by_side)
-        except BaseException:
-            traceback.print_exc()
+    sys.stdout.reconfigure(line_buffering=True)  # to a file: block-buffered, the progress lines would lag
+    setup_logging()  # its handler writes to fd 2, which each stage points at its own log
+    for name, fn in lane:
+        with open(log_files[name], "w") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            try:
+                fn(side_by_side=side_by_side)
+            except BaseException:
+                traceback.print_exc()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(1)
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(1)
-        sys.stdout.flush()
-        sys.stderr.flush()
+        ended.send(name)
 
 
 def _last_line(path: Path) -> str:
@@ -330,8 +370,15 @@ def stage_world(config: QuickstartConfig, paths: Paths) -> None:
                                    overwrite=True))
 
 
-# stages that run at once, each on its share of the cores (Pipeline._run_side_by_side says why)
-SIDE_BY_SIDE = ("clip", "llm")
+# Lanes of stages: the lanes run at once, each on its share of the cores (Pipeline._run_side_by_side says
+# why). The datastore needs only the CLIP, so it starts when the CLIP ends, while the LLM trains on.
+SIDE_BY_SIDE = (("clip", "datastore"), ("llm",))
+
+
+def total_seconds(seconds: dict[str, float], lanes: tuple[tuple[str, ...], ...] = SIDE_BY_SIDE) -> float:
+    """Wall seconds of a run's stages: the side-by-side lanes count once, by the longest."""
+    lane_seconds = [sum(seconds.get(name, 0.0) for name in lane) for lane in lanes]
+    return sum(seconds.values()) - sum(lane_seconds) + max(lane_seconds, default=0.0)
 
 
 def stage_threads(config: QuickstartConfig, side_by_side: int = 1) -> int:
@@ -382,12 +429,15 @@ def stage_llm(config: QuickstartConfig, paths: Paths, side_by_side: int = 1) -> 
     print(f"   {len(records)} text-only conversations for instruction tuning -> {paths.text_replay}", flush=True)
 
 
-def stage_datastore(config: QuickstartConfig, paths: Paths) -> None:
+def stage_datastore(config: QuickstartConfig, paths: Paths, side_by_side: int = 1) -> None:
+    import torch
+
     from datastore.build import BuildConfig, build
     from datastore.cache import CacheConfig, build_cache
     from datastore.clip import ClipSpec
     from datastore.reader import ReaderConfig
 
+    torch.set_num_threads(stage_threads(config, side_by_side))
     clip = ClipSpec(**clip_args(paths), device=config.device)
     world = World.open(paths.world)
     worlds = [(world, paths.datastore, paths.cache, [world.instruct_json, world.pretrain_json])]
@@ -646,9 +696,9 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
 
     pipeline.run({
         "world": lambda: stage_world(config, paths),
-        "clip": partial(stage_clip, config, paths),  # side by side, in processes of their own
+        "clip": partial(stage_clip, config, paths),  # side by side with the LLM, in processes of their own
         "llm": partial(stage_llm, config, paths),
-        "datastore": lambda: stage_datastore(config, paths),
+        "datastore": partial(stage_datastore, config, paths),  # after the CLIP, in its process
         "train": lambda: stage_train(config, paths),
         "eval": lambda: stage_eval(config, paths),
         "report": report_stage,
@@ -657,10 +707,9 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
     print()
     print(results_markdown(results))
     seconds = pipeline.state["seconds"]
-    together = [seconds[k] for k in SIDE_BY_SIDE if k in seconds]
     print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
-          + f"; total {sum(seconds.values()) - sum(together) + max(together, default=0):.0f} s "
-          + f"({' and '.join(SIDE_BY_SIDE)} side by side)")
+          + f"; total {total_seconds(seconds):.0f} s ("
+          + " side by side with ".join(" then ".join(lane) for lane in SIDE_BY_SIDE) + ")")
     print(f"written: {paths.root / 'results.json'}, {paths.root / 'results.md'}, {paths.root / 'results.png'}, "
           f"{paths.root / results['report_html']}; "
           f"models {paths.models}; eval outputs {paths.eval}; datastores {paths.datastore}"

@@ -119,7 +119,10 @@ def launch(jobs: dict[str, int], args: argparse.Namespace, work: Path) -> dict:
                 procs[name].join()
                 ended[name] = time.perf_counter() - start
                 if procs[name].exitcode != 0:
-                    raise RuntimeError(f"{name} job failed (exit {procs[name].exitcode}); log: {work / f'{name}.log'}")
+                    log = work / f"{name}.log"  # in a temporary --work it is gone afterwards: quote its end
+                    tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.is_file() else []
+                    raise RuntimeError(f"{name} job failed (exit {procs[name].exitcode}); log: {log}; "
+                                       f"last line: {''.join(tail)[-200:]}")
     finally:
         for proc in procs.values():
             if proc.is_alive():

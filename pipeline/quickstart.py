@@ -308,10 +308,15 @@ def _run_lane(lane: list[tuple[str, Callable[..., None]]], side_by_side: int, lo
               ended: Any) -> None:
     """A lane's process: each stage's output (Python's and native code's) goes to its log file, and its
     name is sent through ``ended`` when it has finished."""
+    import multiprocessing
     import traceback
 
     from common.log import setup_logging
 
+    # A spawned process makes "spawn" its default start method, so a stage's DataLoader workers would
+    # be spawned, each re-importing torch and the datastore (~15 s per loader here, 4 loaders in the
+    # datastore stage). The platform's default, as in the parent, forks them.
+    multiprocessing.set_start_method(None, force=True)
     sys.stdout.reconfigure(line_buffering=True)  # to a file: block-buffered, the progress lines would lag
     setup_logging()  # its handler writes to fd 2, which each stage points at its own log
     for name, fn in lane:

@@ -21,7 +21,7 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$LOCK_HASH" ]; then
 fi
 
 "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "tuna needs Python >= 3.10 (set PYTHON=...)")'
-echo "[bootstrap] creating virtualenv $VENV (first run: ~3 GB of wheels, a few minutes)" >&2
+echo "[bootstrap] creating virtualenv $VENV (first run: ~3 GB of wheels, about a minute with uv)" >&2
 start=$(date +%s)
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip >&2
@@ -35,9 +35,9 @@ else
     [ -n "${TUNA_NO_UV:-}" ] || echo "[bootstrap] uv could not install; installing with pip" >&2
     "$VENV/bin/pip" install -q -c "$ROOT/constraints.txt" -e "$ROOT[test]" >&2
 fi
-# DeepSpeed JIT-compiles its CPU shared-memory communication op at the first training run (~45 s, g++);
+# DeepSpeed JIT-compiles its CPU shared-memory communication op at the first training run (~30 s, g++);
 # do it now, so the first `tuna quickstart` does not pay for it (cached in ~/.cache/torch_extensions)
-echo "[bootstrap] compiling DeepSpeed's CPU communication op (once, ~45 s)" >&2
+echo "[bootstrap] compiling DeepSpeed's CPU communication op (once, ~30 s)" >&2
 "$VENV/bin/python" -c 'from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()' \
     >/dev/null 2>&1 || echo "[bootstrap] warning: could not pre-build it (is g++ installed?); the first training run will build it" >&2
 echo "$LOCK_HASH" > "$STAMP"

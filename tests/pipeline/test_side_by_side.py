@@ -136,3 +136,22 @@ def test_total_seconds_count_the_longest_lane_once():
     seconds = {"world": 20.0, "clip": 400.0, "llm": 430.0, "datastore": 50.0, "train": 260.0}
     assert total_seconds(seconds, (("clip", "datastore"), ("llm",))) == 20 + 450 + 260
     assert total_seconds(seconds, ()) == sum(seconds.values())
+
+
+def _start_method(out: str, me: str, side_by_side: int = 1) -> None:
+    import multiprocessing
+
+    Path(out, f"{me}.txt").write_text(multiprocessing.get_start_method())
+
+
+def test_a_lane_starts_its_own_workers_as_the_parent_would(tmp_path):
+    """A spawned process defaults to spawning its own children (a DataLoader's workers then re-import
+    torch: ~15 s per loader); a lane keeps the platform's default, as an in-process stage has it."""
+    import multiprocessing
+
+    pipeline, _ = _pipeline(tmp_path)
+    out = str(tmp_path)
+    pipeline.run({"a": partial(_start_method, out, "a"), "b": partial(_start_method, out, "b")},
+                 side_by_side=(("a",), ("b",)))
+    expected = multiprocessing.get_context().get_start_method()
+    assert (tmp_path / "a.txt").read_text() == (tmp_path / "b.txt").read_text() == expected

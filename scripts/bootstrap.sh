@@ -27,9 +27,11 @@ start=$(date +%s)
 "$VENV/bin/pip" install -q --upgrade pip >&2
 # uv fetches and unpacks the ~3 GB of wheels in parallel: 28 s against pip's ~100 s on a 2-core VM with
 # empty caches (docs/benchmarks.md). It does not read pip's config, so an index set only there (a
-# private mirror) makes it fail; pip then installs as before. TUNA_NO_UV=1 skips uv.
+# private mirror) makes it fail; pip then installs as before. TUNA_NO_UV=1 skips uv. --compile-bytecode:
+# pip writes the .pyc files at install, uv only when asked; without them every process compiles
+# torch's modules again where PYTHONDONTWRITEBYTECODE is set (+12 s per training run measured).
 if [ -z "${TUNA_NO_UV:-}" ] && "$VENV/bin/pip" install -q -c "$ROOT/constraints.txt" uv >&2 \
-        && "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" -c "$ROOT/constraints.txt" -e "$ROOT[test]" >&2; then
+        && "$VENV/bin/uv" pip install -q --compile-bytecode --python "$VENV/bin/python" -c "$ROOT/constraints.txt" -e "$ROOT[test]" >&2; then
     :
 else
     [ -n "${TUNA_NO_UV:-}" ] || echo "[bootstrap] uv could not install; installing with pip" >&2

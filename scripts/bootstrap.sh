@@ -40,7 +40,9 @@ fi
 # DeepSpeed JIT-compiles its CPU shared-memory communication op at the first training run (~30 s, g++);
 # do it now, so the first `tuna quickstart` does not pay for it (cached in ~/.cache/torch_extensions)
 echo "[bootstrap] compiling DeepSpeed's CPU communication op (once, ~30 s)" >&2
-"$VENV/bin/python" -c 'from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()' \
+# with the venv's ninja first on PATH, as the training runs have it (pipeline.processes.subprocess_env):
+# another ninja version reads this build's log as stale and compiles again
+PATH="$VENV/bin:$PATH" "$VENV/bin/python" -c 'from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()' \
     >/dev/null 2>&1 || echo "[bootstrap] warning: could not pre-build it (is g++ installed?); the first training run will build it" >&2
 echo "$LOCK_HASH" > "$STAMP"
 echo "[bootstrap] virtualenv ready in $(( $(date +%s) - start ))s" >&2

@@ -25,11 +25,12 @@ echo "[bootstrap] creating virtualenv $VENV (first run: ~3 GB of wheels, about a
 start=$(date +%s)
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip >&2
-# uv fetches and unpacks the ~3 GB of wheels in parallel: 28 s against pip's ~100 s on a 2-core VM with
-# empty caches (docs/benchmarks.md). It does not read pip's config, so an index set only there (a
-# private mirror) makes it fail; pip then installs as before. TUNA_NO_UV=1 skips uv. --compile-bytecode:
-# pip writes the .pyc files at install, uv only when asked; without them every process compiles
-# torch's modules again where PYTHONDONTWRITEBYTECODE is set (+12 s per training run measured).
+# uv fetches and unpacks the ~3 GB of wheels in parallel: the whole bootstrap takes 82 s against pip's 142 s
+# on a 2-core VM with empty caches (bench/bench_bootstrap.py, docs/benchmarks.md). It does not read pip's
+# config, so an index set only there (a private mirror) makes it fail; pip then installs as before.
+# TUNA_NO_UV=1 skips uv. --compile-bytecode: pip writes the .pyc files at install, uv only when asked;
+# without them every process compiles torch's modules again where PYTHONDONTWRITEBYTECODE is set
+# (+12 s per training run measured).
 if [ -z "${TUNA_NO_UV:-}" ] && "$VENV/bin/pip" install -q -c "$ROOT/constraints.txt" uv >&2 \
         && "$VENV/bin/uv" pip install -q --compile-bytecode --python "$VENV/bin/python" -c "$ROOT/constraints.txt" -e "$ROOT[test]" >&2; then
     :

@@ -244,8 +244,8 @@ class Pipeline:
         from multiprocessing.connection import wait
 
         ctx = multiprocessing.get_context("spawn")  # not fork: the parent's torch/OpenMP state is not fork-safe
+        (self.root / "logs").mkdir(parents=True, exist_ok=True)
         logs = {name: self.root / "logs" / f"{name}.log" for lane in lanes for name, _ in lane}
-        next(iter(logs.values())).parent.mkdir(parents=True, exist_ok=True)
         running: dict[int, str] = {}  # lane -> its running stage
         since: dict[int, float] = {}  # lane -> when that stage started
         procs, conns = [], []

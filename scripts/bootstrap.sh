@@ -21,7 +21,7 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$LOCK_HASH" ]; then
 fi
 
 "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "tuna needs Python >= 3.10 (set PYTHON=...)")'
-echo "[bootstrap] creating virtualenv $VENV (first run: ~3 GB of wheels, about a minute with uv)" >&2
+echo "[bootstrap] creating virtualenv $VENV (first run: ~3 GB of wheels, about 80 s with uv)" >&2
 start=$(date +%s)
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip >&2

@@ -53,15 +53,16 @@ def retrain(root: Path, out: Path, train: dict, stage2: dict, train_cache: Path 
 
 
 def evaluate(root: Path, model_dir: Path, out: Path, eval_cache: Path | None = None,
-             min_support: float | None = None) -> Path:
-    """``synth_open`` of ``model_dir`` with the quickstart's TUNA tag flags (``eval_cache`` replacing its
-    cache, ``min_support`` its support filter); the eval directory."""
+             min_support: float | None = None, run: str = "tuna") -> Path:
+    """``synth_open`` of ``model_dir`` with the tag flags of the quickstart's evaluation ``run`` (e.g.
+    ``tuna_uniform_weights``; ``eval_cache`` replacing its cache, ``min_support`` its support filter); the
+    eval directory."""
     from pipeline.processes import run_logged
     from pipeline.quickstart import Paths, QuickstartConfig, eval_command, eval_runs
 
     recipe = _recipe(root)
     config, paths = QuickstartConfig(**{**recipe, "out": str(root)}), Paths(root)
-    flags = list(eval_runs(config, paths)["tuna"][3])
+    flags = list(eval_runs(config, paths)[run][3])
     if eval_cache is not None:
         flags[flags.index("--retrieval-cache") + 1] = str(eval_cache)
     if min_support is not None:

@@ -77,6 +77,16 @@ _BY_PLACE = ("Which {noun} is {p}?", "Name the {noun} {p}.", "What can be found 
 _WHERE = ("Where is the {n}?", "Where does the {n} sit?", "In which place is the {n}?")
 _EXISTS = ("Is there a {n} here?", "Is there a {n} in the picture?", "Can you see a {n}?",
            "Does the picture have a {n}?", "Is any {n} shown?", "Do you see a {n} here?")
+
+
+def exists_answer_gaps() -> list[str]:
+    """What comes between the name and the answer in the chat ``tags_exist`` questions asked with " a {n}":
+    the gaps the text pretraining's membership rows put between the asked token and "Yes"/"No"
+    (pipeline.induction.MembershipRows)."""
+    tails = dict.fromkeys(t.split("{n}", 1)[1] for t in _EXISTS if " a {n}" in t)
+    return [tail + END_OF_TURN + "\n<|im_start|>assistant\n" for tail in tails]
+
+
 _COLOUR_OF = ("Which colour does the {n} have?", "Tell me the colour of the {n}.", "The {n} has which colour?")
 
 

@@ -63,14 +63,34 @@ def repeat_batch(token_ids: torch.Tensor, batch_size: int, length: int, separato
 @dataclass(frozen=True)
 class MembershipRows:
     """What the membership rows hold: ``mark`` comes before the asked token (as " a" before the name in
-    "Is there a grekib"), ``yes`` / ``no`` answer whether it is in the list; between the asked token and the
-    answer come the ``filler`` tokens, or (no filler) 0-``max_gap`` random ones."""
+    "Is there a grekib"; one token or several), ``yes`` / ``no`` answer whether it is in the list; between
+    the asked token and the answer come the ``filler`` tokens, or one of ``fillers`` (drawn per row
+    segment), or (neither) 0-``max_gap`` random ones. ``item_prefix`` comes before each listed token: the
+    space token, where the tokenizer makes spaces tokens of their own, so that a row looks like a tag
+    list and a question do (the mark then ends with it too)."""
 
-    mark: int
+    mark: int | tuple[int, ...]
     yes: int
     no: int
     max_gap: int = 4
     filler: tuple[int, ...] = ()
+    fillers: tuple[tuple[int, ...], ...] = ()
+    item_prefix: tuple[int, ...] = ()
+
+    @property
+    def mark_ids(self) -> tuple[int, ...]:
+        return (self.mark,) if isinstance(self.mark, int) else tuple(self.mark)
+
+    def gap(self, token_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The tokens between one segment's asked token and its answer."""
+        if self.filler:
+            return torch.tensor(self.filler, dtype=torch.long)
+        if self.fillers:
+            return torch.tensor(self.fillers[int(torch.randint(len(self.fillers), (1,), generator=generator))],
+                                dtype=torch.long)
+        return token_ids[torch.randint(len(token_ids), (int(torch.randint(0, self.max_gap + 1, (1,),
+                                                                          generator=generator)),),
+                                       generator=generator)]
 
 
 def membership_batch(token_ids: torch.Tensor, batch_size: int, length: int, separator: int, bos: int,
@@ -81,11 +101,13 @@ def membership_batch(token_ids: torch.Tensor, batch_size: int, length: int, sepa
     The weights mark the answers. Answering needs the asked token's earlier occurrence found (a
     duplicate-token head) and that finding carried to the answer past the gap (a head reading the token
     after ``mark``): the two steps of "is the name in the tag block?". Returns (ids, weights), (B, L) each."""
+    if len(token_ids.unique()) < 2:
+        raise ValueError("membership_batch needs at least 2 distinct tokens (an absent one is drawn for 'no')")
 
     def segment(room: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         n = int(torch.randint(min_run, max_run + 1, (1,), generator=generator))
-        gap = len(spec.filler) if spec.filler else int(torch.randint(0, spec.max_gap + 1, (1,), generator=generator))
-        if n + gap + 4 > room:
+        between = spec.gap(token_ids, generator)
+        if n * (1 + len(spec.item_prefix)) + len(spec.mark_ids) + len(between) + 3 > room:
             return None
         run = token_ids[torch.randint(len(token_ids), (n,), generator=generator)]
         present = bool(torch.rand(1, generator=generator) < 0.5)
@@ -95,9 +117,11 @@ def membership_batch(token_ids: torch.Tensor, batch_size: int, length: int, sepa
             asked = run[0]
             while bool((run == asked).any()):
                 asked = token_ids[int(torch.randint(len(token_ids), (1,), generator=generator))]
-        between = (torch.tensor(spec.filler, dtype=torch.long) if spec.filler else
-                   token_ids[torch.randint(len(token_ids), (gap,), generator=generator)])
-        ids = torch.cat([run, torch.tensor([separator, spec.mark, int(asked)]), between,
+        listed = run
+        if spec.item_prefix:
+            prefix = torch.tensor(spec.item_prefix, dtype=torch.long)
+            listed = torch.cat([torch.cat([prefix, t[None]]) for t in run])
+        ids = torch.cat([listed, torch.tensor([separator, *spec.mark_ids, int(asked)]), between,
                          torch.tensor([spec.yes if present else spec.no])])
         return ids, torch.cat([torch.zeros(len(ids) - 1), torch.ones(1)])
 

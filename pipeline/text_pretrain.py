@@ -17,7 +17,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
@@ -26,10 +26,12 @@ from common.log import error_line
 from datastore.synth.layout import World
 from pipeline.copy_eval import copy_accuracy
 from pipeline.copy_text import (END_OF_TURN, TASK_WEIGHTS, TASKS, CopyText, CopyTextGenerator, caption_nouns,
-                                caption_words, make_lexicon)
+                                caption_words, exists_answer_gaps, make_lexicon)
 
 if TYPE_CHECKING:
     from torch import Tensor
+
+    from pipeline.induction import MembershipRows
 
 
 @dataclass
@@ -71,6 +73,15 @@ class TextPretrainConfig:
             (pipeline/induction.py), so that multi-token names can be copied.
         induction_rows: induction rows added to every step of the main phase (0 = none), their loss added
             to the text loss, so that the copying head formed in the warm-up is kept.
+        membership_steps: steps (0 = none) of a membership warm-up after the induction warm-up, the first
+            half with the answer right after the asked token, the second with the ``tags_exist`` gaps
+            (``batch_size`` membership rows added to each step's repeat rows): a 3-layer model learns
+            both in a few hundred steps this way (docs/experiments.md, section 20).
+        membership_rows: membership rows added to every step of the main phase (0 = none): a list of random
+            tokens, " a", a token listed half of the time, the rest of a ``tags_exist`` question, then "Yes" or
+            "No" (pipeline/induction.py). Random tokens leave nothing but the list to read, so the "is the
+            name in the tags?" head forms; the ``tags_exist`` texts alone never formed it, and a 2-layer model
+            cannot carry the finding to an answer this far on (docs/experiments.md, section 20).
         seed: everything (data, init, order) is a function of it and ``threads``.
         threads: torch intra-op threads while training.
         log_every: progress line every this many steps.
@@ -108,6 +119,8 @@ class TextPretrainConfig:
     induction_steps: int = 800
     induction_length: int = 64
     induction_rows: int = 0
+    membership_steps: int = 0
+    membership_rows: int = 0
     seed: int = 0
     threads: int = 2
     log_every: int = 100
@@ -120,10 +133,10 @@ class TextPretrainConfig:
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError(f"TextPretrainConfig: hidden_size {self.hidden_size} must divide by num_heads "
                              f"{self.num_heads}, which must divide by num_kv_heads {self.num_kv_heads}")
-        if min(self.induction_steps, self.induction_rows) < 0 or self.induction_length < 8:
-            raise ValueError(f"TextPretrainConfig: induction_steps and induction_rows must be >= 0 and "
-                             f"induction_length >= 8 (got {self.induction_steps}, {self.induction_rows}, "
-                             f"{self.induction_length})")
+        counts = (self.induction_steps, self.induction_rows, self.membership_steps, self.membership_rows)
+        if min(counts) < 0 or self.induction_length < 8:
+            raise ValueError(f"TextPretrainConfig: induction_steps, induction_rows, membership_steps and membership_rows "
+                             f"must be >= 0 and induction_length >= 8 (got {counts}, {self.induction_length})")
         for name in ("caption_fraction", "chat_fraction", "min_lr_ratio", "short_fraction", "lexicon_fraction",
                      "caption_noun_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
@@ -233,6 +246,24 @@ def name_pools(captions: list[str], config: TextPretrainConfig, known: set[str] 
     return {"pool": make_lexicon(config.seed * 2 + 3, config.lexicon_size, known),
             "pool_fraction": config.lexicon_fraction, "words": list(names) if names else caption_nouns(captions),
             "words_fraction": config.caption_noun_fraction}
+
+
+def membership_spec(tok: Any) -> MembershipRows:
+    """The membership rows for ``tok``'s LLM: " a" before the asked token, "Yes"/"No" after one of the
+    ``tags_exist`` questions' gaps (pipeline.copy_text.exists_answer_gaps). Where the tokenizer makes a
+    space a token of its own (the quickstart's ``bytelevel-words``), it comes before every listed and
+    asked token, as in the texts: a head that learned "the token right after 'a'" would otherwise read
+    the space in every real question."""
+    from pipeline.induction import MembershipRows
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False).input_ids
+
+    space = ids(" ")
+    own_token = len(space) == 1 and ids(" a") == space + ids("a")
+    prefix = tuple(space) if own_token else ()
+    return MembershipRows(mark=tuple(ids(" a")) + prefix, yes=ids("Yes")[0], no=ids("No")[0],
+                          fillers=tuple(tuple(ids(gap)) for gap in exists_answer_gaps()), item_prefix=prefix)
 
 
 def weighted_lm_loss(model: Any, ids: Tensor, positions: Tensor, weights: Tensor) -> Tensor:
@@ -352,7 +383,7 @@ def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPret
         model = AutoModelForCausalLM.from_config(cfg)
         n_params = sum(p.numel() for p in model.parameters())
         induction = None
-        from pipeline.induction import induction_warmup, repeat_batch
+        from pipeline.induction import induction_warmup, membership_accuracy, membership_batch, repeat_batch
 
         special = set(hf_tok.all_special_ids)
         token_ids = torch.tensor([i for i in range(vocab) if i not in special])  # the induction rows' tokens
@@ -363,15 +394,29 @@ def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPret
                                          warmup_steps=config.warmup_steps, seed=config.seed,
                                          every=config.log_every, say=say)
             timings["induction_s"] = induction.seconds
+        member = membership_spec(hf_tok) if config.membership_steps or config.membership_rows else None
+        membership: list[dict[str, Any]] = []
+        for n, spec in enumerate((replace(member, fillers=(), max_gap=0), member) if config.membership_steps else ()):
+            done = induction_warmup(model, token_ids, eos, hf_tok.bos_token_id, config.membership_steps // 2 or 1,
+                                    weighted_lm_loss, batch_size=config.batch_size, length=config.induction_length,
+                                    lr=config.lr, warmup_steps=config.warmup_steps, seed=config.seed + 1 + n,
+                                    every=config.log_every, say=say, membership=spec, membership_rows=config.batch_size)
+            membership.append({"gap": "none" if n == 0 else "tags_exist", "accuracy": done.membership,
+                               "seconds": done.seconds})
         opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95),
                                 weight_decay=config.weight_decay)
         mix_generator = torch.Generator().manual_seed(config.seed + 1)
-        mix_positions = torch.arange(config.induction_length).expand(config.induction_rows, -1)
+        mix_positions = torch.arange(config.induction_length).expand(max(1, config.induction_rows), -1)
 
         def induction_rows() -> tuple[Tensor, Tensor, Tensor]:
             ids, w = repeat_batch(token_ids, config.induction_rows, config.induction_length, eos,
                                   hf_tok.bos_token_id, mix_generator)
             return ids, mix_positions, w
+
+        def membership_rows() -> tuple[Tensor, Tensor, Tensor]:
+            ids, w = membership_batch(token_ids, config.membership_rows, config.induction_length, eos,
+                                      hf_tok.bos_token_id, member, mix_generator)
+            return ids, mix_positions[:1].expand(config.membership_rows, -1), w
 
         model.train()
         losses, t2, window = [], time.perf_counter(), time.perf_counter()
@@ -384,6 +429,8 @@ def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPret
             loss = weighted_lm_loss(model, ids, positions[rows], w)
             if config.induction_rows:
                 loss = loss + weighted_lm_loss(model, *induction_rows())
+            if config.membership_rows:
+                loss = loss + weighted_lm_loss(model, *membership_rows())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -398,6 +445,11 @@ def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPret
                     f"~{per_step * (config.steps - step - 1):.0f}s left")
                 window = time.perf_counter()
         timings["train_s"] = time.perf_counter() - t2
+        if member is not None:  # what the main phase kept of it
+            membership.append({"gap": "tags_exist", "after": "main", "accuracy": [[config.steps, membership_accuracy(
+                model, token_ids, eos, hf_tok.bos_token_id, member, seed=config.seed + 20_000, rows=64)]]})
+            say(f"  membership (held-out yes/no on random lists) after the text steps: "
+                f"{membership[-1]['accuracy'][0][1]:.0%}")
     finally:
         torch.set_num_threads(threads)
     model.eval()
@@ -409,6 +461,7 @@ def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPret
               "params": n_params, "samples": counts,
               "induction": None if induction is None else {"steps": induction.steps, "copy_rate": induction.copy_rate,
                                                             "seconds": induction.seconds},
+              "membership": membership,
               "rows": n_rows, "fill": fill, "dropped": dropped, "losses": losses, "timings": timings}
     (out / "text_pretrain.json").write_text(json.dumps(record, indent=1))
     say(f"text pretrain: {n_params / 1e6:.2f}M params, train {timings['train_s']:.1f}s "

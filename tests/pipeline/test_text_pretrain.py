@@ -431,30 +431,62 @@ def test_induction_rows_repeat_each_run_once_and_weigh_only_the_predictable_toke
         assert set(row[pos:]) <= {0} and not any(w[pos:])
 
 
-@pytest.mark.parametrize("filler", [None, (61, 62, 63)])
-def test_membership_rows_answer_yes_exactly_when_the_asked_token_is_listed(filler):
+MEMBERSHIP_SHAPES = {"random gap": {}, "filler": {"filler": (61, 62, 63)},
+                     "fillers": {"fillers": ((61, 62), (63,), (64, 65, 66))},
+                     "spaces": {"mark": (5, 8, 5), "item_prefix": (5,), "fillers": ((61,), (62, 63))}}
+
+
+@pytest.mark.parametrize("shape", MEMBERSHIP_SHAPES)
+def test_membership_rows_answer_yes_exactly_when_the_asked_token_is_listed(shape):
     import torch
 
     from pipeline.induction import MembershipRows, membership_batch
 
-    tokens, sep, marks = torch.arange(100, 140), 7, MembershipRows(mark=8, yes=9, no=10, filler=filler or ())
+    tokens, sep, kw = torch.arange(100, 140), 7, MEMBERSHIP_SHAPES[shape]
+    marks = MembershipRows(**{"mark": 8, "yes": 9, "no": 10, **kw})
+    gaps = kw.get("fillers") or ((kw["filler"],) if "filler" in kw else None)
+    mark, prefix = list(marks.mark_ids), list(marks.item_prefix)
     ids, weights = membership_batch(tokens, 6, 60, sep, 0, marks, torch.Generator().manual_seed(1))
-    answers = []
+    answers, seen_gaps = [], set()
     for row, w in zip(ids.tolist(), weights.tolist()):
         pos = 1
         while pos < len(row) and row[pos] != 0:
-            listed = row[pos:row.index(sep, pos)]
-            assert row[pos + len(listed) + 1] == marks.mark and 2 <= len(listed) <= 8
-            asked = row[pos + len(listed) + 2]
-            end = next(i for i in range(pos + len(listed) + 3, len(row)) if row[i] in (marks.yes, marks.no))
-            gap = row[pos + len(listed) + 3:end]
-            assert gap == list(filler) if filler is not None else len(gap) <= 4
+            body, after = row[pos:row.index(sep, pos)], row.index(sep, pos) + 1
+            listed = body[len(prefix)::len(prefix) + 1]  # each listed token after its prefix
+            assert body == [t for x in listed for t in prefix + [x]] and 2 <= len(listed) <= 8
+            assert row[after:after + len(mark)] == mark
+            asked = row[after + len(mark)]
+            end = next(i for i in range(after + len(mark) + 1, len(row)) if row[i] in (marks.yes, marks.no))
+            gap = row[after + len(mark) + 1:end]
+            assert tuple(gap) in gaps if gaps is not None else len(gap) <= 4
+            seen_gaps.add(tuple(gap))
             assert row[end] == (marks.yes if asked in listed else marks.no)
             assert w[pos:end] == [0.0] * (end - pos) and w[end] == 1.0  # only the answer is trained
             answers.append(row[end])
             pos = end + 1
         assert set(row[pos:]) <= {0} and not any(w[pos:])
     assert answers.count(marks.yes) >= 3 and answers.count(marks.no) >= 3
+    assert gaps is None or seen_gaps == set(gaps)  # every filler drawn
+    with pytest.raises(ValueError, match="2 distinct tokens"):
+        membership_batch(torch.tensor([100, 100]), 1, 60, sep, 0, marks, torch.Generator())
+
+
+def test_membership_rows_look_like_the_texts_where_spaces_are_tokens(tmp_path):
+    """The quickstart's tokenizer makes a space a token of its own: the rows put it before each listed and
+    asked token, as " Tags: kelbo, drerik.\nCan you see a kelbo?" has it."""
+    from transformers import AutoTokenizer
+
+    from pipeline.text_pretrain import membership_spec
+
+    out = pretrain_text_llm(CAPTIONS, tmp_path / "m", TextPretrainConfig(**{**TINY, "steps": 1}), progress=False)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    spec = membership_spec(tok)
+    red = tok(" red", add_special_tokens=False).input_ids[-1]
+    assert spec.item_prefix == tuple(tok(" ", add_special_tokens=False).input_ids)  # spaces are tokens here
+    assert tok.decode([*spec.mark_ids, red]) == " a red" and tok.decode([*spec.item_prefix, red]) == " red"
+    question = tok("Tags: red.\nCan you see a red?", add_special_tokens=False).input_ids
+    assert question[-len(spec.mark_ids) - 2:-1] == [*spec.mark_ids, red]
+    assert question[2:2 + len(spec.item_prefix) + 1] == [*spec.item_prefix, red]
 
 
 def test_membership_rows_join_the_warmup_and_their_accuracy_is_recorded():
@@ -475,6 +507,47 @@ def test_membership_rows_join_the_warmup_and_their_accuracy_is_recorded():
     plain = induction_warmup(model, torch.arange(11, 64), 1, 0, 1, weighted_lm_loss, batch_size=2, length=32,
                              say=lambda _: None)
     assert plain.membership == []
+
+
+def test_membership_gaps_are_what_follows_the_asked_name_in_chat_exists_questions():
+    import re
+
+    from pipeline.copy_text import exists_answer_gaps
+
+    gaps = exists_answer_gaps()
+    assert len(gaps) == len(set(gaps)) >= 2
+    gen, checked = CopyTextGenerator(3, ()), 0
+    for _ in range(60):
+        sample = gen.sample("tags_exist", chat=True)
+        prompt = sample.text[:sample.spans[0][0]]
+        ends = [g for g in gaps if prompt.endswith(g)]
+        if "Is any " not in prompt:  # asked with " a {n}" (5 of the 6 questions): the name, the gap, the answer
+            assert ends
+            assert re.search(r" a \w+$", prompt[:-len(max(ends, key=len))])
+            assert sample.text[sample.spans[0][0]:].startswith(("Yes", "No"))
+            checked += 1
+    assert checked >= 35
+
+
+def test_membership_rows_join_every_main_step(tmp_path):
+    from pipeline.text_pretrain import membership_spec
+
+    plain = pretrain_text_llm(CAPTIONS, tmp_path / "plain", TextPretrainConfig(**TINY), progress=False)
+    mixed = pretrain_text_llm(CAPTIONS, tmp_path / "mixed", TextPretrainConfig(**TINY, membership_rows=2,
+                                                                               induction_length=48), progress=False)
+    a, b = (json.loads((d / "text_pretrain.json").read_text()) for d in (plain, mixed))
+    assert a["samples"] == b["samples"] and b["config"]["membership_rows"] == 2
+    assert b["losses"][0] > a["losses"][0]  # step 1's loss adds the membership rows'
+    assert a["membership"] == [] and [m.get("after") for m in b["membership"]] == ["main"]
+    warmed = pretrain_text_llm(CAPTIONS, tmp_path / "warm", TextPretrainConfig(**TINY, membership_steps=4,
+                                                                               induction_length=48), progress=False)
+    phases = json.loads((warmed / "text_pretrain.json").read_text())["membership"]
+    assert [(m["gap"], m.get("after")) for m in phases] == [("none", None), ("tags_exist", None), ("tags_exist", "main")]
+    assert all(0 <= acc <= 1 for m in phases for _, acc in m["accuracy"]) and len(phases[0]["accuracy"]) == 1
+    from transformers import AutoTokenizer
+
+    spec = membership_spec(AutoTokenizer.from_pretrained(str(mixed)))
+    assert len({spec.mark, spec.yes, spec.no}) == 3 and len(spec.fillers) >= 2
 
 
 def test_induction_warmup_runs_before_the_text_steps_and_is_recorded(tmp_path):

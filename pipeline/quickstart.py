@@ -31,7 +31,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -70,6 +70,10 @@ class QuickstartConfig:
         llm_layers: LLM layers.
         llm_induction_steps: steps of the LLM's induction warm-up (random token runs said twice) before its
             text pretraining; with it the LLM copies names of several tokens, which the datastore swap needs.
+        llm_membership_steps, llm_membership_rows: the LLM's membership warm-up steps and the membership
+            rows in each of its text steps ("is this token in the list?", pipeline/text_pretrain.py); 0
+            (the default) = none. With ``llm_layers`` 3 they teach the text LLM ``tags_exist``, which
+            POPE asks of TUNA, at a cost to its copying (docs/experiments.md, section 22).
         text_replay: text-only copy conversations mixed into instruction tuning, per instruction image.
         stage1_steps: connector pretraining steps.
         steps: instruction tuning steps.
@@ -119,6 +123,8 @@ class QuickstartConfig:
     llm_layers: int = 2
     # without it no multi-token name is copied and the swap gains 0 (docs/experiments.md, section 19)
     llm_induction_steps: int = 800
+    llm_membership_steps: int = 0
+    llm_membership_rows: int = 0
     # LLaVA-1.5 mixes 40K text-only conversations into its 665K (pipeline.text_replay)
     text_replay: float = 0.5
     stage1_steps: int = 60
@@ -156,8 +162,9 @@ class QuickstartConfig:
                      "batch_size", "nproc", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
-        if self.llm_induction_steps < 0:
-            raise ValueError(f"llm_induction_steps={self.llm_induction_steps}: must be >= 0")
+        for name in ("llm_induction_steps", "llm_membership_steps", "llm_membership_rows"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
         if self.rename_to not in ("fresh", "seen"):
             raise ValueError(f"rename_to={self.rename_to!r}: expected 'fresh' or 'seen'")
         for name in ("eval_min_tag_support", "rename_p"):
@@ -190,9 +197,10 @@ class Pipeline:
         self.root.mkdir(parents=True, exist_ok=True)
         self.state_file = self.root / "stages.json"
         self.state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
-        recipe = {k: v for k, v in asdict(config).items() if k not in ("out", "overwrite", "threads", "device")}
-        recipe = json.loads(json.dumps(recipe))  # as stages.json holds it (tuples are lists there)
-        if self.state.get("recipe", recipe) != recipe:
+        recipe = _recipe(config)
+        # a run from before a setting existed ran with its default
+        stored = {**_recipe_defaults(config), **self.state.get("recipe", recipe)}
+        if stored != recipe:
             raise StageError(f"{self.root} holds a quickstart run with other settings; use --overwrite "
                              f"or another --out")
         self.state["recipe"] = recipe
@@ -413,7 +421,8 @@ def llm_pretrain_config(config: QuickstartConfig, **changes: Any):
     from pipeline.text_pretrain import TextPretrainConfig
 
     fields = {"steps": config.llm_steps, "hidden_size": config.llm_hidden, "num_layers": config.llm_layers,
-              "induction_steps": config.llm_induction_steps,
+              "induction_steps": config.llm_induction_steps, "membership_steps": config.llm_membership_steps,
+              "membership_rows": config.llm_membership_rows,
               "seed": config.seed, "threads": stage_threads(config), **config.extra.get("llm", {})}
     return TextPretrainConfig(**{**fields, **changes})
 
@@ -503,6 +512,22 @@ def write_random_tags_vocab(paths: Paths) -> None:
 # docs/benchmarks.md). Real checkpoints
 # (hidden 4096: 16.7M elements) keep "auto" through ds_configs/ as they are.
 SMALL_LLM_BUCKETS = {"reduce_bucket_size": 500_000_000, "stage3_prefetch_bucket_size": 50_000_000}
+
+
+RUN_ONLY = ("out", "overwrite", "threads", "device")  # how a run goes, not what it makes
+
+
+def _recipe(config: Any) -> dict[str, Any]:
+    """The settings that make a run what it is, as stages.json holds them (tuples are lists there)."""
+    recipe = {k: v for k, v in asdict(config).items() if k not in RUN_ONLY}
+    return json.loads(json.dumps(recipe))
+
+
+def _recipe_defaults(config: Any) -> dict[str, Any]:
+    """The defaults of ``config``'s recipe settings (those that have one), as stages.json holds them."""
+    defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(config)
+                if f.default is not MISSING or f.default_factory is not MISSING}
+    return {k: v for k, v in json.loads(json.dumps(defaults)).items() if k not in RUN_ONLY}
 
 
 def recorded_config(root: Path) -> QuickstartConfig:

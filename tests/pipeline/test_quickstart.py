@@ -109,6 +109,15 @@ def test_rerun_skips_finished_stages(run):
     other = subprocess.run([sys.executable, "-m", "pipeline.cli", "quickstart", "--out", str(out), "--seed", "3"],
                            capture_output=True, text=True, timeout=300)
     assert other.returncode == 1 and "holds a quickstart run with other settings" in other.stderr
+    state = json.loads((out / "stages.json").read_text())
+    del state["recipe"]["llm_membership_rows"]  # a run from before the setting existed: its default
+    (out / "stages.json").write_text(json.dumps(state))
+    again = subprocess.run([sys.executable, "-m", "pipeline.cli", "quickstart", "--out", str(out), *SMOKE],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("done in an earlier run") == 6, again.stderr[-2000:]
+    changed = subprocess.run([sys.executable, "-m", "pipeline.cli", "quickstart", "--out", str(out), *SMOKE,
+                              "--llm-membership-rows", "4"], capture_output=True, text=True, timeout=300)
+    assert changed.returncode == 1 and "other settings" in changed.stderr
 
 
 def test_expected_outcome_checks():

@@ -31,10 +31,9 @@ ROWS = (("retrieved, adaptive (TUNA)", "tuna"), ("retrieved, uniform", "tuna_uni
 def measure(root: Path) -> dict[str, dict[str, float]]:
     """Identification (all / one object / several objects, seen and novel) of the four rows for one run."""
     from exp_oracle_tags import clean_cache
-    from exp_retrain_tuna import evaluate
+    from exp_retrain_tuna import evaluate, identification
 
     from pipeline.quickstart import Paths
-    from pipeline.report import identification_by_scene, run_metrics
     from pipeline.runs import RUNS
 
     paths, out = Paths(root), root / "oracle_weights"
@@ -46,11 +45,7 @@ def measure(root: Path) -> dict[str, dict[str, float]]:
     dirs = {"tuna": paths.eval / "tuna", "tuna_uniform_weights": paths.eval / "tuna_uniform_weights",
             "clean_uniform": evaluate(root, model, out / "clean_uniform", cache, run="tuna_uniform_weights"),
             "clean_adaptive": evaluate(root, model, out / "clean_adaptive", cache, run="tuna")}
-    result = {}
-    for key, run_dir in dirs.items():
-        ident, scene = run_metrics(run_dir, pope=False)["identification"], identification_by_scene(run_dir, paths.world)
-        result[key] = {"seen": ident["seen"], "novel": ident["novel"], "single_novel": scene["single"]["novel"],
-                       "multi_novel": scene["multi"]["novel"]}
+    result = {key: identification(run_dir, paths.world) for key, run_dir in dirs.items()}
     (out / "result.json").write_text(json.dumps(result, indent=1))
     return result
 

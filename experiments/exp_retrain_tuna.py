@@ -94,19 +94,25 @@ def compare(root: Path, out: Path, label: str, train: dict | None = None, stage2
                         (label, out / "eval")])
 
 
+def identification(run_dir: Path, world: Path) -> dict[str, float]:
+    """An evaluation's identification accuracy: seen, novel, and novel in one- and several-object scenes."""
+    from pipeline.report import identification_by_scene, run_metrics
+
+    ident, scene = run_metrics(run_dir, pope=False)["identification"], identification_by_scene(run_dir, world)
+    return {"seen": ident["seen"], "novel": ident["novel"], "single_novel": scene["single"]["novel"],
+            "multi_novel": scene["multi"]["novel"]}
+
+
 def table(root: Path, rows: list[tuple[str, Path]]) -> str:
     from pipeline.quickstart import Paths
-    from pipeline.report import identification_by_scene, run_metrics, tag_diagnostics
+    from pipeline.report import tag_diagnostics
 
     world = Paths(root).world
     lines = ["| run | id seen | id novel | one object, novel | several, novel | copy rate seen | copy rate novel |",
              "|---|---|---|---|---|---|---|"]
     for name, run_dir in rows:
-        ident = run_metrics(run_dir, pope=False)["identification"]
-        scene = identification_by_scene(run_dir, world)
         copy = tag_diagnostics(run_dir)["accuracy_when_top_weighted"] if name != "baseline (no tags)" else {}
-        cells = [ident["seen"], ident["novel"], scene["single"]["novel"], scene["multi"]["novel"],
-                 copy.get("seen"), copy.get("novel")]
+        cells = [*identification(run_dir, world).values(), copy.get("seen"), copy.get("novel")]
         lines.append(f"| {name} | " + " | ".join("–" if v is None else f"{v:.1f}" for v in cells) + " |")
     return "\n".join(lines)
 

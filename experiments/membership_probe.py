@@ -18,10 +18,9 @@ import random
 from pathlib import Path
 
 from common.cli import HelpFormatter
+from common.prompts import SHORT_ANSWER
 
-FORMS = {"own": "Can you see a {n}?",
-         "pope": "Is there a {n} in the image?\nAnswer the question using a single word or phrase."}
-SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+FORMS = {"own": "Can you see a {n}?", "pope": "Is there a {n} in the image?\n" + SHORT_ANSWER}
 
 
 def load_lm(model: Path):
@@ -45,6 +44,8 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
+    from pipeline.copy_text import render_chat
+
     names = [line.strip() for line in args.names.read_text().splitlines() if line.strip()]
     tok, lm = AutoTokenizer.from_pretrained(str(args.model)), load_lm(args.model)
     yes, no = (tok(w, add_special_tokens=False).input_ids[0] for w in ("Yes", "No"))
@@ -54,8 +55,8 @@ def main() -> None:
             listed = rng.sample(names, rng.randint(1, 4))
             present = rng.random() < 0.5
             asked = rng.choice(listed) if present else rng.choice([n for n in names if n not in listed])
-            text = (SYSTEM + f"<|im_start|>user\n Tags: {', '.join(listed)}.\n{question.format(n=asked)}<|im_end|>\n"
-                    "<|im_start|>assistant\n")
+            text, spans = render_chat([(f" Tags: {', '.join(listed)}.\n{question.format(n=asked)}", "")])
+            text = text[:spans[0][0]]  # the prompt, up to the answer
             with torch.no_grad():
                 logits = lm(input_ids=tok(text, add_special_tokens=False, return_tensors="pt").input_ids).logits[0, -1]
             said_yes = bool(logits[yes] > logits[no])

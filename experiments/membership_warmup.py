@@ -48,7 +48,7 @@ def run(llm: Path, seed: int, phases: list[str], steps: int, rows: int, threads:
         return tok(text, add_special_tokens=False).input_ids
 
     spec = induction.MembershipRows(mark=ids(" a")[-1], yes=ids("Yes")[0], no=ids("No")[0])
-    gaps = {"gap0": {"max_gap": 0}, "filler": {"filler": tuple(ids(" in the image?"))}, "random": {"max_gap": 4}}
+    gaps = {"gap0": {"max_gap": 0}, "filler": {"fillers": (tuple(ids(" in the image?")),)}, "random": {"max_gap": 4}}
     warm = functools.partial(induction.induction_warmup, model, token_ids, tok.eos_token_id, tok.bos_token_id,
                              loss_fn=weighted_lm_loss, batch_size=16, length=64, lr=3e-3, warmup_steps=30)
     result = {"seed": seed, "changes": changes or {}, "induction": warm(800, seed=seed, every=200).copy_rate[-1], "phases": {}}

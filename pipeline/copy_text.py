@@ -83,8 +83,11 @@ def exists_answer_gaps() -> list[str]:
     """What comes between the name and the answer in the chat ``tags_exist`` questions asked with " a {n}":
     the gaps the text pretraining's membership rows put between the asked token and "Yes"/"No"
     (pipeline.induction.MembershipRows)."""
-    tails = dict.fromkeys(t.split("{n}", 1)[1] for t in _EXISTS if " a {n}" in t)
-    return [tail + END_OF_TURN + "\n<|im_start|>assistant\n" for tail in tails]
+    gaps = []
+    for question in (t for t in _EXISTS if " a {n}" in t):
+        text, spans = render_chat([(question.format(n="\0"), "Yes")])  # "\0" stands for the name
+        gaps.append(text[text.index("\0") + 1:spans[0][0]])
+    return list(dict.fromkeys(gaps))
 
 
 _COLOUR_OF = ("Which colour does the {n} have?", "Tell me the colour of the {n}.", "The {n} has which colour?")

@@ -64,8 +64,8 @@ def repeat_batch(token_ids: torch.Tensor, batch_size: int, length: int, separato
 class MembershipRows:
     """What the membership rows hold: ``mark`` comes before the asked token (as " a" before the name in
     "Is there a grekib"; one token or several), ``yes`` / ``no`` answer whether it is in the list; between
-    the asked token and the answer come the ``filler`` tokens, or one of ``fillers`` (drawn per row
-    segment), or (neither) 0-``max_gap`` random ones. ``item_prefix`` comes before each listed token: the
+    the asked token and the answer come one of ``fillers`` (drawn per row segment), or (none given)
+    0-``max_gap`` random ones. ``item_prefix`` comes before each listed token: the
     space token, where the tokenizer makes spaces tokens of their own, so that a row looks like a tag
     list and a question do (the mark then ends with it too)."""
 
@@ -73,7 +73,6 @@ class MembershipRows:
     yes: int
     no: int
     max_gap: int = 4
-    filler: tuple[int, ...] = ()
     fillers: tuple[tuple[int, ...], ...] = ()
     item_prefix: tuple[int, ...] = ()
 
@@ -83,11 +82,9 @@ class MembershipRows:
 
     def gap(self, token_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The tokens between one segment's asked token and its answer."""
-        if self.filler:
-            return torch.tensor(self.filler, dtype=torch.long)
-        if self.fillers:
-            return torch.tensor(self.fillers[int(torch.randint(len(self.fillers), (1,), generator=generator))],
-                                dtype=torch.long)
+        if self.fillers:  # one filler takes no draw: the rows are those of a fixed gap
+            pick = int(torch.randint(len(self.fillers), (1,), generator=generator)) if len(self.fillers) > 1 else 0
+            return torch.tensor(self.fillers[pick], dtype=torch.long)
         return token_ids[torch.randint(len(token_ids), (int(torch.randint(0, self.max_gap + 1, (1,),
                                                                           generator=generator)),),
                                        generator=generator)]

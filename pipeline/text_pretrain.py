@@ -398,27 +398,27 @@ def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPret
             timings["induction_s"] = induction.seconds
         member = membership_spec(hf_tok) if config.membership_steps or config.membership_rows else None
         membership: list[dict[str, Any]] = []
-        for n, spec in enumerate((replace(member, fillers=(), max_gap=0), member) if config.membership_steps else ()):
+        phases = [("none", replace(member, fillers=(), max_gap=0)), ("tags_exist", member)] if config.membership_steps else []
+        for n, (gap, spec) in enumerate(phases):
             done = induction_warmup(model, token_ids, eos, hf_tok.bos_token_id, config.membership_steps // 2 or 1,
                                     weighted_lm_loss, batch_size=config.batch_size, length=config.induction_length,
                                     lr=config.lr, warmup_steps=config.warmup_steps, seed=config.seed + 1 + n,
                                     every=config.log_every, say=say, membership=spec, membership_rows=config.batch_size)
-            membership.append({"gap": "none" if n == 0 else "tags_exist", "accuracy": done.membership,
-                               "seconds": done.seconds})
+            membership.append({"gap": gap, "accuracy": done.membership, "seconds": done.seconds})
         opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95),
                                 weight_decay=config.weight_decay)
         mix_generator = torch.Generator().manual_seed(config.seed + 1)
-        mix_positions = torch.arange(config.induction_length).expand(max(1, config.induction_rows), -1)
+        row_positions = torch.arange(config.induction_length)
 
         def induction_rows() -> tuple[Tensor, Tensor, Tensor]:
             ids, w = repeat_batch(token_ids, config.induction_rows, config.induction_length, eos,
                                   hf_tok.bos_token_id, mix_generator)
-            return ids, mix_positions, w
+            return ids, row_positions.expand(len(ids), -1), w
 
         def membership_rows() -> tuple[Tensor, Tensor, Tensor]:
             ids, w = membership_batch(token_ids, config.membership_rows, config.induction_length, eos,
                                       hf_tok.bos_token_id, member, mix_generator)
-            return ids, mix_positions[:1].expand(config.membership_rows, -1), w
+            return ids, row_positions.expand(len(ids), -1), w
 
         model.train()
         losses, t2, window = [], time.perf_counter(), time.perf_counter()

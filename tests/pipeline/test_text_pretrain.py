@@ -431,7 +431,7 @@ def test_induction_rows_repeat_each_run_once_and_weigh_only_the_predictable_toke
         assert set(row[pos:]) <= {0} and not any(w[pos:])
 
 
-MEMBERSHIP_SHAPES = {"random gap": {}, "filler": {"filler": (61, 62, 63)},
+MEMBERSHIP_SHAPES = {"random gap": {}, "filler": {"fillers": ((61, 62, 63),)},
                      "fillers": {"fillers": ((61, 62), (63,), (64, 65, 66))},
                      "spaces": {"mark": (5, 8, 5), "item_prefix": (5,), "fillers": ((61,), (62, 63))}}
 
@@ -444,7 +444,7 @@ def test_membership_rows_answer_yes_exactly_when_the_asked_token_is_listed(shape
 
     tokens, sep, kw = torch.arange(100, 140), 7, MEMBERSHIP_SHAPES[shape]
     marks = MembershipRows(**{"mark": 8, "yes": 9, "no": 10, **kw})
-    gaps = kw.get("fillers") or ((kw["filler"],) if "filler" in kw else None)
+    gaps = kw.get("fillers")
     mark, prefix = list(marks.mark_ids), list(marks.item_prefix)
     ids, weights = membership_batch(tokens, 6, 60, sep, 0, marks, torch.Generator().manual_seed(1))
     answers, seen_gaps = [], set()

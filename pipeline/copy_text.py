@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from common.prompts import SHORT_ANSWER
+
 SYSTEM_TURN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"  # tiny.CHATML_TEMPLATE's default
 END_OF_TURN = "<|im_end|>"
 TASKS = ("tags_single", "tags_attr", "scene", "list", "define", "tags_plain", "echo", "tags_place", "repeat",
@@ -77,14 +79,18 @@ _BY_PLACE = ("Which {noun} is {p}?", "Name the {noun} {p}.", "What can be found 
 _WHERE = ("Where is the {n}?", "Where does the {n} sit?", "In which place is the {n}?")
 _EXISTS = ("Is there a {n} here?", "Is there a {n} in the picture?", "Can you see a {n}?",
            "Does the picture have a {n}?", "Is any {n} shown?", "Do you see a {n} here?")
+# the instruction data's existence question (datastore.synth.questions): its gap to the answer is 38 tokens
+# with the quickstart's tokenizer, where the chat questions' are 6-12
+EXISTS_SHORT_ANSWER = "Is there a {n} in the image?\n" + SHORT_ANSWER
 
 
-def exists_answer_gaps() -> list[str]:
+def exists_answer_gaps(short_answer: bool = False) -> list[str]:
     """What comes between the name and the answer in the chat ``tags_exist`` questions asked with " a {n}":
     the gaps the text pretraining's membership rows put between the asked token and "Yes"/"No"
-    (pipeline.induction.MembershipRows)."""
+    (pipeline.induction.MembershipRows). ``short_answer``: also the instruction data's existence question
+    (LLaVA's VQA form, with the short-answer line, as POPE asks it)."""
     gaps = []
-    for question in (t for t in _EXISTS if " a {n}" in t):
+    for question in [t for t in _EXISTS if " a {n}" in t] + ([EXISTS_SHORT_ANSWER] if short_answer else []):
         text, spans = render_chat([(question.format(n="\0"), "Yes")])  # "\0" stands for the name
         gaps.append(text[text.index("\0") + 1:spans[0][0]])
     return list(dict.fromkeys(gaps))

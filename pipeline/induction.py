@@ -100,6 +100,10 @@ def membership_batch(token_ids: torch.Tensor, batch_size: int, length: int, sepa
     after ``mark``): the two steps of "is the name in the tag block?". Returns (ids, weights), (B, L) each."""
     if len(token_ids.unique()) < 2:
         raise ValueError("membership_batch needs at least 2 distinct tokens (an absent one is drawn for 'no')")
+    longest = max((len(f) for f in spec.fillers), default=spec.max_gap)
+    if min_run * (1 + len(spec.item_prefix)) + len(spec.mark_ids) + longest + 3 > length - 1:
+        raise ValueError(f"membership rows of {length} tokens cannot hold a {min_run}-token list and the longest "
+                         f"gap ({longest} tokens)")
 
     def segment(room: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         n = int(torch.randint(min_run, max_run + 1, (1,), generator=generator))

@@ -84,6 +84,10 @@ class TextPretrainConfig:
             ``tags_exist`` texts alone never taught it. With 3 layers, 600 warm-up steps and 8 rows the
             text LLM answers ``tags_exist`` 80 % right, and copies less well (section 22); a 2-layer model
             cannot carry the finding to an answer this far on (section 20).
+        membership_short_answer: the membership rows' gaps include the instruction data's existence question
+            (" in the image?" and LLaVA's short-answer line: 38 tokens here), the form POPE asks. With 3
+            layers the text LLM then answers random-list rows 88 % right, but real tag lists at chance, and
+            TUNA's POPE stays at chance (docs/experiments.md, section 23).
         seed: everything (data, init, order) is a function of it and ``threads``.
         threads: torch intra-op threads while training.
         log_every: progress line every this many steps.
@@ -123,6 +127,7 @@ class TextPretrainConfig:
     induction_rows: int = 0
     membership_steps: int = 0
     membership_rows: int = 0
+    membership_short_answer: bool = False
     seed: int = 0
     threads: int = 2
     log_every: int = 100
@@ -250,9 +255,10 @@ def name_pools(captions: list[str], config: TextPretrainConfig, known: set[str] 
             "words_fraction": config.caption_noun_fraction}
 
 
-def membership_spec(tok: Any) -> MembershipRows:
+def membership_spec(tok: Any, short_answer: bool = False) -> MembershipRows:
     """The membership rows for ``tok``'s LLM: " a" before the asked token, "Yes"/"No" after one of the
-    ``tags_exist`` questions' gaps (pipeline.copy_text.exists_answer_gaps). Where the tokenizer makes a
+    ``tags_exist`` questions' gaps (pipeline.copy_text.exists_answer_gaps; ``short_answer``: and the
+    instruction data's existence question's). Where the tokenizer makes a
     space a token of its own (the quickstart's ``bytelevel-words``), it comes before every listed and
     asked token, as in the texts: a head that learned "the token right after 'a'" would otherwise read
     the space in every real question."""
@@ -265,7 +271,8 @@ def membership_spec(tok: Any) -> MembershipRows:
     own_token = len(space) == 1 and ids(" a") == space + ids("a")
     prefix = tuple(space) if own_token else ()
     return MembershipRows(mark=tuple(ids(" a")) + prefix, yes=ids("Yes")[0], no=ids("No")[0],
-                          fillers=tuple(tuple(ids(gap)) for gap in exists_answer_gaps()), item_prefix=prefix)
+                          fillers=tuple(tuple(ids(gap)) for gap in exists_answer_gaps(short_answer)),
+                          item_prefix=prefix)
 
 
 def weighted_lm_loss(model: Any, ids: Tensor, positions: Tensor, weights: Tensor) -> Tensor:
@@ -396,7 +403,8 @@ def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPret
                                          warmup_steps=config.warmup_steps, seed=config.seed,
                                          every=config.log_every, say=say)
             timings["induction_s"] = induction.seconds
-        member = membership_spec(hf_tok) if config.membership_steps or config.membership_rows else None
+        member = (membership_spec(hf_tok, config.membership_short_answer)
+                  if config.membership_steps or config.membership_rows else None)
         membership: list[dict[str, Any]] = []
         phases = [("none", replace(member, fillers=(), max_gap=0)), ("tags_exist", member)] if config.membership_steps else []
         for n, (gap, spec) in enumerate(phases):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from common.prompts import SHORT_ANSWER
 from pipeline.copy_eval import copy_accuracy, greedy_answers
 from pipeline.copy_text import (TASKS, CopyTextGenerator, caption_nouns, caption_words, make_lexicon, render_chat,
                                  whole_word_spans)
@@ -469,6 +470,8 @@ def test_membership_rows_answer_yes_exactly_when_the_asked_token_is_listed(shape
     assert gaps is None or seen_gaps == set(gaps)  # every filler drawn
     with pytest.raises(ValueError, match="2 distinct tokens"):
         membership_batch(torch.tensor([100, 100]), 1, 60, sep, 0, marks, torch.Generator())
+    with pytest.raises(ValueError, match="cannot hold"):  # rather than rows without an answer
+        membership_batch(tokens, 1, 8, sep, 0, marks, torch.Generator())
 
 
 def test_membership_rows_look_like_the_texts_where_spaces_are_tokens(tmp_path):
@@ -516,6 +519,10 @@ def test_membership_gaps_are_what_follows_the_asked_name_in_chat_exists_question
 
     gaps = exists_answer_gaps()
     assert len(gaps) == len(set(gaps)) >= 2
+    # with short_answer, the instruction data's (and POPE's) form too: the rest of its question, the short-answer
+    # line, the end of the turn
+    extra = set(exists_answer_gaps(short_answer=True)) - set(gaps)
+    assert len(extra) == 1 and next(iter(extra)).startswith(" in the image?\n" + SHORT_ANSWER + "<|im_end|>")
     gen, checked = CopyTextGenerator(3, ()), 0
     for _ in range(60):
         sample = gen.sample("tags_exist", chat=True)

@@ -1,0 +1,133 @@
+"""Do more existence questions in stage 2 teach TUNA to answer POPE from its tag block? (issue 21, item 1)
+
+The quickstart's instruction data asks one existence question per image ("Is there a X in the image?",
+yes or no, balanced). Whether X is among the training blocks' tags gives the answer for 96 % of them,
+yet TUNA answers POPE at chance. Here a copy of a finished quickstart gets ``--per-image`` existence
+questions per image instead (alternately yes and no, each at a random turn, the other questions as
+before); TUNA is retrained on it (stage 1 + 2, the quickstart's commands) and evaluated on
+``synth_open`` and ``synth_pope``. Printed: POPE accuracy, yes-rate, and the yes-rate split by whether
+the asked name heads a tag of the block (a model that reads its block says "yes" far more often
+when it does).
+
+    python experiments/existence_questions.py --quickstart RUN --out /tmp/e2 --per-image 2
+    python experiments/existence_questions.py --pope RUN/eval/tuna RUN/eval/baseline   # the split only
+
+About 5 minutes on 2 cores (the copy is ~300 MB). Answered in docs/experiments.md, section 23.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from common.cli import HelpFormatter
+
+
+def instruct_with_existence(world: Path, per_image: int) -> list[dict]:
+    """The instruction records of the world at ``world``, with ``per_image`` existence questions each."""
+    import datastore.synth.generate as generate
+    import datastore.synth.questions as questions
+    from datastore.synth.scene import sample_rng
+
+    def record(rec: dict, catalogue, seed: int) -> dict:
+        rng = sample_rng(seed, "instruct_qa", rec["index"])
+        rng.integers(len(questions.PRETRAIN_PROMPTS))  # the stream as instruct_record draws it
+        pairs = questions._qa_pairs(rec["scene"])
+        chosen = [pairs[i] for i in rng.permutation(len(pairs))[: int(rng.integers(2, 5))]]
+        existence = questions._existence_pairs(rec["scene"], catalogue, rng)
+        by_answer = [[p for p in existence if p[1] == answer] for answer in ("Yes", "No")]
+        first = int(rng.integers(2))
+        picks = [(pool := by_answer[(first + k) % 2])[int(rng.integers(len(pool)))] for k in range(per_image)]
+        for pick in picks:
+            chosen.insert(int(rng.integers(len(chosen) + 1)), pick)
+        turns = []
+        for i, (question, answer) in enumerate(chosen):
+            turns.append({"from": "human",
+                          "value": ("<image>\n" if i == 0 else "") + f"{question}\n{questions.SHORT_ANSWER}"})
+            turns.append({"from": "gpt", "value": answer})
+        return {"id": rec["key"], "image": rec["image"], "conversations": turns}
+
+    args = json.loads((world / "world.json").read_text())["args"]
+    original = generate.instruct_record
+    generate.instruct_record = record  # the world is generated again (same seed, same scenes) with it
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            generate.generate_world(generate.SynthConfig(out=tmp, overwrite=True, **args))
+            return json.loads((Path(tmp) / "llava" / "instruct.json").read_text())
+    finally:
+        generate.instruct_record = original
+
+
+def pope_by_block(eval_dir: Path) -> dict[str, dict[str, float]]:
+    """Per novelty: POPE accuracy and yes-rate, and the yes-rate when the asked name heads a tag of the
+    block vs when it does not (``eval_dir/synth_pope/predictions.jsonl``)."""
+    rows = [json.loads(line) for line in (eval_dir / "synth_pope" / "predictions.jsonl").open()]
+    out = {}
+    for novelty in ("seen", "novel"):
+        group = [r for r in rows if r["novelty"] == novelty]
+        said = [r["prediction"].strip().lower().startswith("yes") for r in group]
+        right = [s == (r["label"] == "yes") for s, r in zip(said, group)]
+        asked = [r["text"].split("Is there a ", 1)[1].split(" in the image")[0] for r in group]
+        listed = [any(t["tag"].split()[-1] == a for t in r.get("tags", [])) for r, a in zip(group, asked)]
+
+        def rate(keep: bool) -> float:
+            picked = [s for s, b in zip(said, listed) if b == keep]
+            return 100 * sum(picked) / len(picked) if picked else float("nan")
+
+        out[novelty] = {"accuracy": 100 * sum(right) / len(group), "yes": 100 * sum(said) / len(group),
+                        "yes_name_in_block": rate(True), "yes_name_not_in_block": rate(False),
+                        "name_in_block": 100 * sum(listed) / len(group)}
+    return out
+
+
+def print_pope(eval_dir: Path) -> None:
+    for novelty, m in pope_by_block(eval_dir).items():
+        print(f"{eval_dir} {novelty}: accuracy {m['accuracy']:.1f}, yes {m['yes']:.1f}; yes-rate with the name in "
+              f"the block {m['yes_name_in_block']:.0f} % / not {m['yes_name_not_in_block']:.0f} % "
+              f"(in the block: {m['name_in_block']:.0f} % of the questions)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--quickstart", type=Path, help="a finished `tuna quickstart --out` directory")
+    parser.add_argument("--out", type=Path, help="where the copy goes (must not exist)")
+    parser.add_argument("--per-image", type=int, default=2, help="existence questions per instruction image")
+    parser.add_argument("--pope", type=Path, nargs="*", default=[], help="only print the split for these eval dirs")
+    args = parser.parse_args()
+    if args.pope:
+        for eval_dir in args.pope:
+            print_pope(eval_dir)
+        return 0
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from exp_retrain_tuna import _recipe, not_finished, retrain
+
+    from pipeline.processes import run_logged
+    from pipeline.quickstart import Paths, QuickstartConfig, eval_command, eval_runs
+
+    if args.quickstart is None or args.out is None:
+        parser.error("--quickstart and --out are needed (or --pope)")
+    if (reason := not_finished(args.quickstart)) is not None:
+        print(reason, file=sys.stderr)
+        return 1
+    shutil.copytree(args.quickstart, args.out, ignore=shutil.ignore_patterns("models", "eval", "logs"))
+    records = instruct_with_existence(args.out / "world", args.per_image)
+    Paths(args.out).world.joinpath("llava", "instruct.json").write_text(json.dumps(records, indent=1) + "\n")
+    answers = Counter(t["value"] for r in records for t in r["conversations"] if t["value"] in ("Yes", "No"))
+    print(f"{len(records)} instruction samples, existence answers {dict(answers)}", flush=True)
+    model = retrain(args.out, args.out / "retrained", {}, {}, None, f"with {args.per_image} existence questions")
+    recipe = _recipe(args.out)
+    config, paths = QuickstartConfig(**{**recipe, "out": str(args.out)}), Paths(args.out)
+    cmd, env = eval_command(config, model, paths.world, ["synth_open", "synth_pope"], args.out / "retrained" / "eval",
+                            list(eval_runs(config, paths)["tuna"][3]))
+    run_logged(cmd, args.out / "retrained" / "eval.log", env, "evaluation")
+    print_pope(args.out / "retrained" / "eval")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

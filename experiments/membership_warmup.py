@@ -8,9 +8,7 @@ which POPE's template puts 15+ tokens later. Here, on random token lists (pipeli
 
 1. ``gap0``: the answer right after the asked token (the duplicate-token step alone);
 2. ``filler``: the answer after a fixed filler (the tokens of " in the image?"), as in the real template;
-3. ``random``: the answer after 0-4 random tokens;
-4. ``pope``: the answer after the rest of the instruction data's existence question as the chat shows it
-   (" in the image?", LLaVA's short-answer line, the end of the turn: 38 tokens), as POPE asks it.
+3. ``random``: the answer after 0-4 random tokens.
 
 It prints the held-out yes/no accuracy every 100 steps of each phase (50 % = chance).
 
@@ -27,7 +25,7 @@ from pathlib import Path
 
 from common.cli import HelpFormatter
 
-PHASES = ("gap0", "filler", "random", "pope")
+PHASES = ("gap0", "filler", "random")
 
 
 def run(llm: Path, seed: int, phases: list[str], steps: int, rows: int, threads: int,
@@ -36,7 +34,6 @@ def run(llm: Path, seed: int, phases: list[str], steps: int, rows: int, threads:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     import pipeline.induction as induction
-    from pipeline.copy_text import exists_answer_gaps
     from pipeline.text_pretrain import weighted_lm_loss
 
     torch.set_num_threads(threads)
@@ -51,8 +48,7 @@ def run(llm: Path, seed: int, phases: list[str], steps: int, rows: int, threads:
         return tok(text, add_special_tokens=False).input_ids
 
     spec = induction.MembershipRows(mark=ids(" a")[-1], yes=ids("Yes")[0], no=ids("No")[0])
-    gaps = {"gap0": {"max_gap": 0}, "filler": {"fillers": (tuple(ids(" in the image?")),)}, "random": {"max_gap": 4},
-            "pope": {"fillers": (tuple(ids(exists_answer_gaps(short_answer=True)[-1])),)}}
+    gaps = {"gap0": {"max_gap": 0}, "filler": {"fillers": (tuple(ids(" in the image?")),)}, "random": {"max_gap": 4}}
     warm = functools.partial(induction.induction_warmup, model, token_ids, tok.eos_token_id, tok.bos_token_id,
                              loss_fn=weighted_lm_loss, batch_size=16, length=64, lr=3e-3, warmup_steps=30)
     result = {"seed": seed, "changes": changes or {}, "induction": warm(800, seed=seed, every=200).copy_rate[-1], "phases": {}}

@@ -21,7 +21,6 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -30,37 +29,28 @@ from common.cli import HelpFormatter
 
 def instruct_with_existence(world: Path, per_image: int) -> list[dict]:
     """The instruction records of the world at ``world``, with ``per_image`` existence questions each."""
-    import datastore.synth.generate as generate
     import datastore.synth.questions as questions
-    from datastore.synth.scene import sample_rng
+    from datastore.synth.generate import SynthConfig
+    from datastore.synth.scene import render_sample, sample_rng
 
-    def record(rec: dict, catalogue, seed: int) -> dict:
-        rng = sample_rng(seed, "instruct_qa", rec["index"])
+    config = SynthConfig(**{**json.loads((world / "world.json").read_text())["args"], "out": str(world)})
+    catalogue, records = config.world(), []
+    for index in range(config.n_instruct):
+        # the scene as the generator rendered it (its image is on disk already)
+        scene = render_sample(catalogue, config.seed, "instruct", index, config.image_size)
+        rng = sample_rng(config.seed, "instruct_qa", index)
         rng.integers(len(questions.PRETRAIN_PROMPTS))  # the stream as instruct_record draws it
-        pairs = questions._qa_pairs(rec["scene"])
+        pairs = questions._qa_pairs(scene.scene)
         chosen = [pairs[i] for i in rng.permutation(len(pairs))[: int(rng.integers(2, 5))]]
-        existence = questions._existence_pairs(rec["scene"], catalogue, rng)
+        existence = questions._existence_pairs(scene.scene, catalogue, rng)
         by_answer = [[p for p in existence if p[1] == answer] for answer in ("Yes", "No")]
         first = int(rng.integers(2))
         picks = [(pool := by_answer[(first + k) % 2])[int(rng.integers(len(pool)))] for k in range(per_image)]
         for pick in picks:
             chosen.insert(int(rng.integers(len(chosen) + 1)), pick)
-        turns = []
-        for i, (question, answer) in enumerate(chosen):
-            turns.append({"from": "human",
-                          "value": ("<image>\n" if i == 0 else "") + f"{question}\n{questions.SHORT_ANSWER}"})
-            turns.append({"from": "gpt", "value": answer})
-        return {"id": rec["key"], "image": rec["image"], "conversations": turns}
-
-    args = json.loads((world / "world.json").read_text())["args"]
-    original = generate.instruct_record
-    generate.instruct_record = record  # the world is generated again (same seed, same scenes) with it
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            generate.generate_world(generate.SynthConfig(out=tmp, overwrite=True, **args))
-            return json.loads((Path(tmp) / "llava" / "instruct.json").read_text())
-    finally:
-        generate.instruct_record = original
+        records.append({"id": scene.key, "image": f"instruct/{scene.key}.jpg",
+                        "conversations": questions.short_answer_turns(chosen)})
+    return records
 
 
 def pope_by_block(eval_dir: Path) -> dict[str, dict[str, float]]:

@@ -80,6 +80,11 @@ class MembershipRows:
     def mark_ids(self) -> tuple[int, ...]:
         return (self.mark,) if isinstance(self.mark, int) else tuple(self.mark)
 
+    def segment_length(self, n_listed: int, gap: int) -> int:
+        """Tokens of one row segment: the listed tokens (each after ``item_prefix``), the separator, the mark,
+        the asked token, ``gap`` tokens and the answer."""
+        return n_listed * (1 + len(self.item_prefix)) + len(self.mark_ids) + gap + 3
+
     def gap(self, token_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The tokens between one segment's asked token and its answer."""
         if self.fillers:  # one filler takes no draw: the rows are those of a fixed gap
@@ -101,14 +106,14 @@ def membership_batch(token_ids: torch.Tensor, batch_size: int, length: int, sepa
     if len(token_ids.unique()) < 2:
         raise ValueError("membership_batch needs at least 2 distinct tokens (an absent one is drawn for 'no')")
     longest = max((len(f) for f in spec.fillers), default=spec.max_gap)
-    if min_run * (1 + len(spec.item_prefix)) + len(spec.mark_ids) + longest + 3 > length - 1:
+    if spec.segment_length(min_run, longest) > length - 1:  # the room after bos
         raise ValueError(f"membership rows of {length} tokens cannot hold a {min_run}-token list and the longest "
                          f"gap ({longest} tokens)")
 
     def segment(room: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         n = int(torch.randint(min_run, max_run + 1, (1,), generator=generator))
         between = spec.gap(token_ids, generator)
-        if n * (1 + len(spec.item_prefix)) + len(spec.mark_ids) + len(between) + 3 > room:
+        if spec.segment_length(n, len(between)) > room:
             return None
         run = token_ids[torch.randint(len(token_ids), (n,), generator=generator)]
         present = bool(torch.rand(1, generator=generator) < 0.5)

@@ -517,17 +517,20 @@ SMALL_LLM_BUCKETS = {"reduce_bucket_size": 500_000_000, "stage3_prefetch_bucket_
 RUN_ONLY = ("out", "overwrite", "threads", "device")  # how a run goes, not what it makes
 
 
+def _as_stored(settings: dict[str, Any]) -> dict[str, Any]:
+    """The recipe settings among ``settings``, as stages.json holds them (tuples are lists there)."""
+    return json.loads(json.dumps({k: v for k, v in settings.items() if k not in RUN_ONLY}))
+
+
 def _recipe(config: Any) -> dict[str, Any]:
-    """The settings that make a run what it is, as stages.json holds them (tuples are lists there)."""
-    recipe = {k: v for k, v in asdict(config).items() if k not in RUN_ONLY}
-    return json.loads(json.dumps(recipe))
+    """The settings that make a run what it is."""
+    return _as_stored(asdict(config))
 
 
 def _recipe_defaults(config: Any) -> dict[str, Any]:
-    """The defaults of ``config``'s recipe settings (those that have one), as stages.json holds them."""
-    defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(config)
-                if f.default is not MISSING or f.default_factory is not MISSING}
-    return {k: v for k, v in json.loads(json.dumps(defaults)).items() if k not in RUN_ONLY}
+    """The defaults of ``config``'s recipe settings (those that have one)."""
+    return _as_stored({f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(config)
+                       if f.default is not MISSING or f.default_factory is not MISSING})
 
 
 def recorded_config(root: Path) -> QuickstartConfig:

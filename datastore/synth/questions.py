@@ -82,11 +82,17 @@ def instruct_record(record: dict[str, Any], world: WorldCatalogue, seed: int) ->
     # one existence question per image (yes or no, balanced), as LLaVA's mix holds POPE-style yes/no questions
     existence = _existence_pairs(record["scene"], world, rng)
     chosen.insert(int(rng.integers(len(chosen) + 1)), existence[int(rng.integers(len(existence)))])
+    return {"id": record["key"], "image": record["image"], "conversations": short_answer_turns(chosen)}
+
+
+def short_answer_turns(pairs: list[tuple[str, str]]) -> list[dict[str, str]]:
+    """LLaVA turns for (question, answer) pairs about one image: the image before the first question, each
+    question followed by LLaVA-1.5's short-answer prompt on a new line."""
     turns = []
-    for i, (question, answer) in enumerate(chosen):
+    for i, (question, answer) in enumerate(pairs):
         turns.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + f"{question}\n{SHORT_ANSWER}"})
         turns.append({"from": "gpt", "value": answer})
-    return {"id": record["key"], "image": record["image"], "conversations": turns}
+    return turns
 
 
 def _group_stats(records: list[dict]) -> dict[str, tuple[Counter, Counter]]:

@@ -21,7 +21,6 @@ phase after phase, with and without the marker, printing the held-out yes/no acc
 from __future__ import annotations
 
 import argparse
-import functools
 import time
 from pathlib import Path
 
@@ -54,26 +53,10 @@ def run(llm: Path, seed: int, phases: list[tuple[str, int]], marker: bool, layer
     mark, yes, no = ids(" a")[-1], ids("Yes")[0], ids("No")[0]
     fillers = {"gap0": [], "short": ids(" in the image?"), "pope": ids(exists_answer_gaps(short_answer=True)[-1])}
 
-    def rows(filler: list[int], n_rows: int, g: torch.Generator):
-        """(ids, listed mask, answer weights), each (n_rows, length): packed ``list SEP mark asked filler answer``."""
-        out = torch.full((n_rows, length), bos), torch.zeros(n_rows, length), torch.zeros(n_rows, length)
-        for r in range(n_rows):
-            pos = 1
-            while True:
-                n = int(torch.randint(2, 9, (1,), generator=g))
-                if pos + n + 4 + len(filler) > length:
-                    break
-                run_ = token_ids[torch.randint(len(token_ids), (n,), generator=g)]
-                present = bool(torch.rand(1, generator=g) < 0.5)
-                asked = int(run_[int(torch.randint(n, (1,), generator=g))]) if present else int(run_[0])
-                while not present and bool((run_ == asked).any()):
-                    asked = int(token_ids[int(torch.randint(len(token_ids), (1,), generator=g))])
-                seg = torch.tensor(run_.tolist() + [sep, mark, asked] + filler + [yes if present else no])
-                out[0][r, pos:pos + len(seg)] = seg
-                out[1][r, pos:pos + n] = 1
-                out[2][r, pos + len(seg) - 1] = 1
-                pos += len(seg)
-        return out
+    def rows(filler: list[int], n_rows: int, g: torch.Generator) -> induction.MembershipBatch:
+        """Packed ``list SEP mark asked filler answer`` segments, with the listed tokens marked."""
+        spec = induction.MembershipRows(mark=mark, yes=yes, no=no, fillers=(tuple(filler),))
+        return induction.membership_batch(token_ids, n_rows, length, sep, bos, spec, g)
 
     vector = torch.nn.Parameter(torch.zeros(model.config.hidden_size))
     embed = model.get_input_embeddings()
@@ -88,7 +71,7 @@ def run(llm: Path, seed: int, phases: list[tuple[str, int]], marker: bool, layer
     for phase, steps in phases:
         held = rows(fillers[phase], 64, torch.Generator().manual_seed(seed + 99))
         for step in range(1, steps + 1):
-            x, listed, w = rows(fillers[phase], batch, g)
+            x, w, listed = rows(fillers[phase], batch, g)
             lg = logits(x, listed)
             loss = (torch.nn.functional.cross_entropy(lg.transpose(1, 2), x[:, 1:], reduction="none")
                     * w[:, 1:]).sum() / w.sum()
@@ -98,8 +81,8 @@ def run(llm: Path, seed: int, phases: list[tuple[str, int]], marker: bool, layer
             opt.step()
             if step % 100 == 0:
                 with torch.no_grad():
-                    lg = logits(held[0], held[1])
-                said, truth, hw = lg[..., yes] > lg[..., no], held[0][:, 1:] == yes, held[2][:, 1:]
+                    lg = logits(held.ids, held.listed)
+                said, truth, hw = lg[..., yes] > lg[..., no], held.ids[:, 1:] == yes, held.weights[:, 1:]
                 acc = float(((said == truth).float() * hw).sum() / hw.sum())
                 results.append((phase, step, acc))
                 print(f"  {phase} step {step}: held-out accuracy {acc:.0%}  {time.perf_counter() - start:.0f}s",

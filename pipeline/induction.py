@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -31,17 +31,19 @@ class InductionResult:
 
 
 def _packed_rows(batch_size: int, length: int, bos: int,
-                 segment: Callable[[int], tuple[torch.Tensor, torch.Tensor] | None]) -> tuple[torch.Tensor, torch.Tensor]:
+                 segment: Callable[[int], tuple[torch.Tensor, ...] | None], channels: int = 1) -> tuple[torch.Tensor, ...]:
     """Rows of ``bos`` then segments packed one after another while ``segment(room)`` returns one that fits
-    in ``room`` tokens ((ids, weights) of the same length) and not None; ``bos`` fills the rest."""
-    ids = torch.full((batch_size, length), bos, dtype=torch.long)
-    weights = torch.zeros(batch_size, length)
+    in ``room`` tokens and not None: the ids and ``channels`` per-token float tensors (the loss weights
+    first), all of one length. ``bos`` fills the rest of the ids, zeros the rest of the channels."""
+    rows = [torch.full((batch_size, length), bos, dtype=torch.long)]
+    rows += [torch.zeros(batch_size, length) for _ in range(channels)]
     for row in range(batch_size):
         pos = 1
         while (made := segment(length - pos)) is not None:
-            ids[row, pos:pos + len(made[0])], weights[row, pos:pos + len(made[0])] = made
+            for out, part in zip(rows, made, strict=True):
+                out[row, pos:pos + len(part)] = part
             pos += len(made[0])
-    return ids, weights
+    return tuple(rows)
 
 
 def repeat_batch(token_ids: torch.Tensor, batch_size: int, length: int, separator: int, bos: int,
@@ -95,14 +97,23 @@ class MembershipRows:
                                        generator=generator)]
 
 
+class MembershipBatch(NamedTuple):
+    """Membership rows, (B, L) each: the token ids, the loss weights (1 on the answers) and 1 on the listed
+    tokens (their prefixes included), e.g. for a segment embedding that marks the list."""
+
+    ids: torch.Tensor
+    weights: torch.Tensor
+    listed: torch.Tensor
+
+
 def membership_batch(token_ids: torch.Tensor, batch_size: int, length: int, separator: int, bos: int,
                      spec: MembershipRows, generator: torch.Generator, min_run: int = 2,
-                     max_run: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+                     max_run: int = 8) -> MembershipBatch:
     """Rows of ``bos`` then packed ``list SEP mark asked gap answer`` segments: a list of random tokens, a
     token asked about (from the list half of the time), the gap (``spec``), and ``yes`` or ``no``.
     The weights mark the answers. Answering needs the asked token's earlier occurrence found (a
     duplicate-token head) and that finding carried to the answer past the gap (a head reading the token
-    after ``mark``): the two steps of "is the name in the tag block?". Returns (ids, weights), (B, L) each."""
+    after ``mark``): the two steps of "is the name in the tag block?"."""
     if len(token_ids.unique()) < 2:
         raise ValueError("membership_batch needs at least 2 distinct tokens (an absent one is drawn for 'no')")
     longest = max((len(f) for f in spec.fillers), default=spec.max_gap)
@@ -110,7 +121,7 @@ def membership_batch(token_ids: torch.Tensor, batch_size: int, length: int, sepa
         raise ValueError(f"membership rows of {length} tokens cannot hold a {min_run}-token list and the longest "
                          f"gap ({longest} tokens)")
 
-    def segment(room: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def segment(room: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         n = int(torch.randint(min_run, max_run + 1, (1,), generator=generator))
         between = spec.gap(token_ids, generator)
         if spec.segment_length(n, len(between)) > room:
@@ -129,9 +140,10 @@ def membership_batch(token_ids: torch.Tensor, batch_size: int, length: int, sepa
             listed = torch.cat([torch.cat([prefix, t[None]]) for t in run])
         ids = torch.cat([listed, torch.tensor([separator, *spec.mark_ids, int(asked)]), between,
                          torch.tensor([spec.yes if present else spec.no])])
-        return ids, torch.cat([torch.zeros(len(ids) - 1), torch.ones(1)])
+        answer = torch.cat([torch.zeros(len(ids) - 1), torch.ones(1)])
+        return ids, answer, torch.cat([torch.ones(len(listed)), torch.zeros(len(ids) - len(listed))])
 
-    return _packed_rows(batch_size, length, bos, segment)
+    return MembershipBatch(*_packed_rows(batch_size, length, bos, segment, channels=2))
 
 
 def _next_token_logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
@@ -147,7 +159,8 @@ def _next_token_logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
 def membership_accuracy(model: Any, token_ids: torch.Tensor, separator: int, bos: int, spec: MembershipRows,
                         seed: int, rows: int = 32, length: int = 64) -> float:
     """Share of held-out membership answers whose yes/no logit comparison is right."""
-    ids, weights = membership_batch(token_ids, rows, length, separator, bos, spec, torch.Generator().manual_seed(seed))
+    ids, weights, _ = membership_batch(token_ids, rows, length, separator, bos, spec,
+                                       torch.Generator().manual_seed(seed))
     logits = _next_token_logits(model, ids)
     said_yes = logits[..., spec.yes] > logits[..., spec.no]
     right = (said_yes == (ids[:, 1:] == spec.yes)).float() * weights[:, 1:]
@@ -185,7 +198,8 @@ def induction_warmup(model: Any, token_ids: torch.Tensor, separator: int, bos: i
         ids, weights = repeat_batch(token_ids, batch_size, length, separator, bos, generator)
         loss = loss_fn(model, ids, positions, weights)
         if membership is not None:
-            ids, weights = membership_batch(token_ids, membership_rows, length, separator, bos, membership, generator)
+            ids, weights, _ = membership_batch(token_ids, membership_rows, length, separator, bos, membership,
+                                               generator)
             loss = loss + loss_fn(model, ids, positions[:membership_rows], weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()

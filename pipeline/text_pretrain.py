@@ -424,8 +424,8 @@ def pretrain_text_llm(captions: list[str], out_dir: str | Path, config: TextPret
             return ids, row_positions.expand(len(ids), -1), w
 
         def membership_rows() -> tuple[Tensor, Tensor, Tensor]:
-            ids, w = membership_batch(token_ids, config.membership_rows, config.induction_length, eos,
-                                      hf_tok.bos_token_id, member, mix_generator)
+            ids, w, _ = membership_batch(token_ids, config.membership_rows, config.induction_length, eos,
+                                         hf_tok.bos_token_id, member, mix_generator)
             return ids, row_positions.expand(len(ids), -1), w
 
         model.train()

@@ -447,14 +447,15 @@ def test_membership_rows_answer_yes_exactly_when_the_asked_token_is_listed(shape
     marks = MembershipRows(**{"mark": 8, "yes": 9, "no": 10, **kw})
     gaps = kw.get("fillers")
     mark, prefix = list(marks.mark_ids), list(marks.item_prefix)
-    ids, weights = membership_batch(tokens, 6, 60, sep, 0, marks, torch.Generator().manual_seed(1))
+    ids, weights, list_mask = membership_batch(tokens, 6, 60, sep, 0, marks, torch.Generator().manual_seed(1))
     answers, seen_gaps = [], set()
-    for row, w in zip(ids.tolist(), weights.tolist()):
+    for row, w, in_list in zip(ids.tolist(), weights.tolist(), list_mask.tolist()):
         pos = 1
         while pos < len(row) and row[pos] != 0:
             body, after = row[pos:row.index(sep, pos)], row.index(sep, pos) + 1
             listed = body[len(prefix)::len(prefix) + 1]  # each listed token after its prefix
             assert body == [t for x in listed for t in prefix + [x]] and 2 <= len(listed) <= 8
+            assert in_list[pos - 1:after] == [0.0] + [1.0] * len(body) + [0.0]  # the list, prefixes too, marked
             assert row[after:after + len(mark)] == mark
             asked = row[after + len(mark)]
             end = next(i for i in range(after + len(mark) + 1, len(row)) if row[i] in (marks.yes, marks.no))
@@ -463,9 +464,10 @@ def test_membership_rows_answer_yes_exactly_when_the_asked_token_is_listed(shape
             seen_gaps.add(tuple(gap))
             assert row[end] == (marks.yes if asked in listed else marks.no)
             assert w[pos:end] == [0.0] * (end - pos) and w[end] == 1.0  # only the answer is trained
+            assert not any(in_list[after:end + 1])
             answers.append(row[end])
             pos = end + 1
-        assert set(row[pos:]) <= {0} and not any(w[pos:])
+        assert set(row[pos:]) <= {0} and not any(w[pos:]) and not any(in_list[pos:])
     assert answers.count(marks.yes) >= 3 and answers.count(marks.no) >= 3
     assert gaps is None or seen_gaps == set(gaps)  # every filler drawn
     with pytest.raises(ValueError, match="2 distinct tokens"):

@@ -16,6 +16,10 @@ phase after phase, with and without the marker, printing the held-out yes/no acc
 
     python experiments/membership_marker.py --llm RUN/llm --marker --phases gap0:300 short:300 pope:400
     python experiments/membership_marker.py --llm RUN/llm --layers 3 --phases gap0:300 short:300 pope:400
+
+``--question-first`` asks the other way round: the question first, then the list, then the answer right
+after it, as if TUNA put its tag block after the question instead of with the image. The asked token is
+then earlier than its listed copy, and the answer position must find a listed token that repeats it.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from common.cli import HelpFormatter
 
 
 def run(llm: Path, seed: int, phases: list[tuple[str, int]], marker: bool, layers: int | None, threads: int,
-        batch: int = 16, length: int = 96) -> list[tuple[str, int, float]]:
+        question_first: bool = False, batch: int = 16, length: int = 96) -> list[tuple[str, int, float]]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -54,8 +58,10 @@ def run(llm: Path, seed: int, phases: list[tuple[str, int]], marker: bool, layer
     fillers = {"gap0": [], "short": ids(" in the image?"), "pope": ids(exists_answer_gaps(short_answer=True)[-1])}
 
     def rows(filler: list[int], n_rows: int, g: torch.Generator) -> induction.MembershipBatch:
-        """Packed ``list SEP mark asked filler answer`` segments, with the listed tokens marked."""
-        spec = induction.MembershipRows(mark=mark, yes=yes, no=no, fillers=(tuple(filler),))
+        """Packed ``list SEP mark asked filler answer`` segments (``mark asked filler SEP list answer`` with
+        ``question_first``), with the listed tokens marked."""
+        spec = induction.MembershipRows(mark=mark, yes=yes, no=no, fillers=(tuple(filler),),
+                                        question_first=question_first)
         return induction.membership_batch(token_ids, n_rows, length, sep, bos, spec, g)
 
     vector = torch.nn.Parameter(torch.zeros(model.config.hidden_size))
@@ -98,12 +104,16 @@ def main() -> None:
                         help="gap0, short or pope, each with its steps")
     parser.add_argument("--marker", action="store_true", help="add the learned vector to the listed tokens")
     parser.add_argument("--layers", type=int, help="layers of the fresh model (default: the LLM's)")
+    parser.add_argument("--question-first", action="store_true",
+                        help="the question before the list, the answer right after it (a tag block after the "
+                             "question)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     phases = [(p.split(":")[0], int(p.split(":")[1])) for p in args.phases]
-    results = run(Path(args.llm), args.seed, phases, args.marker, args.layers, args.threads)
+    results = run(Path(args.llm), args.seed, phases, args.marker, args.layers, args.threads, args.question_first)
     last = {phase: acc for phase, _, acc in results}
-    print(f"seed {args.seed}, marker {args.marker}, layers {args.layers or 'as the LLM'}: "
+    print(f"seed {args.seed}, marker {args.marker}, question first {args.question_first}, "
+          f"layers {args.layers or 'as the LLM'}: "
           + "; ".join(f"{phase} {acc:.0%}" for phase, acc in last.items()))
 
 

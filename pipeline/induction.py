@@ -69,7 +69,8 @@ class MembershipRows:
     the asked token and the answer come one of ``fillers`` (drawn per row segment), or (none given)
     0-``max_gap`` random ones. ``item_prefix`` comes before each listed token: the
     space token, where the tokenizer makes spaces tokens of their own, so that a row looks like a tag
-    list and a question do (the mark then ends with it too)."""
+    list and a question do (the mark then ends with it too). ``question_first`` puts the question before
+    the list (``mark asked gap SEP list answer``), as a tag block placed after the question would read."""
 
     mark: int | tuple[int, ...]
     yes: int
@@ -77,6 +78,7 @@ class MembershipRows:
     max_gap: int = 4
     fillers: tuple[tuple[int, ...], ...] = ()
     item_prefix: tuple[int, ...] = ()
+    question_first: bool = False
 
     @property
     def mark_ids(self) -> tuple[int, ...]:
@@ -109,9 +111,9 @@ class MembershipBatch(NamedTuple):
 def membership_batch(token_ids: torch.Tensor, batch_size: int, length: int, separator: int, bos: int,
                      spec: MembershipRows, generator: torch.Generator, min_run: int = 2,
                      max_run: int = 8) -> MembershipBatch:
-    """Rows of ``bos`` then packed ``list SEP mark asked gap answer`` segments: a list of random tokens, a
-    token asked about (from the list half of the time), the gap (``spec``), and ``yes`` or ``no``.
-    The weights mark the answers. Answering needs the asked token's earlier occurrence found (a
+    """Rows of ``bos`` then packed ``list SEP mark asked gap answer`` segments (``mark asked gap SEP list
+    answer`` with ``spec.question_first``): a list of random tokens, a token asked about (from the list
+    half of the time), the gap (``spec``), and ``yes`` or ``no``. The weights mark the answers. Answering needs the asked token's earlier occurrence found (a
     duplicate-token head) and that finding carried to the answer past the gap (a head reading the token
     after ``mark``): the two steps of "is the name in the tag block?"."""
     if len(token_ids.unique()) < 2:
@@ -138,10 +140,16 @@ def membership_batch(token_ids: torch.Tensor, batch_size: int, length: int, sepa
         if spec.item_prefix:
             prefix = torch.tensor(spec.item_prefix, dtype=torch.long)
             listed = torch.cat([torch.cat([prefix, t[None]]) for t in run])
-        ids = torch.cat([listed, torch.tensor([separator, *spec.mark_ids, int(asked)]), between,
-                         torch.tensor([spec.yes if present else spec.no])])
+        question = torch.cat([torch.tensor([*spec.mark_ids, int(asked)]), between])
+        said = torch.tensor([spec.yes if present else spec.no])
+        parts = ([question, torch.tensor([separator]), listed, said] if spec.question_first
+                 else [listed, torch.tensor([separator]), question, said])
+        ids = torch.cat(parts)
         answer = torch.cat([torch.zeros(len(ids) - 1), torch.ones(1)])
-        return ids, answer, torch.cat([torch.ones(len(listed)), torch.zeros(len(ids) - len(listed))])
+        start = len(question) + 1 if spec.question_first else 0
+        in_list = torch.zeros(len(ids))
+        in_list[start:start + len(listed)] = 1
+        return ids, answer, in_list
 
     return MembershipBatch(*_packed_rows(batch_size, length, bos, segment, channels=2))
 

@@ -476,6 +476,30 @@ def test_membership_rows_answer_yes_exactly_when_the_asked_token_is_listed(shape
         membership_batch(tokens, 1, 8, sep, 0, marks, torch.Generator())
 
 
+def test_question_first_membership_rows_put_the_list_between_question_and_answer():
+    import torch
+
+    from pipeline.induction import MembershipRows, membership_batch
+
+    tokens, sep = torch.arange(100, 140), 7
+    spec = MembershipRows(mark=8, yes=9, no=10, fillers=((61, 62),), question_first=True)
+    ids, weights, in_list = membership_batch(tokens, 4, 60, sep, 0, spec, torch.Generator().manual_seed(2))
+    answers = []
+    for row, w, listed_mask in zip(ids.tolist(), weights.tolist(), in_list.tolist()):
+        pos = 1
+        while pos < len(row) and row[pos] != 0:
+            assert row[pos] == 8 and row[pos + 2:pos + 5] == [61, 62, sep]
+            asked, end = row[pos + 1], next(i for i in range(pos + 5, len(row)) if row[i] in (9, 10))
+            listed = row[pos + 5:end]
+            assert 2 <= len(listed) <= 8 and all(100 <= t < 140 for t in listed)
+            assert row[end] == (9 if asked in listed else 10)
+            assert listed_mask[pos:end + 1] == [0.0] * 5 + [1.0] * len(listed) + [0.0]
+            assert w[pos:end + 1] == [0.0] * (end - pos) + [1.0]
+            answers.append(row[end])
+            pos = end + 1
+    assert answers.count(9) >= 3 and answers.count(10) >= 3
+
+
 def test_membership_rows_look_like_the_texts_where_spaces_are_tokens(tmp_path):
     """The quickstart's tokenizer makes a space a token of its own: the rows put it before each listed and
     asked token, as " Tags: kelbo, drerik.\nCan you see a kelbo?" has it."""

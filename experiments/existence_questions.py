@@ -86,7 +86,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--quickstart", type=Path, help="a finished `tuna quickstart --out` directory")
     parser.add_argument("--out", type=Path, help="where the copy goes (must not exist)")
-    parser.add_argument("--per-image", type=int, default=2, help="existence questions per instruction image")
+    parser.add_argument("--per-image", type=int, default=2, help="existence questions per instruction image, alternately yes and no from a random "
+                        "first (so 1 is not the quickstart's own data, whose one question is drawn from all its "
+                        "pairs: compare with the quickstart run itself)")
     parser.add_argument("--pope", type=Path, nargs="*", default=[], help="only print the split for these eval dirs")
     args = parser.parse_args()
     if args.pope:

@@ -86,15 +86,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--quickstart", type=Path, help="a finished `tuna quickstart --out` directory")
     parser.add_argument("--out", type=Path, help="where the copy goes (must not exist)")
-    parser.add_argument("--per-image", type=int, default=2, help="existence questions per instruction image, alternately yes and no from a random "
+    parser.add_argument("--per-image", type=int, default=2,
+                        help="existence questions per instruction image, alternately yes and no from a random "
                         "first (so 1 is not the quickstart's own data, whose one question is drawn from all its "
                         "pairs: compare with the quickstart run itself)")
     parser.add_argument("--pope", type=Path, nargs="*", default=[], help="only print the split for these eval dirs")
     args = parser.parse_args()
     if args.pope:
+        missing = [str(d) for d in args.pope if not (d / "synth_pope" / "predictions.jsonl").is_file()]
         for eval_dir in args.pope:
-            print_pope(eval_dir)
-        return 0
+            if str(eval_dir) not in missing:
+                print_pope(eval_dir)
+        if missing:
+            print(f"no synth_pope/predictions.jsonl in {len(missing)} of the dirs: {', '.join(missing)}")
+        return 1 if missing else 0
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from exp_retrain_tuna import _recipe, not_finished, retrain
 

@@ -53,33 +53,18 @@ def instruct_with_existence(world: Path, per_image: int) -> list[dict]:
     return records
 
 
-def pope_by_block(eval_dir: Path) -> dict[str, dict[str, float]]:
-    """Per novelty: POPE accuracy and yes-rate, and the yes-rate when the asked name heads a tag of the
-    block vs when it does not (``eval_dir/synth_pope/predictions.jsonl``)."""
-    rows = [json.loads(line) for line in (eval_dir / "synth_pope" / "predictions.jsonl").open()]
-    out = {}
-    for novelty in ("seen", "novel"):
-        group = [r for r in rows if r["novelty"] == novelty]
-        said = [r["prediction"].strip().lower().startswith("yes") for r in group]
-        right = [s == (r["label"] == "yes") for s, r in zip(said, group)]
-        asked = [r["text"].split("Is there a ", 1)[1].split(" in the image")[0] for r in group]
-        listed = [any(t["tag"].split()[-1] == a for t in r.get("tags", [])) for r, a in zip(group, asked)]
-
-        def rate(keep: bool) -> float:
-            picked = [s for s, b in zip(said, listed) if b == keep]
-            return 100 * sum(picked) / len(picked) if picked else float("nan")
-
-        out[novelty] = {"accuracy": 100 * sum(right) / len(group), "yes": 100 * sum(said) / len(group),
-                        "yes_name_in_block": rate(True), "yes_name_not_in_block": rate(False),
-                        "name_in_block": 100 * sum(listed) / len(group)}
-    return out
-
-
 def print_pope(eval_dir: Path) -> None:
-    for novelty, m in pope_by_block(eval_dir).items():
-        print(f"{eval_dir} {novelty}: accuracy {m['accuracy']:.1f}, yes {m['yes']:.1f}; yes-rate with the name in "
-              f"the block {m['yes_name_in_block']:.0f} % / not {m['yes_name_not_in_block']:.0f} % "
-              f"(in the block: {m['name_in_block']:.0f} % of the questions)")
+    """POPE accuracy and yes-rate, and the yes-rate split by whether the block names the asked object
+    (``pipeline.report.pope_block_diagnostics``, the quickstart's own diagnostic)."""
+    from pipeline.report import pope_block_diagnostics
+
+    groups = json.loads((eval_dir / "results.json").read_text())["benchmarks"]["synth_pope"]["groups"]["novelty"]
+    d = pope_block_diagnostics(eval_dir)
+    for novelty in ("seen", "novel"):
+        print(f"{eval_dir} {novelty}: accuracy {groups[novelty]['accuracy']:.1f}, yes {groups[novelty]['yes_ratio']:.1f}; "
+              f"yes-rate with the name in the block {d['pope_yes_name_in_block'][novelty] or float('nan'):.0f} % / "
+              f"not {d['pope_yes_name_not_in_block'][novelty] or float('nan'):.0f} % "
+              f"(in the block: {d['pope_name_in_block'][novelty]:.0f} % of the questions)")
 
 
 def main() -> int:

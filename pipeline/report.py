@@ -5,11 +5,13 @@ blocks), the expected-outcome checks, and ``results.json`` / ``results.md`` / ``
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from datastore.synth.layout import World
+from eval.scorers.yesno import pope_label
 from pipeline.processes import StageError
 from pipeline.runs import RUNS, TEXT_REFERENCE, Paths
 
@@ -17,6 +19,12 @@ if TYPE_CHECKING:
     from pipeline.quickstart import QuickstartConfig
 
 ATTRIBUTES = ("color", "size", "count")
+POPE_QUESTION = re.compile(r"Is there an? (.+?) in the image\?")  # POPE's one question form
+
+
+def names(tag: str, name: str) -> bool:
+    """Whether ``tag`` names ``name`` ("large red spolem" names "spolem")."""
+    return tag == name or tag.endswith(" " + name)
 
 
 def eval_image_purity(cache_file: Path, world_dir: Path) -> dict[str, dict[str, float]]:
@@ -89,21 +97,39 @@ def tag_diagnostics(run_dir: Path) -> dict[str, dict[str, float | None]]:
     accuracy on the questions whose top-weighted tag names it (how well the model copies what its weights
     point at: for novel objects it never learned to answer with such names), and the accuracy on the
     questions whose block lacks it (there only the model itself can know the name)."""
-    def has(tag: str, name: str) -> bool:
-        return tag == name or tag.endswith(" " + name)
-
     out: dict[str, dict[str, float | None]] = {"name_in_tags": {}, "name_top_weighted": {},
                                                 "accuracy_when_top_weighted": {}, "accuracy_without_name": {}}
     records = identification_records(run_dir)
     for novelty in ("seen", "novel"):
         rows = [r for r in records if r["novelty"] == novelty]
-        found = [any(has(t["tag"], r["answers"][0]) for t in r["tags"]) for r in rows]
+        found = [any(names(t["tag"], r["answers"][0]) for t in r["tags"]) for r in rows]
         out["name_in_tags"][novelty] = percent([float(f) for f in found])
         top = [max(r["tags"], key=lambda t: t["weight"] or 0.0)["tag"] if r["tags"] else "" for r in rows]
-        on_top = [has(t, r["answers"][0]) for t, r in zip(top, rows)]
+        on_top = [names(t, r["answers"][0]) for t, r in zip(top, rows)]
         out["name_top_weighted"][novelty] = percent([float(o) for o in on_top])
         out["accuracy_when_top_weighted"][novelty] = percent([float(r["score"]) for r, o in zip(rows, on_top) if o])
         out["accuracy_without_name"][novelty] = percent([float(r["score"]) for r, f in zip(rows, found) if not f])
+    return out
+
+
+def pope_block_diagnostics(run_dir: Path) -> dict[str, dict[str, float | None]]:
+    """Does the model read its tag block for yes/no? POPE's yes-rate when a tag of the block names the
+    asked object and when none does (the label is then "yes" almost always; a model that reads its block
+    says "yes" far more often there), and the share of questions with the name in the block. Questions not
+    in POPE's form are left out and counted (``unparsed``, as a share)."""
+    out: dict[str, dict[str, float | None]] = {"pope_name_in_block": {}, "pope_yes_name_in_block": {},
+                                                "pope_yes_name_not_in_block": {}, "pope_unparsed": {}}
+    records = run_records(run_dir, "synth_pope")
+    for novelty in ("seen", "novel"):
+        rows = [r for r in records if r["novelty"] == novelty]
+        asked = [POPE_QUESTION.search(r["text"]) for r in rows]
+        parsed = [(r, m.group(1)) for r, m in zip(rows, asked) if m]
+        listed = [any(names(t["tag"], name) for t in r.get("tags", [])) for r, name in parsed]
+        said = [float(pope_label(r["prediction"]) == "yes") for r, _ in parsed]  # as the POPE scorer reads it
+        out["pope_unparsed"][novelty] = percent([float(m is None) for m in asked])
+        out["pope_name_in_block"][novelty] = percent([float(x) for x in listed])
+        out["pope_yes_name_in_block"][novelty] = percent([y for y, x in zip(said, listed) if x])
+        out["pope_yes_name_not_in_block"][novelty] = percent([y for y, x in zip(said, listed) if not x])
     return out
 
 
@@ -141,6 +167,7 @@ def report(config: QuickstartConfig, paths: Paths) -> dict[str, Any]:
     runs = {run: run_metrics(paths.eval / run) for run in RUNS}
     diagnostics = {"purity": eval_image_purity(paths.cache, paths.world), **tag_diagnostics(paths.eval / "tuna"),
                    **weighting_diagnostics(paths.eval / "tuna", paths.world),
+                   **pope_block_diagnostics(paths.eval / "tuna"),
                    "random_tags": tag_diagnostics(paths.eval / "tuna_random_tags")}
     by_scene = {run: identification_by_scene(paths.eval / run, paths.world) for run in RUNS}
     reference = identification_records(paths.eval / TEXT_REFERENCE)
@@ -248,6 +275,15 @@ def results_markdown(results: dict) -> str:
                   f"| in those (and with one in it): top-weighted / top-retrieved tag is in the image | "
                   f"{_fmt(d['top_weighted_in_image']['seen'])} / {_fmt(d['top_retrieved_in_image']['seen'])} | "
                   f"{_fmt(d['top_weighted_in_image']['novel'])} / {_fmt(d['top_retrieved_in_image']['novel'])} |"]
+    if "pope_yes_name_in_block" in d:  # does TUNA read its block for yes/no?
+        lines += [f"| POPE: asked object named in the tag block | {_fmt(d['pope_name_in_block']['seen'])} | "
+                  f"{_fmt(d['pope_name_in_block']['novel'])} |",
+                  f"| POPE yes-rate, object in the block / not | {_fmt(d['pope_yes_name_in_block']['seen'])} / "
+                  f"{_fmt(d['pope_yes_name_not_in_block']['seen'])} | {_fmt(d['pope_yes_name_in_block']['novel'])} / "
+                  f"{_fmt(d['pope_yes_name_not_in_block']['novel'])} |"]
+        if any(d["pope_unparsed"].values()):  # not "Is there a X in the image?": left out of the two rows above
+            lines += [f"| POPE questions not in POPE's form (left out) | {_fmt(d['pope_unparsed']['seen'])} | "
+                      f"{_fmt(d['pope_unparsed']['novel'])} |"]
     if "text_llm_tags" in d:  # the copy prior TUNA starts from
         t = d["text_llm_tags"]
         lines += [f"| text-only LLM, TUNA's tag block as text (no image): identification | "

@@ -75,7 +75,9 @@ def test_results_table_json_and_chart(run):
     assert set(results["swap"]) >= {"baseline", "tuna", "purity"}
     # random tags come from the datastore's tags plus 20,000 made-up names: the right one only by rare chance
     assert all(v <= 5 for v in diagnostics["random_tags"]["name_in_tags"].values())
-    assert set(diagnostics) >= {"wrong_entity_in_block", "top_weighted_in_image", "top_retrieved_in_image"}
+    assert set(diagnostics) >= {"wrong_entity_in_block", "top_weighted_in_image", "top_retrieved_in_image",
+                                "pope_name_in_block", "pope_yes_name_in_block", "pope_yes_name_not_in_block"}
+    assert diagnostics["pope_unparsed"] == {"seen": 0.0, "novel": 0.0}  # every synth_pope question is POPE's form
     assert set(results["checks"]) == {"novel_gain", "seen_difference", "random_tags_vs_baseline_novel",
                                       "adaptive_vs_uniform_novel", "pope_f1_vs_baseline", "pope_f1_gain_novel",
                                       "pope_yes_ratio", "swap_gain"}
@@ -223,6 +225,36 @@ def test_tag_diagnostics_count_the_copy_rate(tmp_path):
     assert d["accuracy_without_name"]["novel"] == 0.0
     results = {"runs": {}, "diagnostics": {"purity": {}, **d}, "checks": {}}
     assert "| identification when it is (the copy rate) | 100.0 | 50.0 |" in results_markdown(results)
+
+
+def test_pope_block_diagnostics_split_the_yes_rate_by_the_asked_object_in_the_block(tmp_path):
+    from pipeline.report import pope_block_diagnostics
+
+    def q(novelty, name, tags, prediction, text="Is there a {} in the image?"):
+        return {"novelty": novelty, "text": text.format(name), "prediction": prediction, "label": "yes",
+                "tags": [{"tag": t, "weight": 1.0} for t in tags]}
+
+    records = [
+        q("novel", "spolem", ["red spolem", "pavik"], "Yes"),  # named in the block (as an entity), yes
+        q("novel", "spolem", ["spolem"], "No"),  # named, no
+        q("novel", "woodag", ["pavik"], "Yes, it is"),  # not named, yes (the POPE scorer's reading)
+        q("novel", "wevor", ["wevorak"], "No."),  # a longer name is not the asked one
+        q("novel", "apple", ["apple"], "Yes", text="Can you see an {}?"),  # not POPE's form: left out, counted
+        q("seen", "tulbel", ["tulbel"], "There is not one"),  # POPE reads "not" as no
+        q("seen", "owl", ["big owl"], "yes", text="Is there an {} in the image?"),
+    ]
+    (tmp_path / "synth_pope").mkdir()
+    (tmp_path / "synth_pope" / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    d = pope_block_diagnostics(tmp_path)
+    assert d["pope_name_in_block"] == {"seen": 100.0, "novel": 50.0}
+    assert d["pope_yes_name_in_block"] == {"seen": 50.0, "novel": 50.0}
+    assert d["pope_yes_name_not_in_block"] == {"seen": None, "novel": 50.0}
+    assert d["pope_unparsed"] == {"seen": 0.0, "novel": 20.0}
+    table = results_markdown({"runs": {}, "diagnostics": {"purity": {}, "name_in_tags": {"seen": 1, "novel": 1},
+                                                          "name_top_weighted": {"seen": 1, "novel": 1}, **d},
+                              "checks": {}})
+    assert "| POPE yes-rate, object in the block / not | 50.0 / – | 50.0 / 50.0 |" in table
+    assert "| POPE questions not in POPE's form (left out) | 0.0 | 20.0 |" in table
 
 
 @pytest.mark.parametrize("ds_config", ["zero2.json", "zero3.json"])

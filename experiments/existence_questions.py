@@ -60,11 +60,15 @@ def print_pope(eval_dir: Path) -> None:
 
     groups = json.loads((eval_dir / "results.json").read_text())["benchmarks"]["synth_pope"]["groups"]["novelty"]
     d = pope_block_diagnostics(eval_dir)
+
+    def pct(key: str, novelty: str) -> str:
+        return "–" if d[key][novelty] is None else f"{d[key][novelty]:.0f} %"
+
     for novelty in ("seen", "novel"):
-        print(f"{eval_dir} {novelty}: accuracy {groups[novelty]['accuracy']:.1f}, yes {groups[novelty]['yes_ratio']:.1f}; "
-              f"yes-rate with the name in the block {d['pope_yes_name_in_block'][novelty] or float('nan'):.0f} % / "
-              f"not {d['pope_yes_name_not_in_block'][novelty] or float('nan'):.0f} % "
-              f"(in the block: {d['pope_name_in_block'][novelty]:.0f} % of the questions)")
+        g = groups[novelty]
+        print(f"{eval_dir} {novelty}: accuracy {g['accuracy']:.1f}, yes {g['yes_ratio']:.1f}; "
+              f"yes-rate with the name in the block {pct('pope_yes_name_in_block', novelty)} / not {pct('pope_yes_name_not_in_block', novelty)}"
+              f" (in the block: {pct('pope_name_in_block', novelty)} of the questions)")
 
 
 def main() -> int:

@@ -30,8 +30,8 @@ class InductionResult:
     membership: list[tuple[int, float]] = field(default_factory=list)  # held-out yes/no accuracy, when trained
 
 
-def _packed_rows(batch_size: int, length: int, bos: int,
-                 segment: Callable[[int], tuple[torch.Tensor, ...] | None], channels: int = 1) -> tuple[torch.Tensor, ...]:
+def _packed_rows(batch_size: int, length: int, bos: int, segment: Callable[[int], tuple[torch.Tensor, ...] | None],
+                 channels: int = 1) -> tuple[torch.Tensor, ...]:
     """Rows of ``bos`` then segments packed one after another while ``segment(room)`` returns one that fits
     in ``room`` tokens and not None: the ids and ``channels`` per-token float tensors (the loss weights
     first), all of one length. ``bos`` fills the rest of the ids, zeros the rest of the channels."""
@@ -113,9 +113,10 @@ def membership_batch(token_ids: torch.Tensor, batch_size: int, length: int, sepa
                      max_run: int = 8) -> MembershipBatch:
     """Rows of ``bos`` then packed ``list SEP mark asked gap answer`` segments (``mark asked gap SEP list
     answer`` with ``spec.question_first``): a list of random tokens, a token asked about (from the list
-    half of the time), the gap (``spec``), and ``yes`` or ``no``. The weights mark the answers. Answering needs the asked token's earlier occurrence found (a
-    duplicate-token head) and that finding carried to the answer past the gap (a head reading the token
-    after ``mark``): the two steps of "is the name in the tag block?"."""
+    half of the time), the gap (``spec``), and ``yes`` or ``no``. The weights mark the answers. Answering
+    (list first) needs the asked token's earlier occurrence found (a duplicate-token head) and that
+    finding carried to the answer past the gap (a head reading the token after ``mark``): the two steps
+    of "is the name in the tag block?"."""
     if len(token_ids.unique()) < 2:
         raise ValueError("membership_batch needs at least 2 distinct tokens (an absent one is drawn for 'no')")
     longest = max((len(f) for f in spec.fillers), default=spec.max_gap)

@@ -9,7 +9,8 @@ changes on several seeds, never on one run.
     python experiments/quickstart_seeds.py --collect /tmp/qs6 /tmp/qs7              # tabulate finished runs only
 
 A seed whose ``OUT/seed-S/results.json`` exists is not run again (delete it to rerun). Prints one row
-per seed (identification seen/novel for the baseline and TUNA, the novel gain, random tags) and the
+per seed (identification seen/novel for the baseline and TUNA, the novel gain, random tags, adaptive −
+uniform, the swap, POPE F1 and TUNA's POPE yes-rate with the asked object in its block or not) and the
 mean, minimum and maximum of the gain; ``--json`` writes the same as JSON.
 """
 
@@ -30,7 +31,14 @@ ROWS = (("baseline seen", ("runs", "baseline", "identification", "seen")),
         ("one-object novel", ("identification_by_scene", "tuna", "single", "novel")),
         ("random tags novel", ("runs", "tuna_random_tags", "identification", "novel")),
         ("copy rate novel", ("diagnostics", "accuracy_when_top_weighted", "novel")),
-        ("novel gain", ("checks", "novel_gain", "value")))
+        ("novel gain", ("checks", "novel_gain", "value")),
+        ("adaptive - uniform novel", ("checks", "adaptive_vs_uniform_novel", "value")),
+        ("swap gain", ("checks", "swap_gain", "value")),
+        ("POPE F1 baseline novel", ("runs", "baseline", "pope_f1", "novel")),
+        ("POPE F1 TUNA novel", ("runs", "tuna", "pope_f1", "novel")),
+        # does TUNA read its block for yes/no? (runs before 2026-12-06 lack these: "–")
+        ("POPE yes, object in block, novel", ("diagnostics", "pope_yes_name_in_block", "novel")),
+        ("POPE yes, not in block, novel", ("diagnostics", "pope_yes_name_not_in_block", "novel")))
 
 
 def _get(results: dict, path: tuple[str, ...]) -> float | None:

@@ -67,8 +67,9 @@ def print_pope(eval_dir: Path) -> None:
     for novelty in ("seen", "novel"):
         g = groups[novelty]
         print(f"{eval_dir} {novelty}: accuracy {g['accuracy']:.1f}, yes {g['yes_ratio']:.1f}; "
-              f"yes-rate with the name in the block {pct('pope_yes_name_in_block', novelty)} / not {pct('pope_yes_name_not_in_block', novelty)}"
-              f" (in the block: {pct('pope_name_in_block', novelty)} of the questions)")
+              f"yes-rate with the name in the block {pct('pope_yes_name_in_block', novelty)} / "
+              f"not {pct('pope_yes_name_not_in_block', novelty)} "
+              f"(in the block: {pct('pope_name_in_block', novelty)} of the questions)")
 
 
 def main() -> int:
@@ -82,12 +83,14 @@ def main() -> int:
     parser.add_argument("--pope", type=Path, nargs="*", default=[], help="only print the split for these eval dirs")
     args = parser.parse_args()
     if args.pope:
-        missing = [str(d) for d in args.pope if not (d / "synth_pope" / "predictions.jsonl").is_file()]
+        needed = ("synth_pope/predictions.jsonl", "results.json")  # the records and the scorer's totals
+        missing = [str(d) for d in args.pope if not all((d / name).is_file() for name in needed)]
         for eval_dir in args.pope:
             if str(eval_dir) not in missing:
                 print_pope(eval_dir)
         if missing:
-            print(f"no synth_pope/predictions.jsonl in {len(missing)} of the dirs: {', '.join(missing)}")
+            print(f"no synth_pope/predictions.jsonl or results.json in {len(missing)} of the dirs: "
+                  f"{', '.join(missing)}")
         return 1 if missing else 0
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from exp_retrain_tuna import _recipe, not_finished, retrain
